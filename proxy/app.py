@@ -1,0 +1,180 @@
+"""The Litestar application: OpenAI-compatible endpoints wired to routing and forwarding.
+
+Handlers take the raw request and return ASGI responses directly: the body is decoded
+once by msgspec, and the backend's answer is relayed without re-encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import msgspec
+from litestar import Litestar, Request, get, post
+from litestar.exceptions import HTTPException
+from litestar.response.base import ASGIResponse
+from litestar.types import ASGIApp
+
+from . import __version__
+from .backends import Upstreams
+from .errors import (
+    ProxyError,
+    error_body,
+    from_http_exception,
+    handle_http_exception,
+    handle_proxy_error,
+    handle_unexpected,
+)
+from .forwarding import FORWARDED_REQUEST_HEADERS, forward
+from .openai_api import Endpoint, parse_request, request_id
+from .policy import AUTO_MODEL, Policies
+from .routing import Router, UnknownModel
+
+log = logging.getLogger("dreamseed.app")
+
+# How long a readiness probe result is reused, so /readyz polling cannot hammer backends.
+READINESS_CACHE_S = 2.0
+READINESS_PROBE_TIMEOUT_S = 1.0
+MAX_BODY_BYTES = 10 * 1024 * 1024
+
+
+@dataclass
+class ProxyCore:
+    """Everything a request needs, built from one policy load."""
+
+    policies: Policies
+    router: Router
+    upstreams: Upstreams | None = None
+    _readiness: tuple[float, bool, dict[str, dict[str, object]]] | None = field(default=None, repr=False)
+
+
+def _json(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> ASGIResponse:
+    return ASGIResponse(
+        body=msgspec.json.encode(data), status_code=status, media_type="application/json", headers=dict(headers or {})
+    )
+
+
+def _error(exc: ProxyError, headers: dict[str, str]) -> ASGIResponse:
+    return ASGIResponse(
+        body=error_body(exc.message, type=exc.type, code=exc.code, param=exc.param),
+        status_code=exc.status,
+        media_type="application/json",
+        headers={**headers, **exc.headers},
+    )
+
+
+def create_app(
+    policies: Policies,
+    *,
+    environ: Mapping[str, str] | None = None,
+    url_overrides: Mapping[str, str] | None = None,
+) -> Litestar:
+    core = ProxyCore(policies=policies, router=Router(policies.routing, policies.catalog))
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        core.upstreams = Upstreams.from_catalog(policies.catalog, environ, url_overrides)
+        try:
+            yield
+        finally:
+            await core.upstreams.aclose()
+
+    async def relay(request: Request, endpoint: Endpoint, path: str) -> ASGIApp:
+        headers = {"x-request-id": request_id(request.headers.get("x-request-id"))}
+        try:
+            payload, prompt, stream = parse_request(await request.body(), endpoint)
+            try:
+                decision = core.router.route(payload["model"], prompt)
+            except UnknownModel as exc:
+                raise ProxyError(
+                    404,
+                    f"The model {exc.model!r} does not exist. Available models: {', '.join(exc.available)}",
+                    type="invalid_request_error",
+                    code="model_not_found",
+                    param="model",
+                ) from None
+            headers["x-dreamseed-rule"] = decision.rule
+            passed_on = {n: v for n in FORWARDED_REQUEST_HEADERS if (v := request.headers.get(n)) is not None}
+            assert core.upstreams is not None
+            return await forward(core.upstreams, decision, path, payload, stream, headers, passed_on)
+        except ProxyError as exc:
+            return _error(exc, headers)
+        except HTTPException as exc:  # e.g. a body over the size limit
+            return _error(from_http_exception(exc), headers)
+
+    @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
+    async def chat_completions(request: Request) -> ASGIApp:
+        return await relay(request, "chat", "/v1/chat/completions")
+
+    @post("/v1/completions", status_code=200, summary="Create a text completion (OpenAI-compatible)")
+    async def completions(request: Request) -> ASGIApp:
+        return await relay(request, "completions", "/v1/completions")
+
+    @get("/v1/models", summary="List the models (backends) and 'auto'")
+    async def list_models() -> ASGIApp:
+        catalog = core.policies.catalog
+        data: list[dict[str, object]] = [
+            {"id": AUTO_MODEL, "object": "model", "created": 0, "owned_by": "dreamseed",
+             "description": "routed by policies/routing.yaml"}
+        ]
+        for name, backend in catalog.backends.items():
+            data.append(
+                {"id": name, "object": "model", "created": 0, "owned_by": "dreamseed", "root": backend.model,
+                 "max_model_len": backend.context_length, "on_demand": backend.on_demand}
+            )
+        return _json({"object": "list", "data": data})
+
+    @get("/healthz", summary="Liveness: the proxy process is serving")
+    async def healthz() -> ASGIApp:
+        return _json({"status": "ok", "version": __version__})
+
+    @get("/readyz", summary="Readiness: a backend for the catch-all route is up")
+    async def readyz() -> ASGIApp:
+        ready, backends = await _readiness(core)
+        return _json({"ready": ready, "backends": backends}, status=200 if ready else 503)
+
+    return Litestar(
+        route_handlers=[chat_completions, completions, list_models, healthz, readyz],
+        lifespan=[lifespan],
+        exception_handlers={
+            ProxyError: handle_proxy_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected,
+        },
+        request_max_body_size=MAX_BODY_BYTES,
+        logging_config=None,
+        debug=False,
+    )
+
+
+async def _probe(client: httpx.AsyncClient) -> str | None:
+    """None when the backend's /health answers 200, else why not."""
+    try:
+        response = await client.get("/health", timeout=READINESS_PROBE_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    return None if response.status_code == 200 else f"/health answered {response.status_code}"
+
+
+async def _readiness(core: ProxyCore) -> tuple[bool, dict[str, dict[str, object]]]:
+    now = time.monotonic()
+    if core._readiness is not None and now - core._readiness[0] < READINESS_CACHE_S:
+        return core._readiness[1], core._readiness[2]
+    assert core.upstreams is not None
+    usable = [u for u in core.upstreams if u.client is not None]
+    results = await asyncio.gather(*(_probe(u.client) for u in usable))  # type: ignore[arg-type]
+    backends: dict[str, dict[str, object]] = {}
+    for upstream in core.upstreams:
+        backends[upstream.name] = {"state": "unavailable", "detail": upstream.unavailable, "on_demand": upstream.backend.on_demand}
+    for upstream, problem in zip(usable, results):
+        backends[upstream.name].update(state="up" if problem is None else "down", detail=problem)
+    # Ready when the catch-all rule (what "auto" traffic falls through to) can be served.
+    catch_all = core.router.rules[-1].chain
+    ready = any(backends[name]["state"] == "up" for name in catch_all)
+    core._readiness = (now, ready, backends)
+    return ready, backends

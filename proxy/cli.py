@@ -1,0 +1,129 @@
+"""The ``dreamseed`` command: run the proxy, check policies, explain a routing decision."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from .policy import AUTO_MODEL, PolicyError, load_policies
+from .routing import Prompt, Router, UnknownModel
+
+DEFAULT_POLICIES = os.environ.get("DREAMSEED_POLICIES", "policies")
+
+
+def _load_or_exit(directory: str):  # type: ignore[no-untyped-def]
+    try:
+        return load_policies(directory)
+    except PolicyError as exc:
+        print(f"dreamseed: {len(exc.problems)} problem(s) in {directory}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    policies = _load_or_exit(args.directory)
+    backends = policies.catalog.backends
+    print(
+        f"{args.directory}: OK ({len(backends)} backends: {', '.join(backends)}; "
+        f"{len(policies.routing.rules)} routing rules)"
+    )
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    policies = _load_or_exit(args.policies)
+    router = Router(policies.routing, policies.catalog)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = Prompt(prompt=text) if args.completion else Prompt.of_text(text)
+    try:
+        decision, trace = router.explain(args.model, prompt)
+    except UnknownModel as exc:
+        print(f"dreamseed: unknown model {exc.model!r}; available: {', '.join(exc.available)}", file=sys.stderr)
+        return 1
+    for step in trace:
+        print(f"  {'MATCH' if step.matched else 'skip '} {step.rule}: {step.detail}")
+    fallback = f" (fallback: {' -> '.join(decision.chain[1:])})" if len(decision.chain) > 1 else ""
+    print(f"rule: {decision.rule}")
+    print(f"backend: {decision.backend}{fallback}")
+    print(f"model: {policies.catalog.backends[decision.backend].model}")
+    print(f"why: {decision.reason}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .simulation import simulate_missing, stop_all
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: noise on the hot path (an access log is the proxy's job).
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    policies = _load_or_exit(args.policies)
+    simulated = simulate_missing(policies.catalog, os.environ) if args.simulate_missing else []
+    try:
+        for sim in simulated:
+            print(f"SIMULATED backend {sim.name!r} ({policies.catalog.backends[sim.name].model}) at {sim.url}", flush=True)
+        app = create_app(policies, url_overrides={sim.name: sim.url for sim in simulated})
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        host, port = sock.getsockname()[:2]
+        config = uvicorn.Config(
+            app,
+            loop="uvloop" if sys.platform != "win32" else "asyncio",
+            http="httptools",
+            access_log=False,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_grace,
+            lifespan="on",
+        )
+        print(f"DreamSeed proxy listening on http://{host}:{port} (policies: {Path(args.policies).resolve()})", flush=True)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        stop_all(simulated)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamseed", description="DreamSeed: a policy-driven edge proxy for self-hosted LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--policies", default=DEFAULT_POLICIES, help="policy directory (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="port to bind, 0 for any free one (default: %(default)s)")
+    serve.add_argument("--simulate-missing", action="store_true",
+                       help="start a simulated vLLM for every catalog backend that is not reachable")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--shutdown-grace", type=float, default=30.0,
+                       help="seconds to let in-flight requests finish on shutdown (default: %(default)s)")
+    serve.set_defaults(func=cmd_serve)
+
+    policies = commands.add_parser("policies", help="work with policy files")
+    policy_commands = policies.add_subparsers(dest="policies_command", required=True)
+    check = policy_commands.add_parser("check", help="validate a policy directory")
+    check.add_argument("directory", nargs="?", default=DEFAULT_POLICIES)
+    check.set_defaults(func=cmd_check)
+
+    route = commands.add_parser("route", help="show which rule and backend a prompt would get, and why")
+    route.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    route.add_argument("--model", default=AUTO_MODEL, help="requested model (default: %(default)s)")
+    route.add_argument("--completion", action="store_true", help="treat it as a /v1/completions prompt")
+    route.add_argument("--policies", default=DEFAULT_POLICIES)
+    route.set_defaults(func=cmd_route)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    raise SystemExit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The parts of OpenAI's request shapes the proxy must understand, and nothing more.
+
+A request is decoded once into a plain dict (so every field the client sent reaches the
+backend untouched) and checked against these Structs for the fields routing relies on.
+Bad input becomes a 400 that names the offending field.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .errors import bad_request
+from .routing import Prompt
+
+
+class ChatMessage(Struct):
+    role: Annotated[str, Meta(min_length=1)]
+    content: str | list[Any] | None = None
+
+
+class ChatRequest(Struct):
+    model: Annotated[str, Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    stream: bool | None = False
+
+
+class CompletionRequest(Struct):
+    model: Annotated[str, Meta(min_length=1)]
+    prompt: str | list[Any]
+    stream: bool | None = False
+
+
+Endpoint = Literal["chat", "completions"]
+
+_PARAM = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Prompt, bool]:
+    """Decode and check a request body; return the payload to forward, its routable prompt,
+    and whether the client asked for a stream."""
+    if not body:
+        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        payload = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    try:
+        if endpoint == "chat":
+            chat = msgspec.convert(payload, ChatRequest)
+            return payload, Prompt(messages=payload["messages"]), bool(chat.stream)
+        completion = msgspec.convert(payload, CompletionRequest)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        found = _PARAM.search(message)
+        raise bad_request(message, param=found[1] if found else None) from None
+    return payload, Prompt(prompt=payload["prompt"]), bool(completion.stream)
+
+
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def request_id(supplied: str | None) -> str:
+    """Keep a client's x-request-id if it is a sane token, so its logs and ours line up;
+    otherwise make one."""
+    if supplied and _REQUEST_ID.match(supplied):
+        return supplied
+    return uuid.uuid4().hex

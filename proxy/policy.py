@@ -1,0 +1,363 @@
+"""The policy schema: one typed definition of every file in ``policies/``.
+
+Both the proxy and ``infra/`` read policies through :func:`load_policies`, so the backend
+catalog's ports, models and limits mean the same thing everywhere. Loading is strict:
+unknown fields, wrong types, dangling references and fallback cycles are errors that
+name the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .yamlsource import PathKey, YamlSource, YamlSyntaxError, load_yaml
+
+Name = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+EnvVar = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+PositiveInt = Annotated[int, Meta(gt=0)]
+Seconds = Annotated[float, Meta(gt=0, le=3600)]
+Fraction = Annotated[float, Meta(gt=0, le=1)]
+
+BACKENDS_FILE = "backends.yaml"
+ROUTING_FILE = "routing.yaml"
+# Models a client may always ask for, besides backends and aliases.
+AUTO_MODEL = "auto"
+
+T = TypeVar("T")
+
+
+class Strict(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base for policy structs: a misspelt field is an error, never silently ignored."""
+
+
+# --- backends.yaml ---------------------------------------------------------------------
+
+
+class Timeouts(Strict):
+    connect: Seconds = 5.0
+    read: Seconds = 60.0
+    write: Seconds = 30.0
+    pool: Seconds = 10.0
+
+
+class GpuHost(Strict):
+    gpu_memory_gb: Annotated[float, Meta(gt=0)]
+    gpu_count: PositiveInt = 1
+    headroom: Annotated[float, Meta(ge=0, lt=1)] = 0.05
+    description: str = ""
+
+
+class Backend(Strict):
+    model: Annotated[str, Meta(min_length=1)]
+    context_length: PositiveInt
+    url: str | None = None
+    url_env: EnvVar | None = None
+    api_key_env: EnvVar | None = None
+    max_concurrency: PositiveInt = 16
+    timeouts: Timeouts = Timeouts()
+    on_demand: bool = False
+    host: Name | None = None
+    gpu_memory_utilization: Fraction | None = None
+    tensor_parallel_size: PositiveInt = 1
+    image: str | None = None
+    args: list[str] = []
+    description: str = ""
+
+    def resolve_url(self, environ: os._Environ[str] | dict[str, str] = os.environ) -> str | None:
+        """The base URL to use now: ``url_env`` when set in the environment, else ``url``."""
+        if self.url_env and environ.get(self.url_env):
+            return environ[self.url_env].rstrip("/")
+        return self.url.rstrip("/") if self.url else None
+
+
+class Catalog(Strict):
+    backends: dict[Name, Backend]
+    hosts: dict[Name, GpuHost] = {}
+
+
+# --- routing.yaml ----------------------------------------------------------------------
+
+Scope = Literal["user", "last_user", "all"]
+
+
+class Match(Strict):
+    chars_over: Annotated[int, Meta(ge=0)] | None = None
+    chars_under: PositiveInt | None = None
+    tokens_over: Annotated[int, Meta(ge=0)] | None = None
+    tokens_under: PositiveInt | None = None
+    keywords: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)] | None = None
+    regex: Annotated[str, Meta(min_length=1)] | None = None
+    models: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)] | None = None
+    scope: Scope = "user"
+
+    def is_empty(self) -> bool:
+        return all(
+            value is None
+            for value in (
+                self.chars_over,
+                self.chars_under,
+                self.tokens_over,
+                self.tokens_under,
+                self.keywords,
+                self.regex,
+                self.models,
+            )
+        )
+
+
+class Rule(Strict):
+    name: Name
+    target: Name
+    match: Match | None = None
+    fallback: list[Name] = []
+    description: str = ""
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """Backends to try, in order: the target, then each fallback."""
+        return (self.target, *self.fallback)
+
+
+class Routing(Strict):
+    rules: Annotated[list[Rule], Meta(min_length=1)]
+
+
+# --- the set of files ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Policies:
+    directory: Path
+    catalog: Catalog
+    routing: Routing
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyProblem:
+    file: Path
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else str(self.file)
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class PolicyError(Exception):
+    """One or more problems in the policy files; ``str()`` lists them, one per line."""
+
+    def __init__(self, problems: list[PolicyProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def load_policies(directory: str | Path) -> Policies:
+    """Read, validate and cross-check every policy file in ``directory``."""
+    directory = Path(directory)
+    problems: list[PolicyProblem] = []
+    catalog_src, catalog = _load_file(directory / BACKENDS_FILE, Catalog, problems)
+    routing_src, routing = _load_file(directory / ROUTING_FILE, Routing, problems)
+    if catalog is not None and catalog_src is not None:
+        problems += _check_catalog(catalog_src, catalog)
+    if catalog is not None and routing is not None and routing_src is not None:
+        problems += _check_routing(routing_src, routing, catalog)
+    if problems:
+        raise PolicyError(problems)
+    assert catalog is not None and routing is not None
+    return Policies(directory=directory, catalog=catalog, routing=routing)
+
+
+def _load_file(
+    file: Path, schema: type[T], problems: list[PolicyProblem]
+) -> tuple[YamlSource | None, T | None]:
+    if not file.is_file():
+        problems.append(PolicyProblem(file, None, "", "file not found"))
+        return None, None
+    try:
+        source = load_yaml(file)
+    except YamlSyntaxError as exc:
+        problems.append(PolicyProblem(exc.file, exc.line, "", exc.message))
+        return None, None
+    if not isinstance(source.data, dict):
+        problems.append(PolicyProblem(file, source.line_of(()), "", "expected a mapping at the top level"))
+        return source, None
+    try:
+        return source, msgspec.convert(source.data, schema, strict=True)
+    except msgspec.ValidationError as exc:
+        problems.append(_validation_problem(source, str(exc)))
+        return source, None
+
+
+_AT_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+
+
+def _validation_problem(source: YamlSource, text: str) -> PolicyProblem:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.a.b`" into file, line and field."""
+    parsed = _AT_PATH.match(text)
+    assert parsed is not None  # the pattern matches any string
+    message, raw_path = parsed["message"], parsed["path"] or "$"
+    path: list[PathKey] = [
+        name if name is not None else int(index) for name, index in _PATH_PART.findall(raw_path[1:])
+    ]
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown:
+        # Point at the misspelt key itself, not at the mapping that holds it.
+        path.append(unknown[1])
+        message = f"unknown field {unknown[1]!r}"
+    return PolicyProblem(source.file, source.line_of(tuple(path)), _field_name(path), message)
+
+
+def _field_name(path: list[PathKey] | tuple[PathKey, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _problem(source: YamlSource, path: tuple[PathKey, ...], message: str) -> PolicyProblem:
+    return PolicyProblem(source.file, source.line_of(path), _field_name(path), message)
+
+
+def _check_catalog(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
+    problems: list[PolicyProblem] = []
+    model_owner: dict[str, str] = {}
+    for name, backend in catalog.backends.items():
+        at = ("backends", name)
+        if backend.url is None and backend.url_env is None:
+            problems.append(_problem(source, at, "needs `url` or `url_env`"))
+        if backend.url is not None:
+            parts = urlsplit(backend.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                problems.append(_problem(source, (*at, "url"), f"not an http(s) URL: {backend.url!r}"))
+            elif parts.path not in ("", "/") or parts.query:
+                problems.append(
+                    _problem(source, (*at, "url"), "give the server's base URL without a path (the proxy adds /v1/...)")
+                )
+        if backend.model in model_owner:
+            problems.append(
+                _problem(source, (*at, "model"), f"model id {backend.model!r} is already served by {model_owner[backend.model]!r}")
+            )
+        model_owner.setdefault(backend.model, name)
+        if backend.model in catalog.backends and backend.model != name:
+            problems.append(_problem(source, (*at, "model"), f"model id {backend.model!r} is also a backend name"))
+        if backend.host is not None and backend.host not in catalog.hosts:
+            problems.append(
+                _problem(source, (*at, "host"), f"unknown host {backend.host!r} (known: {_known(catalog.hosts)})")
+            )
+        if (backend.host is None) != (backend.gpu_memory_utilization is None):
+            problems.append(_problem(source, at, "`host` and `gpu_memory_utilization` go together"))
+    problems += _check_gpu_budget(source, catalog)
+    return problems
+
+
+def gpu_budget(host: GpuHost) -> float:
+    """Share of a host's GPU memory that backends may claim, after headroom."""
+    return 1.0 - host.headroom
+
+
+def _check_gpu_budget(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
+    """Always-on backends plus the largest on-demand one must fit on their host.
+
+    If they do not, either the always-on set oversubscribes the card or some on-demand
+    backend could never be started, and both are configuration mistakes.
+    """
+    problems: list[PolicyProblem] = []
+    for host_name, host in catalog.hosts.items():
+        members = {n: b for n, b in catalog.backends.items() if b.host == host_name and b.gpu_memory_utilization}
+        always = sum(b.gpu_memory_utilization or 0 for b in members.values() if not b.on_demand)
+        budget = gpu_budget(host)
+        if always > budget + 1e-9:
+            problems.append(
+                _problem(
+                    source,
+                    ("hosts", host_name),
+                    f"always-on backends claim {always:.2f} of the GPU memory "
+                    f"({always * host.gpu_memory_gb:.1f} GB of {host.gpu_memory_gb:g} GB), "
+                    f"more than the {budget:.2f} left after {host.headroom:.0%} headroom",
+                )
+            )
+            continue
+        for name, backend in members.items():
+            share = backend.gpu_memory_utilization or 0
+            if backend.on_demand and always + share > budget + 1e-9:
+                problems.append(
+                    _problem(
+                        source,
+                        ("backends", name, "gpu_memory_utilization"),
+                        f"on-demand backend can never start: {share:.2f} on top of the always-on "
+                        f"{always:.2f} exceeds {host_name}'s budget of {budget:.2f}",
+                    )
+                )
+    return problems
+
+
+def _check_routing(source: YamlSource, routing: Routing, catalog: Catalog) -> list[PolicyProblem]:
+    problems: list[PolicyProblem] = []
+    seen_names: set[str] = set()
+    catch_all: int | None = None
+    reserved = {AUTO_MODEL, *catalog.backends, *(b.model for b in catalog.backends.values())}
+    for index, rule in enumerate(routing.rules):
+        at: tuple[PathKey, ...] = ("rules", index)
+        if rule.name in seen_names:
+            problems.append(_problem(source, (*at, "name"), f"duplicate rule name {rule.name!r}"))
+        seen_names.add(rule.name)
+        if catch_all is not None:
+            problems.append(
+                _problem(
+                    source, at, f"unreachable: rule {routing.rules[catch_all].name!r} before it matches every request"
+                )
+            )
+        for position, backend in enumerate(rule.chain):
+            if backend not in catalog.backends:
+                field = (*at, "target") if position == 0 else (*at, "fallback", position - 1)
+                problems.append(
+                    _problem(source, field, f"unknown backend {backend!r} (known: {_known(catalog.backends)})")
+                )
+        if len(set(rule.chain)) != len(rule.chain):
+            problems.append(
+                _problem(source, (*at, "fallback"), "fallback cycle: " + " -> ".join(rule.chain) + " repeats a backend")
+            )
+        match = rule.match
+        if match is None or match.is_empty():
+            catch_all = index if catch_all is None else catch_all
+            continue
+        if match.regex is not None:
+            try:
+                re.compile(match.regex)
+            except re.error as exc:
+                problems.append(_problem(source, (*at, "match", "regex"), f"invalid regular expression: {exc}"))
+        for bound in ("chars", "tokens"):
+            over, under = getattr(match, f"{bound}_over"), getattr(match, f"{bound}_under")
+            if over is not None and under is not None and under <= over + 1:
+                problems.append(
+                    _problem(source, (*at, "match", f"{bound}_under"), f"{bound}_under must exceed {bound}_over + 1")
+                )
+        for position, alias in enumerate(match.models or ()):
+            if alias in reserved:
+                problems.append(
+                    _problem(
+                        source,
+                        (*at, "match", "models", position),
+                        f"{alias!r} is already a backend, a model id or 'auto'; it cannot be a rule alias",
+                    )
+                )
+    if catch_all is None:
+        problems.append(
+            _problem(source, ("rules",), "no catch-all rule: the last rule must have no `match`, so every request has a route")
+        )
+    return problems
+
+
+def _known(names: dict[str, object]) -> str:
+    return ", ".join(sorted(names)) or "none"

@@ -1,0 +1,340 @@
+"""A simulated vLLM server: a real HTTP process speaking vLLM's OpenAI-compatible API.
+
+No GPU exists where DreamSeed is developed and tested, so tests, benchmarks and the demo
+run this instead of vLLM. The proxy does not know the difference: it talks to it over
+HTTP like to any backend. Run it with::
+
+    python -m proxy.simulated_vllm --port 8000 --model mistralai/Mistral-7B-Instruct-v0.3 --ttft 0.05
+
+Behaviour knobs (flags at start, or ``POST /sim/config`` with a JSON object at run time):
+``ttft`` seconds to the first token, ``token_delay`` seconds between tokens, ``tokens`` per
+answer, ``error_rate`` (0-1) of requests answered with ``error_status``, ``hang_rate`` of
+requests that never answer, ``crash_after`` tokens after which a stream's connection is
+dropped, ``slow_start`` seconds during which the server is up but not ready (503).
+``GET /sim/stats`` reports what it saw (requests, finished and cancelled streams, the last
+request's headers and body); ``POST /sim/reset`` clears that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import socket
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import msgspec
+
+Scope = dict[str, Any]
+
+
+@dataclass
+class Knobs:
+    model: str = "simulated-model"
+    ttft: float = 0.0
+    token_delay: float = 0.0
+    tokens: int = 16
+    error_rate: float = 0.0
+    error_status: int = 500
+    hang_rate: float = 0.0
+    crash_after: int | None = None
+    slow_start: float = 0.0
+    max_model_len: int = 8192
+    api_key: str | None = None
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    crashed: int = 0
+    active: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    last_headers: dict[str, str] = field(default_factory=dict)
+    last_body: Any = None
+
+
+class SimulatedVLLM:
+    """The ASGI application (plain ASGI, no framework, so it is never the bottleneck)."""
+
+    def __init__(self, knobs: Knobs) -> None:
+        self.knobs = knobs
+        self.stats = Stats()
+        self.started = time.monotonic()
+        self.created = int(time.time())
+
+    def ready(self) -> bool:
+        return time.monotonic() - self.started >= self.knobs.slow_start
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()  # lifespan.startup
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        method, path = scope["method"], scope["path"]
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if path == "/health" and method == "GET":
+            await _respond(send, 200 if self.ready() else 503, b"")
+        elif path == "/metrics" and method == "GET":
+            await _respond(send, 200, self.metrics().encode(), b"text/plain; version=0.0.4")
+        elif path == "/sim/stats" and method == "GET":
+            await _respond_json(send, 200, asdict(self.stats))
+        elif path == "/sim/reset" and method == "POST":
+            self.stats = Stats()
+            await _respond_json(send, 200, {"ok": True})
+        elif path == "/sim/config" and method == "POST":
+            await self.configure(send, body)
+        elif path.startswith("/v1/"):
+            await self.openai(scope, receive, send, method, path, body)
+        else:
+            await _respond_json(send, 404, _error("Not Found", "NotFoundError", 404))
+
+    async def configure(self, send: Any, body: bytes) -> None:
+        changes = msgspec.json.decode(body or b"{}")
+        names = {f.name for f in fields(Knobs)}
+        unknown = set(changes) - names
+        if unknown:
+            await _respond_json(send, 400, _error(f"unknown knobs: {sorted(unknown)}", "BadRequestError", 400))
+            return
+        for name, value in changes.items():
+            setattr(self.knobs, name, value)
+        if "slow_start" in changes:
+            self.started = time.monotonic()
+        await _respond_json(send, 200, asdict(self.knobs))
+
+    async def openai(self, scope: Scope, receive: Any, send: Any, method: str, path: str, body: bytes) -> None:
+        knobs = self.knobs
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if knobs.api_key and headers.get("authorization") != f"Bearer {knobs.api_key}":
+            await _respond_json(send, 401, {"error": "Unauthorized"})
+            return
+        if not self.ready():
+            await _respond_json(send, 503, _error("model is still loading", "ServiceUnavailableError", 503))
+            return
+        if path == "/v1/models" and method == "GET":
+            await _respond_json(send, 200, {"object": "list", "data": [{
+                "id": knobs.model, "object": "model", "created": self.created, "owned_by": "vllm",
+                "root": knobs.model, "max_model_len": knobs.max_model_len}]})
+            return
+        if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions"):
+            await _respond_json(send, 404, _error("Not Found", "NotFoundError", 404))
+            return
+        self.stats.requests += 1
+        self.stats.last_headers = headers
+        try:
+            request = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            await _respond_json(send, 400, _error("invalid JSON", "BadRequestError", 400))
+            return
+        self.stats.last_body = request
+        if request.get("model") != knobs.model:
+            await _respond_json(send, 404, _error(f"The model `{request.get('model')}` does not exist.", "NotFoundError", 404))
+            return
+        if knobs.error_rate and random.random() < knobs.error_rate:
+            self.stats.errors += 1
+            await _respond_json(send, knobs.error_status, _error("simulated failure", "InternalServerError", knobs.error_status))
+            return
+        disconnected = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
+        self.stats.active += 1
+        try:
+            if knobs.hang_rate and random.random() < knobs.hang_rate:
+                await disconnected.wait()
+                self.stats.cancelled += 1
+                return
+            chat = path == "/v1/chat/completions"
+            if request.get("stream"):
+                await self.stream(send, request, chat, disconnected)
+            else:
+                await self.complete(send, request, chat, disconnected)
+        finally:
+            self.stats.active -= 1
+            watcher.cancel()
+
+    def _tokens(self, count: int) -> list[str]:
+        name = self.knobs.model.rsplit("/", 1)[-1]
+        words = ["Simulated", "answer", "from", name + "."]
+        return [(words[i] if i < len(words) else f"token{i}") + " " for i in range(count)]
+
+    def _budget(self, request: dict[str, Any]) -> tuple[int, str]:
+        limit = request.get("max_tokens") or request.get("max_completion_tokens")
+        count = self.knobs.tokens
+        if isinstance(limit, int) and 0 < limit < count:
+            return limit, "length"
+        return count, "stop"
+
+    async def complete(self, send: Any, request: dict[str, Any], chat: bool, disconnected: asyncio.Event) -> None:
+        count, finish = self._budget(request)
+        delay = self.knobs.ttft + self.knobs.token_delay * max(count - 1, 0)
+        if delay and await _sleep_or_disconnect(delay, disconnected):
+            self.stats.cancelled += 1
+            return
+        text = "".join(self._tokens(count))
+        prompt_tokens = _prompt_tokens(request)
+        created, ident = int(time.time()), uuid.uuid4().hex
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count}
+        if chat:
+            body = {"id": f"chatcmpl-{ident}", "object": "chat.completion", "created": created, "model": self.knobs.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                 "finish_reason": finish}], "usage": usage}
+        else:
+            body = {"id": f"cmpl-{ident}", "object": "text_completion", "created": created, "model": self.knobs.model,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": usage}
+        self._account(prompt_tokens, count)
+        await _respond_json(send, 200, body)
+
+    async def stream(self, send: Any, request: dict[str, Any], chat: bool, disconnected: asyncio.Event) -> None:
+        knobs = self.knobs
+        count, finish = self._budget(request)
+        created, model = int(time.time()), knobs.model
+        ident = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
+            chunk: dict[str, Any] = {"id": ident, "object": kind, "created": created, "model": model,
+                                     "choices": [choice] if choice else []}
+            if usage is not None:
+                chunk["usage"] = usage
+            return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+        if knobs.ttft and await _sleep_or_disconnect(knobs.ttft, disconnected):
+            self.stats.cancelled += 1
+            return
+        for i, token in enumerate(self._tokens(count)):
+            if i and knobs.token_delay and await _sleep_or_disconnect(knobs.token_delay, disconnected):
+                self.stats.cancelled += 1
+                return
+            if disconnected.is_set():
+                self.stats.cancelled += 1
+                return
+            if knobs.crash_after is not None and i >= knobs.crash_after:
+                self.stats.crashed += 1
+                # Dropping the connection without ending the chunked body is what a dying server looks like.
+                raise SimulatedCrash(f"simulated crash after {i} tokens")
+            if chat:
+                delta: dict[str, Any] = {"content": token}
+                if i == 0:
+                    delta = {"role": "assistant", "content": token}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            else:
+                choice = {"index": 0, "text": token, "logprobs": None, "finish_reason": None}
+            await send({"type": "http.response.body", "body": event(choice), "more_body": True})
+        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish} if chat else {
+            "index": 0, "text": "", "logprobs": None, "finish_reason": finish}
+        tail = event(last)
+        prompt_tokens = _prompt_tokens(request)
+        if (request.get("stream_options") or {}).get("include_usage"):
+            tail += event({}, {"prompt_tokens": prompt_tokens, "completion_tokens": count,
+                               "total_tokens": prompt_tokens + count})
+        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
+        self._account(prompt_tokens, count)
+
+    def _account(self, prompt_tokens: int, generated: int) -> None:
+        self.stats.finished += 1
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.generation_tokens += generated
+
+    def metrics(self) -> str:
+        labels = f'model_name="{self.knobs.model}",engine="0"'
+        s = self.stats
+        return "".join([
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n",
+            "# TYPE vllm:num_requests_running gauge\n", f"vllm:num_requests_running{{{labels}}} {s.active}\n",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n",
+            "# TYPE vllm:num_requests_waiting gauge\n", f"vllm:num_requests_waiting{{{labels}}} 0\n",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n",
+            "# TYPE vllm:kv_cache_usage_perc gauge\n", f"vllm:kv_cache_usage_perc{{{labels}}} {min(s.active / 64, 1):.4f}\n",
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n",
+            "# TYPE vllm:prompt_tokens_total counter\n", f"vllm:prompt_tokens_total{{{labels}}} {s.prompt_tokens}\n",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n",
+            "# TYPE vllm:generation_tokens_total counter\n", f"vllm:generation_tokens_total{{{labels}}} {s.generation_tokens}\n",
+            "# HELP vllm:request_success_total Count of successfully processed requests.\n",
+            "# TYPE vllm:request_success_total counter\n",
+            f'vllm:request_success_total{{{labels},finished_reason="stop"}} {s.finished}\n',
+        ])
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def _error(message: str, kind: str, code: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _prompt_tokens(request: dict[str, Any]) -> int:
+    if "messages" in request:
+        text = " ".join(str(m.get("content", "")) for m in request.get("messages") or [] if isinstance(m, dict))
+    else:
+        text = str(request.get("prompt", ""))
+    return max(1, len(text) // 4)
+
+
+async def _watch_disconnect(receive: Any, disconnected: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    disconnected.set()
+
+
+async def _sleep_or_disconnect(seconds: float, disconnected: asyncio.Event) -> bool:
+    """Sleep, waking early if the client goes away; True if it did."""
+    try:
+        await asyncio.wait_for(disconnected.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _respond(send: Any, status: int, body: bytes, media_type: bytes = b"application/json") -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _respond_json(send: Any, status: int, data: Any) -> None:
+    await _respond(send, status, msgspec.json.encode(data))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m proxy.simulated_vllm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
+    for knob in fields(Knobs):
+        flag = "--" + knob.name.replace("_", "-")
+        kind = {"model": str, "api_key": str, "tokens": int, "error_status": int, "max_model_len": int,
+                "crash_after": int}.get(knob.name, float)
+        parser.add_argument(flag, type=kind, default=knob.default)
+    args = parser.parse_args(argv)
+    knobs = Knobs(**{f.name: getattr(args, f.name) for f in fields(Knobs)})
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(SimulatedVLLM(knobs), log_level="warning", access_log=False, lifespan="on",
+                            loop="uvloop" if sys.platform != "win32" else "asyncio", http="httptools",
+                            timeout_graceful_shutdown=1)
+    print(f"SIMULATED vLLM serving {knobs.model} listening on http://{args.host}:{port}", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
