@@ -17,6 +17,7 @@ import httpx
 import msgspec
 from litestar import Litestar, Request, get, post
 from litestar.exceptions import HTTPException
+from litestar.openapi.config import OpenAPIConfig
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
@@ -146,6 +147,7 @@ def create_app(
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },
+        openapi_config=OpenAPIConfig(title="DreamSeed proxy", version=__version__),
         request_max_body_size=MAX_BODY_BYTES,
         logging_config=None,
         debug=False,

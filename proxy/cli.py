@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # before announcing: connections queue until startup completes
         host, port = sock.getsockname()[:2]
         config = uvicorn.Config(
             app,

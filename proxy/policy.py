@@ -193,29 +193,74 @@ def _load_file(
     try:
         return source, msgspec.convert(source.data, schema, strict=True)
     except msgspec.ValidationError as exc:
-        problems.append(_validation_problem(source, str(exc)))
+        problems.append(_validation_problem(source, schema, str(exc)))
         return source, None
 
 
 _AT_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
-_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+_ANY_KEY = "..."  # msgspec's path names a dict value as [...], without its key
 
 
-def _validation_problem(source: YamlSource, text: str) -> PolicyProblem:
-    """Turn msgspec's "Expected `int`, got `str` - at `$.a.b`" into file, line and field."""
+def _validation_problem(source: YamlSource, schema: type, text: str) -> PolicyProblem:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.a[...].b`" into file, line and field."""
     parsed = _AT_PATH.match(text)
     assert parsed is not None  # the pattern matches any string
     message, raw_path = parsed["message"], parsed["path"] or "$"
     path: list[PathKey] = [
-        name if name is not None else int(index) for name, index in _PATH_PART.findall(raw_path[1:])
+        name if name else (_ANY_KEY if index == _ANY_KEY else int(index))
+        for name, index in _PATH_PART.findall(raw_path[1:])
     ]
+    if _ANY_KEY in path:
+        path = _resolve_dict_keys(source.data, schema, path, text)
     unknown = _UNKNOWN_FIELD.search(message)
     if unknown:
         # Point at the misspelt key itself, not at the mapping that holds it.
         path.append(unknown[1])
         message = f"unknown field {unknown[1]!r}"
     return PolicyProblem(source.file, source.line_of(tuple(path)), _field_name(path), message)
+
+
+def _resolve_dict_keys(data: object, schema: type, path: list[PathKey], error: str) -> list[PathKey]:
+    """Find which key each [...] stands for: narrow that mapping to one entry at a time and
+    keep the entry that reproduces the same error."""
+    resolved = list(path)
+    for position, part in enumerate(path):
+        if part != _ANY_KEY:
+            continue
+        mapping = _get(data, resolved[:position])
+        if not isinstance(mapping, dict):
+            break
+        for key in mapping:
+            narrowed = _replace(data, resolved[:position], {key: mapping[key]})
+            try:
+                msgspec.convert(narrowed, schema, strict=True)
+            except msgspec.ValidationError as exc:
+                if str(exc) == error:
+                    resolved[position] = key
+                    data = narrowed
+                    break
+    return [part for part in resolved if part != _ANY_KEY]  # drop any [...] left unresolved
+
+
+def _get(data: object, path: list[PathKey]) -> object:
+    for part in path:
+        data = data[part]  # type: ignore[index]
+    return data
+
+
+def _replace(data: object, path: list[PathKey], value: object) -> object:
+    """A copy of ``data`` with the value at ``path`` replaced (copying only along the path)."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(data, dict):
+        return {**data, head: _replace(data[head], rest, value)}
+    assert isinstance(data, list) and isinstance(head, int)
+    copy = list(data)
+    copy[head] = _replace(data[head], rest, value)
+    return copy
 
 
 def _field_name(path: list[PathKey] | tuple[PathKey, ...]) -> str:

@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    sock.listen(2048)  # before announcing: connections queue until the server accepts
     port = sock.getsockname()[1]
     config = uvicorn.Config(SimulatedVLLM(knobs), log_level="warning", access_log=False, lifespan="on",
                             loop="uvloop" if sys.platform != "win32" else "asyncio", http="httptools",

@@ -1,0 +1,5 @@
+"""`python -m proxy` is the `dreamseed` command."""
+
+from .cli import main
+
+main()

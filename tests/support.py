@@ -1,0 +1,161 @@
+"""Real processes for tests and benchmarks: simulated vLLM backends and the proxy itself.
+
+Each helper starts a separate process on a free 127.0.0.1 port and waits until it
+announces that it is listening, so tests talk to them over real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_POLICIES = ROOT / "policies"
+_LISTENING = re.compile(r"listening on (http://[^\s]+)")
+
+
+@dataclass
+class Process:
+    """A child process that announced a URL; its stderr goes to a file kept for failures."""
+
+    popen: subprocess.Popen[str]
+    url: str
+    log_path: Path
+    lines: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _spawn(args: list[str], env: dict[str, str] | None = None, timeout: float = 20.0) -> Process:
+    log = Path(tempfile.mkstemp(prefix="dreamseed-test-", suffix=".log")[1])
+    popen = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    lines: list[str] = []
+    found = threading.Event()
+    url: list[str] = []
+
+    def drain() -> None:  # keep reading so the child never blocks on a full pipe
+        assert popen.stdout is not None
+        for line in popen.stdout:
+            lines.append(line)
+            match = _LISTENING.search(line)
+            if match and not url:
+                url.append(match[1])
+                found.set()
+        found.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    if not found.wait(timeout) or not url:
+        popen.kill()
+        raise RuntimeError(f"{args} did not start:\n{''.join(lines)}\n{log.read_text(errors='replace')}")
+    return Process(popen, url[0], log, lines)
+
+
+class Sim(Process):
+    """A simulated vLLM server, with helpers for its /sim control endpoints."""
+
+    defaults: dict[str, Any]
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/sim/stats").json()
+
+    def configure(self, **knobs: Any) -> dict[str, Any]:
+        response = httpx.post(f"{self.url}/sim/config", json=knobs)
+        response.raise_for_status()
+        return response.json()
+
+    def reset(self) -> None:
+        """Back to the knobs it started with, and empty stats."""
+        self.configure(**self.defaults)
+        httpx.post(f"{self.url}/sim/reset").raise_for_status()
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if predicate(stats) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.02)
+
+
+def start_sim(model: str, **knobs: Any) -> Sim:
+    args = ["-m", "proxy.simulated_vllm", "--port", "0", "--model", model]
+    for name, value in knobs.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    process = _spawn(args)
+    sim = Sim(process.popen, process.url, process.log_path, process.lines)
+    sim.defaults = {k: v for k, v in sim.configure().items() if k != "model"}
+    return sim
+
+
+def start_proxy(policies: Path, env: dict[str, str] | None = None, extra: list[str] | None = None) -> Process:
+    process = _spawn(
+        ["-m", "proxy.cli", "serve", "--policies", str(policies), "--port", "0", "--log-level", "warning",
+         "--shutdown-grace", "2", *(extra or [])],
+        env=env,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{process.url}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    process.stop()
+    raise RuntimeError(f"proxy did not become healthy:\n{process.log()}")
+
+
+def write_policies(directory: Path, backends: dict[str, Any], routing: dict[str, Any] | None = None,
+                   hosts: dict[str, Any] | None = None) -> Path:
+    """Write a policy directory; routing defaults to the seed's routing.yaml."""
+    directory.mkdir(parents=True, exist_ok=True)
+    catalog: dict[str, Any] = {"backends": backends}
+    if hosts:
+        catalog["hosts"] = hosts
+    (directory / "backends.yaml").write_text(yaml.safe_dump(catalog, allow_unicode=True, sort_keys=False))
+    if routing is None:
+        (directory / "routing.yaml").write_text((SEED_POLICIES / "routing.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    else:
+        (directory / "routing.yaml").write_text(yaml.safe_dump(routing, allow_unicode=True, sort_keys=False))
+    return directory
+
+
+def seed_catalog() -> dict[str, Any]:
+    return yaml.safe_load((SEED_POLICIES / "backends.yaml").read_text(encoding="utf-8"))
+
+
+def free_port() -> int:
+    """A port nothing listens on (for 'connection refused' cases)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,166 @@
+"""Routing decisions for the seed policies, as pure functions (no processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from proxy.policy import Catalog, Routing, load_policies
+from proxy.routing import Prompt, Router, UnknownModel, estimate_tokens, keyword_check
+from support import SEED_POLICIES
+
+
+@pytest.fixture(scope="module")
+def router() -> Router:
+    policies = load_policies(SEED_POLICIES)
+    return Router(policies.routing, policies.catalog)
+
+
+def route(router: Router, text: str, model: str = "auto") -> tuple[str, tuple[str, ...]]:
+    decision = router.route(model, Prompt.of_text(text))
+    return decision.rule, decision.chain
+
+
+@pytest.mark.parametrize("keyword", ["코드", "프로그래밍", "함수", "클래스"])
+def test_seed_korean_coding_keywords_go_to_code_with_general_fallback(router: Router, keyword: str) -> None:
+    assert route(router, f"이 {keyword}에 대해 설명해 주세요") == ("code", ("code", "general"))
+
+
+@pytest.mark.parametrize("text", ["write some code", "a Python function", "define a class", "CODE REVIEW", "Code"])
+def test_english_coding_keywords_in_any_case(router: Router, text: str) -> None:
+    assert route(router, text)[0] == "code"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["please encode this string", "a classic novel", "barcodes everywhere", "the subclassing debate",
+     "functional analysis", "dysfunction"],
+)
+def test_keyword_inside_a_longer_english_word_does_not_match(router: Router, text: str) -> None:
+    assert route(router, text)[0] == "default"
+
+
+@pytest.mark.parametrize("text", ["code를 고쳐줘", "class가 뭐예요?", "function(x)", "(code)", "code.", "«code»"])
+def test_english_keyword_next_to_korean_or_punctuation_matches(router: Router, text: str) -> None:
+    assert route(router, text)[0] == "code"
+
+
+@pytest.mark.parametrize(("text", "rule"), [("ｃｏｄｅ please", "code"), ("ＣＯＤＥ", "code"), ("Ｆａｓｔ answer", "fast")])
+def test_full_width_forms_are_normalised(router: Router, text: str, rule: str) -> None:
+    assert route(router, text)[0] == rule
+
+
+def test_korean_in_decomposed_jamo_still_matches(router: Router) -> None:
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "빠른 답변")
+    assert decomposed != "빠른 답변"
+    assert route(router, decomposed)[0] == "fast"
+
+
+def test_fast_keywords(router: Router) -> None:
+    assert route(router, "빠른 요약 부탁해") == ("fast", ("fast", "general"))
+    assert route(router, "give me a FAST answer")[0] == "fast"
+    assert route(router, "breakfast ideas")[0] == "default"
+
+
+def test_prompt_length_boundary_is_2000_characters(router: Router) -> None:
+    assert route(router, "a" * 2000)[0] == "default"
+    assert route(router, "a" * 2001) == ("long-prompt", ("general70", "general"))
+    # Characters, not bytes: 2001 Hangul syllables are 6003 UTF-8 bytes and still 2001 characters.
+    assert route(router, "가" * 2000)[0] == "default"
+    assert route(router, "가" * 2001)[0] == "long-prompt"
+
+
+def test_length_rule_wins_over_keywords_by_order(router: Router) -> None:
+    assert route(router, "코드 " + "a" * 2000)[0] == "long-prompt"
+
+
+def test_length_rule_counts_the_whole_conversation(router: Router) -> None:
+    messages = [{"role": "system", "content": "s" * 1500}, {"role": "user", "content": "hello " * 100}]
+    assert router.route("auto", Prompt(messages=messages)).rule == "long-prompt"
+    # Keywords look only at what users wrote: a system prompt mentioning code does not route to the coder.
+    system_code = [{"role": "system", "content": "You review code."}, {"role": "user", "content": "hi"}]
+    assert router.route("auto", Prompt(messages=system_code)).rule == "default"
+
+
+def test_multimodal_content_parts_are_read_as_text(router: Router) -> None:
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}},
+                                             {"type": "text", "text": "이 함수 뭐예요"}]}]
+    assert router.route("auto", Prompt(messages=messages)).rule == "code"
+
+
+def test_completions_prompt_strings_and_token_ids(router: Router) -> None:
+    assert router.route("auto", Prompt(prompt="빠른 답")).rule == "fast"
+    assert router.route("auto", Prompt(prompt=["hello", "write code"])).rule == "code"
+    assert router.route("auto", Prompt(prompt=[1, 2, 3])).rule == "default"
+
+
+def test_direct_model_by_backend_name_or_model_id(router: Router) -> None:
+    assert route(router, "빠른", model="code") == ("direct", ("code",))
+    assert route(router, "hi", model="meta-llama/Llama-3.1-70B-Instruct") == ("direct", ("general70",))
+
+
+def test_unknown_model_lists_available(router: Router) -> None:
+    with pytest.raises(UnknownModel) as caught:
+        router.route("gpt-4o", Prompt.of_text("hi"))
+    assert {"auto", "general", "code", "fast", "general70", "Qwen/Qwen2.5-Coder-7B-Instruct"} <= set(caught.value.available)
+
+
+def _router(rules: list[dict[str, object]]) -> Router:
+    import msgspec
+
+    catalog = msgspec.convert({"backends": {n: {"url": "http://127.0.0.1:1", "model": f"m-{n}", "context_length": 1}
+                                            for n in ("a", "b", "c")}}, Catalog)
+    return Router(msgspec.convert({"rules": rules}, Routing), catalog)
+
+
+def test_regex_model_alias_token_and_scope_matchers() -> None:
+    router = _router([
+        {"name": "sql", "match": {"regex": r"(?i)\bselect\b.+\bfrom\b"}, "target": "b"},
+        {"name": "alias", "match": {"models": ["gpt-4o"]}, "target": "c"},
+        {"name": "tokens", "match": {"tokens_over": 10, "scope": "last_user"}, "target": "c"},
+        {"name": "short", "match": {"chars_under": 5}, "target": "b"},
+        {"name": "default", "target": "a"},
+    ])
+    assert router.route("auto", Prompt.of_text("SELECT id FROM users")).rule == "sql"
+    assert router.route("gpt-4o", Prompt.of_text("hello there")).rule == "alias"
+    assert router.route("auto", Prompt.of_text("hello there")).rule == "default"  # alias rules need the alias
+    long_last = [{"role": "user", "content": "x" * 100}, {"role": "user", "content": "hi there"}]
+    assert router.route("auto", Prompt(messages=long_last)).rule == "default"  # only the last user message counts
+    assert router.route("auto", Prompt(messages=long_last[::-1])).rule == "tokens"
+    assert router.route("auto", Prompt.of_text("hey")).rule == "short"
+    with pytest.raises(UnknownModel):
+        router.route("gpt-3.5", Prompt.of_text("x"))
+
+
+def test_token_estimate_counts_korean_characters_individually() -> None:
+    assert estimate_tokens("abcd" * 10) == 10
+    assert estimate_tokens("안녕하세요") == 5
+    assert estimate_tokens("") == 0
+
+
+def test_keyword_check_reports_the_keyword_found() -> None:
+    check = keyword_check(["코드", "class"])
+    assert check("파이썬 코드") == "keyword '코드'"
+    assert check("CLASS") == "keyword 'class'"
+    assert check("classical") is None
+
+
+def test_route_command_explains_the_decision() -> None:
+    result = subprocess.run([sys.executable, "-m", "proxy.cli", "route", "파이썬 함수 좀 짜줘", "--policies", str(SEED_POLICIES)],
+                            capture_output=True, text=True, check=True)
+    out = result.stdout
+    assert "skip  long-prompt" in out and "MATCH code: keyword '함수'" in out
+    assert "backend: code (fallback: general)" in out
+    assert "model: Qwen/Qwen2.5-Coder-7B-Instruct" in out
+
+    long = subprocess.run([sys.executable, "-m", "proxy.cli", "route", "-", "--policies", str(SEED_POLICIES)],
+                          input="z" * 2001, capture_output=True, text=True, check=True).stdout
+    assert "rule: long-prompt" in long and "2001 characters > 2000" in long
+
+    unknown = subprocess.run([sys.executable, "-m", "proxy.cli", "route", "x", "--model", "gpt-4", "--policies",
+                              str(SEED_POLICIES)], capture_output=True, text=True)
+    assert unknown.returncode == 1 and "unknown model 'gpt-4'" in unknown.stderr
