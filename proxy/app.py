@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -74,6 +74,7 @@ def create_app(
     *,
     environ: Mapping[str, str] | None = None,
     url_overrides: Mapping[str, str] | None = None,
+    on_shutdown: Sequence[Callable[[], object]] = (),
 ) -> Litestar:
     core = ProxyCore(policies=policies, router=Router(policies.routing, policies.catalog))
 
@@ -84,6 +85,8 @@ def create_app(
             yield
         finally:
             await core.upstreams.aclose()
+            for hook in on_shutdown:
+                hook()
 
     async def relay(request: Request, endpoint: Endpoint, path: str) -> ASGIApp:
         headers = {"x-request-id": request_id(request.headers.get("x-request-id"))}

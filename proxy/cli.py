@@ -69,7 +69,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         for sim in simulated:
             print(f"SIMULATED backend {sim.name!r} ({policies.catalog.backends[sim.name].model}) at {sim.url}", flush=True)
-        app = create_app(policies, url_overrides={sim.name: sim.url for sim in simulated})
+        # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends the process before
+        # `finally` below runs; stopping the simulators at app shutdown happens before that.
+        app = create_app(policies, url_overrides={sim.name: sim.url for sim in simulated},
+                         on_shutdown=[lambda: stop_all(simulated)])
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))

@@ -74,6 +74,33 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+class ScopedText:
+    """One scope's normalised text, with the derived forms checks need, each made once."""
+
+    __slots__ = ("text", "_folded", "_words")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._folded: str | None = None
+        self._words: frozenset[str] | None = None
+
+    @property
+    def folded(self) -> str:
+        if self._folded is None:
+            self._folded = self.text.casefold()
+        return self._folded
+
+    @property
+    def words(self) -> frozenset[str]:
+        """Maximal runs of ASCII letters and digits: what an ASCII keyword must equal."""
+        if self._words is None:
+            self._words = frozenset(_ASCII_WORD.findall(self.folded))
+        return self._words
+
+
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
+
+
 class Prompt:
     """The routable text of one request, normalised lazily and once per scope."""
 
@@ -82,17 +109,20 @@ class Prompt:
     def __init__(self, *, messages: Sequence[dict[str, Any]] | None = None, prompt: Any = None) -> None:
         self._messages = messages
         self._prompt = prompt
-        self._cache: dict[Scope, str] = {}
+        self._cache: dict[Scope, ScopedText] = {}
 
     @classmethod
     def of_text(cls, text: str) -> Prompt:
         return cls(messages=[{"role": "user", "content": text}])
 
-    def text(self, scope: Scope) -> str:
+    def scoped(self, scope: Scope) -> ScopedText:
         cached = self._cache.get(scope)
         if cached is None:
-            cached = self._cache[scope] = normalise(self._raw(scope))
+            cached = self._cache[scope] = ScopedText(normalise(self._raw(scope)))
         return cached
+
+    def text(self, scope: Scope) -> str:
+        return self.scoped(scope).text
 
     def _raw(self, scope: Scope) -> str:
         if self._messages is None:
@@ -114,30 +144,33 @@ class Prompt:
 
 # --- compiled rules ---------------------------------------------------------------------
 
-Check = Callable[[str], str | None]  # returns why it matched, or None
+Check = Callable[[ScopedText], str | None]  # returns why it matched, or None
 
 
 def _is_word_keyword(keyword: str) -> bool:
-    """Latin-script words get word-boundary matching; Korean and other scripts match as substrings."""
-    return all(ch.isascii() for ch in keyword)
+    """Single ASCII words (letters, digits) get whole-word matching; anything else -
+    Korean, or ASCII with spaces or punctuation - matches as a substring (of the folded text)."""
+    return _ASCII_WORD.fullmatch(keyword) is not None
 
 
 def keyword_check(keywords: Iterable[str]) -> Check:
-    """One regex for the whole list. Word keywords may not touch another ASCII letter or digit,
-    so "class" matches "class를" (a Korean particle) but not "classic" or "subclass"."""
-    folded = sorted({normalise(k).casefold() for k in keywords}, key=len, reverse=True)
-    words = [re.escape(k) for k in folded if _is_word_keyword(k)]
-    substrings = [re.escape(k) for k in folded if not _is_word_keyword(k)]
-    parts = []
-    if words:
-        parts.append(r"(?<![a-z0-9])(?:" + "|".join(words) + r")(?![a-z0-9])")
-    if substrings:
-        parts.append("|".join(substrings))
-    pattern = re.compile("|".join(parts))
+    """Word keywords may not touch another ASCII letter or digit, so "class" matches "class를"
+    (a Korean particle) and "(class)" but not "classic" or "subclass". Checking them is a set
+    intersection with the prompt's ASCII words: linear in the prompt, whatever the list's size."""
+    folded = sorted({normalise(k).casefold() for k in keywords})
+    words = frozenset(k for k in folded if _is_word_keyword(k))
+    substrings = tuple(k for k in folded if not _is_word_keyword(k))
 
-    def check(text: str) -> str | None:
-        found = pattern.search(text.casefold())
-        return f"keyword {found.group(0)!r}" if found else None
+    def check(scoped: ScopedText) -> str | None:
+        if words:
+            found = words & scoped.words
+            if found:
+                return f"keyword {min(found)!r}"
+        text = scoped.folded
+        for keyword in substrings:
+            if keyword in text:
+                return f"keyword {keyword!r}"
+        return None
 
     return check
 
@@ -145,8 +178,8 @@ def keyword_check(keywords: Iterable[str]) -> Check:
 def _regex_check(expression: str) -> Check:
     pattern = re.compile(expression)
 
-    def check(text: str) -> str | None:
-        found = pattern.search(text)
+    def check(scoped: ScopedText) -> str | None:
+        found = pattern.search(scoped.text)
         return f"regex {expression!r} matched {found.group(0)[:40]!r}" if found else None
 
     return check
@@ -156,16 +189,16 @@ def _length_checks(match: Match) -> list[Check]:
     checks: list[Check] = []
     if match.chars_over is not None:
         n = match.chars_over
-        checks.append(lambda t: f"{len(t)} characters > {n}" if len(t) > n else None)
+        checks.append(lambda s: f"{len(s.text)} characters > {n}" if len(s.text) > n else None)
     if match.chars_under is not None:
         m = match.chars_under
-        checks.append(lambda t: f"{len(t)} characters < {m}" if len(t) < m else None)
+        checks.append(lambda s: f"{len(s.text)} characters < {m}" if len(s.text) < m else None)
     if match.tokens_over is not None:
         k = match.tokens_over
-        checks.append(lambda t: f"~{estimate_tokens(t)} tokens > {k}" if estimate_tokens(t) > k else None)
+        checks.append(lambda s: f"~{estimate_tokens(s.text)} tokens > {k}" if estimate_tokens(s.text) > k else None)
     if match.tokens_under is not None:
         j = match.tokens_under
-        checks.append(lambda t: f"~{estimate_tokens(t)} tokens < {j}" if estimate_tokens(t) < j else None)
+        checks.append(lambda s: f"~{estimate_tokens(s.text)} tokens < {j}" if estimate_tokens(s.text) < j else None)
     return checks
 
 
@@ -196,9 +229,9 @@ class CompiledRule:
                 return None
             reasons.append(f"model {model!r}")
         if self.checks:
-            text = prompt.text(self.scope)
+            scoped = prompt.scoped(self.scope)
             for check in self.checks:
-                why = check(text)
+                why = check(scoped)
                 if why is None:
                     return None
                 reasons.append(why)

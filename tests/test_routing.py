@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from proxy.policy import Catalog, Routing, load_policies
-from proxy.routing import Prompt, Router, UnknownModel, estimate_tokens, keyword_check
+from proxy.routing import Prompt, Router, ScopedText, UnknownModel, estimate_tokens, keyword_check
 from support import SEED_POLICIES
 
 
@@ -143,10 +143,13 @@ def test_token_estimate_counts_korean_characters_individually() -> None:
 
 
 def test_keyword_check_reports_the_keyword_found() -> None:
-    check = keyword_check(["코드", "class"])
-    assert check("파이썬 코드") == "keyword '코드'"
-    assert check("CLASS") == "keyword 'class'"
-    assert check("classical") is None
+    check = keyword_check(["코드", "class", "Unit Test", "c++"])
+    assert check(ScopedText("파이썬 코드")) == "keyword '코드'"
+    assert check(ScopedText("CLASS")) == "keyword 'class'"
+    assert check(ScopedText("classical")) is None
+    # Keywords that are not a single ASCII word match as substrings of the case-folded text.
+    assert check(ScopedText("write a UNIT TEST")) == "keyword 'unit test'"
+    assert check(ScopedText("modern C++ please")) == "keyword 'c++'"
 
 
 def test_route_command_explains_the_decision() -> None:

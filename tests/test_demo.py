@@ -1,0 +1,45 @@
+"""The README's run command: `dreamseed serve --simulate-missing` stands in for missing backends."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+
+from proxy.simulation import is_reachable
+from support import free_port, seed_catalog, start_proxy, start_sim, write_policies
+
+
+def test_serve_simulates_every_unreachable_backend_and_says_so(tmp_path: Path) -> None:
+    catalog = seed_catalog()
+    real = start_sim("mistralai/Mistral-7B-Instruct-v0.3")  # one backend is really there
+    try:
+        catalog["backends"]["general"]["url"] = real.url
+        for name in ("code", "fast"):  # nothing listens on these ports
+            catalog["backends"][name]["url"] = f"http://127.0.0.1:{free_port()}"
+        policies = write_policies(tmp_path / "policies", catalog["backends"], hosts=catalog["hosts"])
+        # general70 has no URL in the environment: it is simulated on a free local port.
+        proxy = start_proxy(policies, env={"DREAMSEED_GENERAL70_URL": ""}, extra=["--simulate-missing"])
+        try:
+            announced = "".join(proxy.lines)
+            assert "SIMULATED backend 'general'" not in announced
+            for name in ("code", "fast", "general70"):
+                assert f"SIMULATED backend '{name}'" in announced
+            expectations = {"함수를 짜줘": "code", "빠른 답": "fast", "x" * 2001: "general70", "hello": "general"}
+            for prompt, backend in expectations.items():
+                response = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30,
+                                      json={"model": "auto", "messages": [{"role": "user", "content": prompt}]})
+                assert response.status_code == 200, response.text
+                assert response.headers["x-dreamseed-backend"] == backend
+                assert "x-dreamseed-fallback" not in response.headers
+            assert real.stats()["finished"] == 1
+            assert httpx.get(f"{proxy.url}/readyz").json()["ready"] is True
+        finally:
+            proxy.stop()
+        # Stopping the proxy (SIGTERM) stops the simulators it started: none is left listening.
+        simulated_urls = re.findall(r"SIMULATED backend '\w+' \(.*?\) at (\S+)", announced)
+        assert len(simulated_urls) == 3
+        assert not any(is_reachable(url) for url in simulated_urls)
+    finally:
+        real.stop()
