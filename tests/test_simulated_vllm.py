@@ -54,8 +54,10 @@ def test_streaming_timing_knobs(client: httpx.Client, sim: Sim) -> None:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 arrivals.append(time.monotonic() - started)
-    assert arrivals[0] >= 0.3
-    assert arrivals[2] - arrivals[0] >= 0.2
+    # Lower bounds only, with a margin: the event loop may wake a millisecond early, and a
+    # busy machine only ever makes things later.
+    assert arrivals[0] >= 0.25
+    assert arrivals[2] - arrivals[0] >= 0.15
     assert len(arrivals) == 3 + 1 + 1
 
 
