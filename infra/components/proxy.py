@@ -1,0 +1,67 @@
+"""ProxyService: the DreamSeed proxy container, the only service published beyond localhost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pulumi
+import pulumi_docker as docker
+
+from proxy import __version__
+
+from .common import python_healthcheck, secret_env
+
+CONTAINER_PORT = 8080
+POLICY_DIR = "/app/policies"
+DOCKER_SOCKET = "/var/run/docker.sock"
+
+
+@dataclass
+class ProxyServiceArgs:
+    network: pulumi.Input[str]
+    build_context: Path
+    policy_files: dict[str, str]  # file name -> content, from policies/
+    port: int
+    bind_address: str
+    env: dict[str, pulumi.Input[str]] = field(default_factory=dict)
+    secret_env: dict[str, pulumi.Input[str]] = field(default_factory=dict)
+    # The scaler starts and stops on-demand backends through the Docker API.
+    docker_socket: bool = False
+
+
+class ProxyService(pulumi.ComponentResource):
+    def __init__(self, resource_name: str, args: ProxyServiceArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("dreamseed:index:ProxyService", resource_name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        self.image = docker.Image(
+            f"{resource_name}-image",
+            image_name=f"dreamseed-proxy:{__version__}",
+            build=docker.DockerBuildArgs(
+                context=str(args.build_context), dockerfile=str(args.build_context / "infra" / "proxy.Dockerfile")
+            ),
+            skip_push=True,
+            opts=child,
+        )
+        envs: list[pulumi.Input[str]] = [f"{k}={v}" if isinstance(v, str) else pulumi.Output.concat(k, "=", v)
+                                         for k, v in sorted(args.env.items())]
+        envs += [secret_env(k, v) for k, v in sorted(args.secret_env.items())]
+        self.container = docker.Container(
+            resource_name,
+            name="dreamseed-proxy",
+            image=self.image.image_name,
+            command=["serve", "--host", "0.0.0.0", "--port", str(CONTAINER_PORT), "--policies", POLICY_DIR],
+            envs=envs,
+            # Policies travel with the deployment: a changed file replaces the container.
+            uploads=[docker.ContainerUploadArgs(file=f"{POLICY_DIR}/{name}", content=content)
+                     for name, content in sorted(args.policy_files.items())],
+            ports=[docker.ContainerPortArgs(internal=CONTAINER_PORT, external=args.port, ip=args.bind_address)],
+            volumes=[docker.ContainerVolumeArgs(host_path=DOCKER_SOCKET, container_path=DOCKER_SOCKET)]
+            if args.docker_socket else [],
+            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=args.network, aliases=["proxy"])],
+            healthcheck=python_healthcheck(f"http://127.0.0.1:{CONTAINER_PORT}/healthz"),
+            restart="unless-stopped",
+            opts=child,
+        )
+        self.target = f"dreamseed-proxy:{CONTAINER_PORT}"
+        self.register_outputs({"image": self.image.image_name})

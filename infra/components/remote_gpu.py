@@ -1,0 +1,113 @@
+"""RemoteGpuHost: a rented Lambda Cloud GPU instance running one catalog backend with vLLM.
+
+The instance is created and deleted through Lambda's HTTP API (`command.local.Command` running
+infra/scripts/lambda_instance.py), then bootstrapped over SSH (`command.remote.Command`). vLLM
+listens on the host's loopback only and requires the API key; the proxy reaches it through an
+SSH tunnel (see tunnel.py). `pulumi destroy` removes the server first, then the instance.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+import pulumi_command as command
+
+from proxy.policy import Backend
+
+from .vllm import HF_CACHE, vllm_command
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "lambda_instance.py"
+VLLM_PORT = 8000
+HEALTH_WAIT_S = 3600  # first start downloads ~140 GB of weights
+
+
+def bootstrap_script(name: str, backend: Backend, port: int = VLLM_PORT) -> str:
+    """Shell run on the GPU host. Secrets arrive on standard input (HF token, then the API
+    key), so they never appear in this text, in Pulumi's state or in the process list."""
+    assert backend.image is not None
+    container = f"dreamseed-{name}"
+    args = " ".join(shlex.quote(a) for a in vllm_command(backend, port))
+    tries = HEALTH_WAIT_S // 10
+    return f"""set -eu
+IFS= read -r HF_TOKEN
+IFS= read -r VLLM_API_KEY
+export HF_TOKEN VLLM_API_KEY
+docker pull {shlex.quote(backend.image)}
+docker rm -f {container} >/dev/null 2>&1 || true
+docker run -d --name {container} --gpus all --ipc=host --restart unless-stopped \\
+  -p 127.0.0.1:{port}:{port} -v "$HOME/.cache/huggingface:{HF_CACHE}" -e HF_TOKEN -e VLLM_API_KEY \\
+  {shlex.quote(backend.image)} {args} --api-key "$VLLM_API_KEY"
+i=0
+until curl -sf -o /dev/null http://127.0.0.1:{port}/health; do
+  i=$((i + 1))
+  if [ "$i" -gt {tries} ] || [ "$(docker inspect -f '{{{{.State.Running}}}}' {container})" != true ]; then
+    echo "vLLM did not become healthy" >&2; docker logs --tail 50 {container} >&2; exit 1
+  fi
+  sleep 10
+done
+echo "{container} is healthy on 127.0.0.1:{port}"
+"""
+
+
+@dataclass
+class RemoteGpuHostArgs:
+    name: str
+    backend: Backend
+    lambda_api_url: str
+    lambda_api_key: pulumi.Input[str]
+    region: str
+    instance_type: str
+    instance_name: str
+    ssh_key_name: str
+    ssh_user: str
+    ssh_private_key: pulumi.Input[str]
+    hf_token: pulumi.Input[str]
+    vllm_api_key: pulumi.Input[str]
+
+
+class RemoteGpuHost(pulumi.ComponentResource):
+    instance_id: pulumi.Output[str]
+    public_ip: pulumi.Output[str]
+
+    def __init__(self, resource_name: str, args: RemoteGpuHostArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("dreamseed:index:RemoteGpuHost", resource_name, None, opts)
+        self.instance = command.local.Command(
+            f"{resource_name}-instance",
+            create=f"python3 {shlex.quote(str(SCRIPT))} create",
+            delete=f"python3 {shlex.quote(str(SCRIPT))} delete",
+            environment={
+                "LAMBDA_API_URL": args.lambda_api_url,
+                "LAMBDA_API_KEY": args.lambda_api_key,
+                "LAMBDA_REGION": args.region,
+                "LAMBDA_INSTANCE_TYPE": args.instance_type,
+                "LAMBDA_INSTANCE_NAME": args.instance_name,
+                "LAMBDA_SSH_KEY_NAME": args.ssh_key_name,
+            },
+            triggers=[args.region, args.instance_type, args.instance_name],
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        described = self.instance.stdout.apply(json.loads)
+        self.instance_id = described.apply(lambda d: str(d["id"]))
+        self.public_ip = described.apply(lambda d: str(d["ip"]))
+        backend = args.backend
+        self.server = command.remote.Command(
+            f"{resource_name}-vllm",
+            connection=command.remote.ConnectionArgs(
+                host=self.public_ip,
+                user=args.ssh_user,
+                private_key=args.ssh_private_key,
+                dial_error_limit=60,  # a new instance may take minutes to accept SSH (15 s per try)
+            ),
+            create=bootstrap_script(args.name, backend),
+            delete=f"docker rm -f dreamseed-{args.name} || true",
+            stdin=pulumi.Output.secret(pulumi.Output.concat(args.hf_token, "\n", args.vllm_api_key, "\n")),
+            # A new image, model or vLLM argument re-runs the bootstrap.
+            triggers=[backend.image, *vllm_command(backend, VLLM_PORT), self.instance_id],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance], delete_before_replace=True),
+        )
+        self.port = VLLM_PORT
+        self.register_outputs({"instance_id": self.instance_id, "public_ip": self.public_ip})

@@ -1,0 +1,78 @@
+"""VllmBackend: one vLLM OpenAI-compatible server for one catalog backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_docker as docker
+
+from proxy.policy import Backend
+
+from .common import backend_port, pulled, python_healthcheck, secret_env
+
+HF_CACHE = "/root/.cache/huggingface"
+
+
+def vllm_command(backend: Backend, port: int) -> list[str]:
+    """vLLM's arguments, all from the catalog: the one place models and limits are set."""
+    command = ["--model", backend.model, "--port", str(port), "--max-model-len", str(backend.context_length)]
+    if backend.gpu_memory_utilization is not None:
+        command += ["--gpu-memory-utilization", f"{backend.gpu_memory_utilization:g}"]
+    if backend.tensor_parallel_size > 1:
+        command += ["--tensor-parallel-size", str(backend.tensor_parallel_size)]
+    # vLLM's own queue should not accept more than the proxy sends it.
+    command += ["--max-num-seqs", str(max(backend.max_concurrency, 1))]
+    return command + list(backend.args)
+
+
+@dataclass
+class VllmBackendArgs:
+    name: str
+    backend: Backend
+    network: pulumi.Input[str]
+    hf_cache_volume: pulumi.Input[str]
+    hf_token: pulumi.Input[str]
+
+
+class VllmBackend(pulumi.ComponentResource):
+    """A GPU container running vLLM. An on-demand backend is created but left stopped
+    (`start=False`, `must_run=False`, restart policy `no`): the proxy's scaler starts and stops
+    the container named `container_name` through the Docker API, and Pulumi does not treat
+    its stopped state as drift."""
+
+    container_name: pulumi.Output[str]
+    internal_url: str
+
+    def __init__(self, resource_name: str, args: VllmBackendArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("dreamseed:index:VllmBackend", resource_name, None, opts)
+        backend = args.backend
+        if backend.image is None:
+            raise pulumi.RunError(f"backend {args.name!r} has no `image` in the catalog; infra needs a pinned vLLM image")
+        port = backend_port(backend)
+        name = f"dreamseed-{args.name}"
+        image = pulled(f"{resource_name}-image", backend.image, self)
+        always_on = not backend.on_demand
+        self.container = docker.Container(
+            resource_name,
+            name=name,
+            image=image.image_id,
+            command=vllm_command(backend, port),
+            envs=[secret_env("HF_TOKEN", args.hf_token)],
+            # All GPUs of the host; each server takes its catalog share of memory.
+            device_requests=[docker.ContainerDeviceRequestArgs(driver="nvidia", count=-1, capabilities=["gpu"])],
+            ipc_mode="host",  # vLLM's workers share memory through /dev/shm
+            volumes=[docker.ContainerVolumeArgs(volume_name=args.hf_cache_volume, container_path=HF_CACHE)],
+            ports=[docker.ContainerPortArgs(internal=port, external=port, ip="127.0.0.1")],
+            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=args.network, aliases=[args.name])],
+            healthcheck=python_healthcheck(f"http://127.0.0.1:{port}/health", start_period="900s"),
+            restart="unless-stopped" if always_on else "no",
+            start=always_on,
+            must_run=always_on,
+            labels=[docker.ContainerLabelArgs(label="dreamseed.backend", value=args.name),
+                    docker.ContainerLabelArgs(label="dreamseed.on_demand", value=str(backend.on_demand).lower())],
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.container_name = self.container.name
+        self.internal_url = f"http://{name}:{port}"
+        self.register_outputs({"container_name": self.container.name, "internal_url": self.internal_url})

@@ -1,0 +1,101 @@
+"""Typed stack configuration: every key of Pulumi.<stack>.yaml, read in one place.
+
+Secrets are only ever read with `require_secret`/`get_secret`, so they stay Pulumi secrets
+in every resource input and output they reach.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+
+from proxy.policy import Policies, PolicyError, load_policies
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_catalog_policies(config: pulumi.Config) -> Policies:
+    directory = ROOT / (config.get("policiesDir") or "policies")
+    try:
+        return load_policies(directory)
+    except PolicyError as exc:
+        # RunError makes Pulumi print the message alone, without a Python traceback.
+        raise pulumi.RunError(f"policies in {directory} are invalid:\n{exc}") from None
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    policies: Policies
+    docker_host: str
+    gpu_host: str
+    proxy_port: int
+    proxy_bind_address: str
+    grafana_port: int
+    embeddings: bool
+    embeddings_model: str
+    remote_stack: str | None
+    hf_token: pulumi.Output[str]
+    postgres_password: pulumi.Output[str]
+    grafana_admin_password: pulumi.Output[str]
+    proxy_api_keys: pulumi.Output[str] | None
+    proxy_admin_key: pulumi.Output[str] | None
+    ssh_private_key: pulumi.Output[str] | None
+
+    @classmethod
+    def load(cls) -> LocalConfig:
+        config = pulumi.Config()
+        remote_stack = config.get("remoteStack") or None
+        return cls(
+            policies=load_catalog_policies(config),
+            docker_host=config.get("dockerHost") or "unix:///var/run/docker.sock",
+            gpu_host=config.get("gpuHost") or "rtx5090",
+            proxy_port=config.get_int("proxyPort") or 8080,
+            proxy_bind_address=config.get("proxyBindAddress") or "0.0.0.0",
+            grafana_port=config.get_int("grafanaPort") or 3000,
+            embeddings=config.get_bool("embeddings") is not False,  # on unless set to false
+            embeddings_model=config.get("embeddingsModel") or "sentence-transformers/all-MiniLM-L6-v2",
+            remote_stack=remote_stack,
+            hf_token=config.require_secret("hfToken"),
+            postgres_password=config.require_secret("postgresPassword"),
+            grafana_admin_password=config.require_secret("grafanaAdminPassword"),
+            proxy_api_keys=config.get_secret("proxyApiKeys"),
+            proxy_admin_key=config.get_secret("proxyAdminKey"),
+            # Needed only with remoteStack: the tunnel to the 70B host logs in with it.
+            ssh_private_key=config.require_secret("sshPrivateKey") if remote_stack else config.get_secret("sshPrivateKey"),
+        )
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    policies: Policies
+    gpu_host: str
+    lambda_api_url: str
+    region: str
+    instance_type: str
+    instance_name: str
+    ssh_key_name: str
+    ssh_user: str
+    lambda_api_key: pulumi.Output[str]
+    ssh_private_key: pulumi.Output[str]
+    hf_token: pulumi.Output[str]
+    vllm_api_key: pulumi.Output[str]
+
+    @classmethod
+    def load(cls) -> RemoteConfig:
+        config = pulumi.Config()
+        return cls(
+            policies=load_catalog_policies(config),
+            gpu_host=config.get("gpuHost") or "lambda-2xa100",
+            lambda_api_url=config.get("lambdaApiUrl") or "https://cloud.lambdalabs.com/api/v1",
+            region=config.get("region") or "us-west-2",
+            instance_type=config.get("instanceType") or "gpu_2x_a100_80gb",
+            instance_name=config.get("instanceName") or "dreamseed-70b",
+            ssh_key_name=config.require("sshKeyName"),
+            ssh_user=config.get("sshUser") or "ubuntu",
+            lambda_api_key=config.require_secret("lambdaApiKey"),
+            ssh_private_key=config.require_secret("sshPrivateKey"),
+            hf_token=config.require_secret("hfToken"),
+            vllm_api_key=config.require_secret("vllmApiKey"),
+        )

@@ -1,0 +1,192 @@
+"""The two stacks. Each only composes components; what to build comes from the catalog.
+
+- `local`: the RTX 5090 host's Docker. One vLLM container per catalog backend on that host
+  (on-demand ones created stopped), the embedding server, Postgres+pgvector, Prometheus and
+  Grafana, and the proxy, which alone is published beyond localhost.
+- `remote70b`: a Lambda Cloud 2xA100 instance running the catalog backend(s) placed on that
+  host. The `local` stack reads its outputs through a StackReference and tunnels to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+import pulumi_docker as docker
+
+from proxy.policy import Backend, MemoryPlan, Policies, memory_plan
+
+from .components.embeddings import EmbeddingServer, EmbeddingServerArgs
+from .components.monitoring import Monitoring, MonitoringArgs
+from .components.proxy import ProxyService, ProxyServiceArgs
+from .components.remote_gpu import RemoteGpuHost, RemoteGpuHostArgs
+from .components.tunnel import SshTunnel, SshTunnelArgs
+from .components.vector_db import VectorDatabase, VectorDatabaseArgs
+from .components.vllm import VllmBackend, VllmBackendArgs
+from .config import ROOT, LocalConfig, RemoteConfig
+
+
+def checked_memory_plan(policies: Policies, host: str) -> MemoryPlan:
+    """The host's GPU memory plan. The numbers are the catalog's (policies/backends.yaml `hosts`
+    and each backend's `gpu_memory_utilization`), the same ones the proxy's scaler budgets with;
+    loading the policies already refused a plan that does not fit, with a message naming it."""
+    if host not in policies.catalog.hosts:
+        raise pulumi.RunError(f"gpuHost {host!r} is not a host in backends.yaml (known: {', '.join(policies.catalog.hosts)})")
+    return memory_plan(policies.catalog, host)
+
+
+def plan_summary(plan: MemoryPlan) -> dict[str, Any]:
+    return {
+        "host": plan.host_name,
+        # Per GPU: with tensor parallelism every GPU holds the same share.
+        "gpuCount": plan.host.gpu_count,
+        "gpuMemoryGb": plan.host.gpu_memory_gb,
+        "budgetGb": round(plan.gigabytes(plan.budget), 2),
+        "alwaysOnGb": {n: round(plan.gigabytes(s), 2) for n, s in plan.always_on.items()},
+        "onDemandGb": {n: round(plan.gigabytes(s), 2) for n, s in plan.on_demand.items()},
+        "worstCaseGb": round(plan.gigabytes(plan.worst_case_share), 2),
+    }
+
+
+def backends_on(policies: Policies, host: str) -> dict[str, Backend]:
+    return {name: b for name, b in policies.catalog.backends.items() if b.host == host}
+
+
+def build_local(config: LocalConfig) -> dict[str, Any]:
+    policies = config.policies
+    plan = checked_memory_plan(policies, config.gpu_host)
+    provider = docker.Provider("docker", host=config.docker_host)
+    on_host = pulumi.ResourceOptions(provider=provider)
+
+    network = docker.Network("network", name="dreamseed", opts=on_host)
+    hf_cache = docker.Volume("hf-cache", name="dreamseed-hf-cache", opts=on_host)
+
+    backend_urls: dict[str, pulumi.Input[str]] = {}
+    vllm: dict[str, VllmBackend] = {}
+    for name, backend in backends_on(policies, config.gpu_host).items():
+        if backend.url_env is None:
+            raise pulumi.RunError(
+                f"backend {name!r} needs `url_env` in backends.yaml: the containerised proxy reaches it by container name"
+            )
+        vllm[name] = VllmBackend(
+            f"vllm-{name}",
+            VllmBackendArgs(name=name, backend=backend, network=network.name, hf_cache_volume=hf_cache.name,
+                            hf_token=config.hf_token),
+            opts=on_host,
+        )
+        backend_urls[backend.url_env] = vllm[name].internal_url
+
+    secret_env: dict[str, pulumi.Input[str]] = {}
+    tunnel = None
+    if config.remote_stack:
+        remote = pulumi.StackReference(config.remote_stack)
+        for name, backend in policies.catalog.backends.items():
+            if backend.host is None or backend.host == config.gpu_host:
+                continue
+            assert config.ssh_private_key is not None  # required by LocalConfig when remoteStack is set
+            tunnel = SshTunnel(
+                f"tunnel-{name}",
+                SshTunnelArgs(network=network.name, alias=name, ssh_host=remote.require_output("publicIp"),
+                              ssh_user=remote.require_output("sshUser"), ssh_private_key=config.ssh_private_key,
+                              remote_port=remote.require_output("port")),
+                opts=on_host,
+            )
+            if backend.url_env:
+                backend_urls[backend.url_env] = tunnel.internal_url
+            if backend.api_key_env:
+                secret_env[backend.api_key_env] = remote.require_output("apiKey")
+
+    database = VectorDatabase("postgres", VectorDatabaseArgs(network=network.name, password=config.postgres_password),
+                              opts=on_host)
+    secret_env["DATABASE_URL"] = database.url
+    if config.proxy_api_keys is not None:
+        secret_env["DREAMSEED_API_KEYS"] = config.proxy_api_keys
+    if config.proxy_admin_key is not None:
+        secret_env["DREAMSEED_ADMIN_KEY"] = config.proxy_admin_key
+
+    plain_env: dict[str, pulumi.Input[str]] = dict(backend_urls)
+    embeddings = None
+    if config.embeddings:
+        embeddings = EmbeddingServer(
+            "embeddings",
+            EmbeddingServerArgs(network=network.name, model=config.embeddings_model, hf_cache_volume=hf_cache.name,
+                                hf_token=config.hf_token),
+            opts=on_host,
+        )
+        plain_env["DREAMSEED_EMBEDDINGS_URL"] = embeddings.internal_url
+
+    policy_files = {p.name: p.read_text(encoding="utf-8") for p in sorted(policies.directory.glob("*.yaml"))}
+    proxy = ProxyService(
+        "proxy",
+        ProxyServiceArgs(
+            network=network.name, build_context=ROOT, policy_files=policy_files, port=config.proxy_port,
+            bind_address=config.proxy_bind_address, env=plain_env, secret_env=secret_env,
+            docker_socket=any(b.on_demand for b in backends_on(policies, config.gpu_host).values()),
+        ),
+        opts=on_host,
+    )
+
+    Monitoring(
+        "monitoring",
+        MonitoringArgs(
+            network=network.name,
+            proxy_target=proxy.target,
+            backend_targets={name: component.internal_url.removeprefix("http://") for name, component in vllm.items()},
+            grafana_port=config.grafana_port,
+            grafana_admin_password=config.grafana_admin_password,
+        ),
+        opts=on_host,
+    )
+    return {
+        "proxyUrl": f"http://{config.proxy_bind_address}:{config.proxy_port}",
+        "grafanaUrl": f"http://127.0.0.1:{config.grafana_port}",
+        "gpuMemoryPlan": plan_summary(plan),
+        "onDemandContainers": [f"dreamseed-{n}" for n, b in backends_on(policies, config.gpu_host).items() if b.on_demand],
+        "databaseUrl": database.url,
+    }
+
+
+def build_remote(config: RemoteConfig) -> dict[str, Any]:
+    policies = config.policies
+    plan = checked_memory_plan(policies, config.gpu_host)
+    hosted = backends_on(policies, config.gpu_host)
+    if len(hosted) != 1:
+        raise pulumi.RunError(
+            f"the remote70b stack runs exactly one backend on host {config.gpu_host!r}; the catalog places "
+            f"{len(hosted)} there ({', '.join(hosted) or 'none'})"
+        )
+    (name, backend), = hosted.items()
+    if backend.image is None:
+        raise pulumi.RunError(f"backend {name!r} has no `image` in backends.yaml")
+    host = RemoteGpuHost(
+        "gpu-host",
+        RemoteGpuHostArgs(
+            name=name, backend=backend, lambda_api_url=config.lambda_api_url, lambda_api_key=config.lambda_api_key,
+            region=config.region, instance_type=config.instance_type, instance_name=config.instance_name,
+            ssh_key_name=config.ssh_key_name, ssh_user=config.ssh_user, ssh_private_key=config.ssh_private_key,
+            hf_token=config.hf_token, vllm_api_key=config.vllm_api_key,
+        ),
+    )
+    return {
+        "backend": name,
+        "instanceId": host.instance_id,
+        "publicIp": host.public_ip,
+        "sshUser": config.ssh_user,
+        "port": host.port,
+        # vLLM answers on the host's loopback only; reach it through SSH (the local stack's tunnel).
+        "url": f"http://127.0.0.1:{host.port}",
+        "apiKey": pulumi.Output.secret(config.vllm_api_key),
+        "gpuMemoryPlan": plan_summary(plan),
+    }
+
+
+def main() -> None:
+    stack = pulumi.get_stack()
+    if stack == "local":
+        outputs = build_local(LocalConfig.load())
+    elif stack == "remote70b":
+        outputs = build_remote(RemoteConfig.load())
+    else:
+        raise pulumi.RunError(f"unknown stack {stack!r}: DreamSeed's stacks are 'local' and 'remote70b'")
+    for key, value in outputs.items():
+        pulumi.export(key, value)

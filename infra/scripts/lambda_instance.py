@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Create or delete a Lambda Cloud GPU instance through its HTTP API (stdlib only).
+
+Run by the remote70b stack's `command.local.Command`:
+
+    lambda_instance.py create   prints {"id", "ip", "name", "region", "instance_type"} once the
+                                instance is active (reusing a running instance of the same name,
+                                so a retried `pulumi up` never pays for two)
+    lambda_instance.py delete   terminates the instance named in $PULUMI_COMMAND_STDOUT
+
+Settings come from the environment: LAMBDA_API_KEY, LAMBDA_API_URL, LAMBDA_REGION,
+LAMBDA_INSTANCE_TYPE, LAMBDA_INSTANCE_NAME, LAMBDA_SSH_KEY_NAME, and optionally
+LAMBDA_WAIT_SECONDS (default 1800) and LAMBDA_POLL_SECONDS (default 10).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+LIVE = {"booting", "active", "unhealthy"}
+
+
+class LambdaError(Exception):
+    pass
+
+
+def api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    url = os.environ.get("LAMBDA_API_URL", "https://cloud.lambdalabs.com/api/v1").rstrip("/") + path
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {os.environ['LAMBDA_API_KEY']}", "Content-Type": "application/json",
+                 "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read()).get("error", {})
+        except ValueError:
+            error = {}
+        raise LambdaError(f"{method} {path}: HTTP {exc.code} {error.get('code', '')} {error.get('message', '')}".strip()) from None
+    except urllib.error.URLError as exc:
+        raise LambdaError(f"{method} {path}: {exc.reason}") from None
+
+
+def describe(instance: dict[str, Any]) -> dict[str, Any]:
+    return {"id": instance["id"], "ip": instance.get("ip"), "name": instance.get("name"),
+            "region": (instance.get("region") or {}).get("name"),
+            "instance_type": (instance.get("instance_type") or {}).get("name")}
+
+
+def create() -> dict[str, Any]:
+    name = os.environ["LAMBDA_INSTANCE_NAME"]
+    existing = [i for i in api("GET", "/instances").get("data", []) if i.get("name") == name and i.get("status") in LIVE]
+    if existing:
+        instance_id = existing[0]["id"]
+        print(f"reusing instance {instance_id} named {name}", file=sys.stderr)
+    else:
+        launched = api("POST", "/instance-operations/launch", {
+            "region_name": os.environ["LAMBDA_REGION"],
+            "instance_type_name": os.environ["LAMBDA_INSTANCE_TYPE"],
+            "ssh_key_names": [os.environ["LAMBDA_SSH_KEY_NAME"]],
+            "quantity": 1,
+            "name": name,
+        })
+        instance_id = launched["data"]["instance_ids"][0]
+        print(f"launched instance {instance_id}", file=sys.stderr)
+    deadline = time.monotonic() + float(os.environ.get("LAMBDA_WAIT_SECONDS", "1800"))
+    poll = float(os.environ.get("LAMBDA_POLL_SECONDS", "10"))
+    while True:
+        instance = api("GET", f"/instances/{instance_id}")["data"]
+        if instance.get("status") == "active" and instance.get("ip"):
+            return describe(instance)
+        if instance.get("status") in {"terminated", "terminating"}:
+            raise LambdaError(f"instance {instance_id} is {instance['status']}")
+        if time.monotonic() > deadline:
+            raise LambdaError(f"instance {instance_id} still {instance.get('status')!r} after the wait; it is left "
+                              "running: terminate it in the Lambda console or run `pulumi destroy`")
+        time.sleep(poll)
+
+
+def delete() -> dict[str, Any]:
+    previous = os.environ.get("PULUMI_COMMAND_STDOUT", "").strip()
+    if not previous:
+        raise LambdaError("no instance recorded (PULUMI_COMMAND_STDOUT is empty)")
+    instance_id = json.loads(previous)["id"]
+    try:
+        api("POST", "/instance-operations/terminate", {"instance_ids": [instance_id]})
+    except LambdaError as exc:
+        # Already gone (terminated by hand): deleting it again must not block `pulumi destroy`.
+        if "HTTP 404" not in str(exc):
+            raise
+    return {"terminated": instance_id}
+
+
+def main(argv: list[str]) -> int:
+    actions = {"create": create, "delete": delete}
+    if len(argv) != 2 or argv[1] not in actions:
+        print(f"usage: {argv[0]} create|delete", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(actions[argv[1]]()))
+    except (LambdaError, KeyError) as exc:
+        print(f"lambda_instance {argv[1]}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,200 @@
+"""The `local` stack (RTX 5090 host) under Pulumi mocks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pulumi
+import pytest
+import yaml
+
+from infra import images
+from proxy.policy import load_policies
+
+from .conftest import INSTANCE, SECRETS, RecordingMocks, Runner, plain_occurrences, secret_occurrences
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTAINER = "docker:index/container:Container"
+SEED = load_policies(ROOT / "policies")
+
+
+def containers(mocks: RecordingMocks) -> dict[str, dict]:
+    return {r.inputs["name"]: r.inputs for r in mocks.of_type(CONTAINER)}
+
+
+def env_of(inputs: dict) -> list[str]:
+    envs = inputs.get("envs", [])
+    return envs["value"] if isinstance(envs, dict) and "value" in envs else envs
+
+
+@pytest.fixture
+def local(run_stack: Runner):
+    return run_stack("local")
+
+
+def test_every_catalog_backend_on_the_host_gets_a_vllm_container(local) -> None:
+    mocks, _ = local
+    found = containers(mocks)
+    for name, backend in SEED.catalog.backends.items():
+        if backend.host != "rtx5090":
+            assert f"dreamseed-{name}" not in found  # the 70B is the remote stack's
+            continue
+        command = found[f"dreamseed-{name}"]["command"]
+        port = str(int(backend.url.rsplit(":", 1)[1]))  # type: ignore[union-attr]
+        assert command[:6] == ["--model", backend.model, "--port", port, "--max-model-len", str(backend.context_length)]
+        i = command.index("--gpu-memory-utilization")
+        assert float(command[i + 1]) == backend.gpu_memory_utilization
+        assert command[-len(backend.args):] == backend.args
+
+
+def test_a_new_catalog_backend_gets_its_own_container(run_stack: Runner, tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    catalog = yaml.safe_load((policies / "backends.yaml").read_text(encoding="utf-8"))
+    catalog["backends"]["fast"]["gpu_memory_utilization"] = 0.10
+    catalog["backends"]["tiny"] = {
+        "url": "http://127.0.0.1:8005", "url_env": "DREAMSEED_TINY_URL", "model": "Qwen/Qwen2.5-0.5B-Instruct",
+        "context_length": 2048, "host": "rtx5090", "gpu_memory_utilization": 0.10, "image": "vllm/vllm-openai:v0.11.0",
+    }
+    (policies / "backends.yaml").write_text(yaml.safe_dump(catalog, allow_unicode=True), encoding="utf-8")
+    mocks, _ = run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    tiny = containers(mocks)["dreamseed-tiny"]
+    assert tiny["command"][:4] == ["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--port", "8005"]
+    assert "DREAMSEED_TINY_URL=http://dreamseed-tiny:8005" in env_of(containers(mocks)["dreamseed-proxy"])
+
+
+def test_vllm_containers_request_the_gpu_and_nothing_else_does(local) -> None:
+    mocks, _ = local
+    for name, inputs in containers(mocks).items():
+        gpu = inputs.get("deviceRequests")
+        if name in {"dreamseed-general", "dreamseed-code", "dreamseed-fast"}:
+            assert gpu == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]
+            assert "gpus" not in inputs  # one GPU setting only
+            assert inputs["ipcMode"] == "host"
+            assert inputs["volumes"] == [{"volumeName": "dreamseed-hf-cache", "containerPath": "/root/.cache/huggingface"}]
+            assert inputs["healthcheck"]["tests"][-1].endswith("/health', timeout=5)")
+        else:
+            assert gpu is None, name
+
+
+def test_on_demand_coder_is_created_stopped_for_the_scaler(local) -> None:
+    mocks, outputs = local
+    code = containers(mocks)["dreamseed-code"]
+    assert code["start"] is False and code["mustRun"] is False and code["restart"] == "no"
+    for always_on in ("dreamseed-general", "dreamseed-fast"):
+        inputs = containers(mocks)[always_on]
+        assert inputs.get("start", True) is True and inputs["restart"] == "unless-stopped"
+    assert outputs["onDemandContainers"] == (["dreamseed-code"], False)
+    # The scaler drives Docker through its socket.
+    assert {"hostPath": "/var/run/docker.sock", "containerPath": "/var/run/docker.sock"} in containers(mocks)["dreamseed-proxy"]["volumes"]
+
+
+def test_only_the_proxy_is_published_beyond_localhost(local) -> None:
+    mocks, _ = local
+    published = {name: inputs.get("ports", []) for name, inputs in containers(mocks).items()}
+    assert published["dreamseed-proxy"] == [{"internal": 8080, "external": 8080, "ip": "0.0.0.0"}]
+    for name, ports in published.items():
+        if name != "dreamseed-proxy":
+            assert all(port["ip"] == "127.0.0.1" for port in ports), name
+    assert published["dreamseed-postgres"] == [] and published["dreamseed-prometheus"] == []
+    assert published["dreamseed-grafana"] == [{"internal": 3000, "external": 3000, "ip": "127.0.0.1"}]
+    assert published["dreamseed-embeddings"] == [{"internal": 8003, "external": 8003, "ip": "127.0.0.1"}]
+    for name, inputs in containers(mocks).items():
+        assert inputs["networksAdvanced"][0]["name"] == "dreamseed", name
+
+
+def test_images_are_pinned(local) -> None:
+    mocks, _ = local
+    pulled = [r.inputs["name"] for r in mocks.of_type("docker:index/remoteImage:RemoteImage")]
+    built = [r.inputs["imageName"] for r in mocks.of_type("docker:index/image:Image")]
+    assert set(pulled) == {"vllm/vllm-openai:v0.11.0", images.POSTGRES_PGVECTOR, images.PROMETHEUS, images.GRAFANA,
+                           images.EMBEDDINGS, images.TUNNEL}
+    assert built == ["dreamseed-proxy:0.1.0"]
+    for image in pulled + built:
+        assert images.is_pinned(image), image
+    assert not images.is_pinned("vllm/vllm-openai:latest") and not images.is_pinned("postgres")
+
+
+def test_secrets_stay_secret_in_every_input_and_output(local) -> None:
+    mocks, outputs = local
+    for record in mocks.resources:
+        for name, value in SECRETS.items():
+            assert plain_occurrences(record.inputs, value) == 0, f"{name} in plain text in {record.type} {record.name}"
+    proxy = containers(mocks)["dreamseed-proxy"]
+    for name in ("postgresPassword", "proxyApiKeys", "proxyAdminKey", "vllmApiKey"):
+        assert secret_occurrences(proxy["envs"], SECRETS[name]) == 1, name
+    assert secret_occurrences(containers(mocks)["dreamseed-general"]["envs"], SECRETS["hfToken"]) == 1
+    assert secret_occurrences(containers(mocks)["dreamseed-tunnel-general70"]["envs"], SECRETS["sshPrivateKey"]) == 1
+    value, is_secret = outputs["databaseUrl"]
+    assert is_secret and SECRETS["postgresPassword"] in value
+    for key, (value, is_secret) in outputs.items():
+        if not is_secret:
+            assert not any(s in str(value) for s in SECRETS.values()), key
+
+
+def test_remote_70b_is_wired_through_the_stack_reference_and_a_tunnel(local) -> None:
+    mocks, _ = local
+    reference = mocks.of_type("pulumi:pulumi:StackReference")
+    assert [r.name for r in reference] == ["organization/dreamseed/remote70b"]
+    tunnel = containers(mocks)["dreamseed-tunnel-general70"]
+    env = env_of(tunnel)
+    assert f"SSH_TARGET=ubuntu@{INSTANCE['ip']}" in env and "REMOTE_PORT=8000" in env
+    assert tunnel["networksAdvanced"][0]["aliases"] == ["general70"] and not tunnel.get("ports")
+    proxy_env = env_of(containers(mocks)["dreamseed-proxy"])
+    assert "DREAMSEED_GENERAL70_URL=http://dreamseed-tunnel-general70:8000" in proxy_env
+    assert f"DREAMSEED_GENERAL70_API_KEY={SECRETS['vllmApiKey']}" in proxy_env
+    for name in ("general", "code", "fast"):
+        port = {"general": 8000, "code": 8001, "fast": 8002}[name]
+        assert f"DREAMSEED_{name.upper()}_URL=http://dreamseed-{name}:{port}" in proxy_env
+
+
+def test_without_a_remote_stack_there_is_no_tunnel(run_stack: Runner) -> None:
+    mocks, _ = run_stack("local", {"dreamseed:remoteStack": ""})
+    assert not mocks.of_type("pulumi:pulumi:StackReference")
+    assert "dreamseed-tunnel-general70" not in containers(mocks)
+    assert not any(e.startswith("DREAMSEED_GENERAL70") for e in env_of(containers(mocks)["dreamseed-proxy"]))
+
+
+def test_proxy_gets_every_policy_file_and_prometheus_scrapes_the_catalog(local) -> None:
+    mocks, _ = local
+    uploads = {u["file"]: u["content"] for u in containers(mocks)["dreamseed-proxy"]["uploads"]}
+    for path in (ROOT / "policies").glob("*.yaml"):
+        assert uploads[f"/app/policies/{path.name}"] == path.read_text(encoding="utf-8")
+    prometheus = yaml.safe_load(containers(mocks)["dreamseed-prometheus"]["uploads"][0]["content"])
+    jobs = {job["job_name"]: job["static_configs"] for job in prometheus["scrape_configs"]}
+    assert jobs["dreamseed-proxy"] == [{"targets": ["dreamseed-proxy:8080"]}]
+    assert {c["labels"]["backend"]: c["targets"][0] for c in jobs["vllm"]} == {
+        "code": "dreamseed-code:8001", "fast": "dreamseed-fast:8002", "general": "dreamseed-general:8000"}
+    datasource = yaml.safe_load(containers(mocks)["dreamseed-grafana"]["uploads"][0]["content"])
+    assert datasource["datasources"][0]["url"] == "http://dreamseed-prometheus:9090"
+    postgres = containers(mocks)["dreamseed-postgres"]
+    assert "CREATE EXTENSION IF NOT EXISTS vector;" in postgres["uploads"][0]["content"]
+    assert postgres["volumes"][0]["volumeName"] == "dreamseed-postgres-data"
+
+
+def test_components_parent_their_children(local) -> None:
+    mocks, _ = local
+    for record in mocks.of_type(CONTAINER) + mocks.of_type("docker:index/remoteImage:RemoteImage"):
+        assert "$dreamseed:index:" in record.parent, f"{record.name} is not parented to a component: {record.parent}"
+    kinds = {r.type for r in mocks.resources if r.type.startswith("dreamseed:index:")}
+    assert kinds == {"dreamseed:index:VllmBackend", "dreamseed:index:VectorDatabase", "dreamseed:index:Monitoring",
+                     "dreamseed:index:ProxyService", "dreamseed:index:SshTunnel", "dreamseed:index:EmbeddingServer"}
+
+
+def test_memory_plan_is_exported_and_an_oversubscribed_catalog_is_refused(local, run_stack: Runner, tmp_path: Path) -> None:
+    _, outputs = local
+    plan, _ = outputs["gpuMemoryPlan"]
+    assert plan["gpuMemoryGb"] == 32 and plan["budgetGb"] == pytest.approx(30.4)
+    assert plan["alwaysOnGb"] == {"general": 11.2, "fast": 6.4} and plan["onDemandGb"] == {"code": 11.2}
+
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    text = (policies / "backends.yaml").read_text(encoding="utf-8")
+    (policies / "backends.yaml").write_text(text.replace("gpu_memory_utilization: 0.20", "gpu_memory_utilization: 0.65"),
+                                            encoding="utf-8")
+    with pytest.raises(pulumi.RunError) as refused:
+        run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    message = str(refused.value)
+    assert "backends.yaml" in message and "hosts.rtx5090" in message
+    assert "always-on backends claim 1.00 of the GPU memory (32.0 GB of 32 GB)" in message

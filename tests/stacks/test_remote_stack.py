@@ -1,0 +1,204 @@
+"""The `remote70b` stack (Lambda Cloud 2xA100) under Pulumi mocks, and its instance script
+against a fake Lambda Cloud API on a real socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra import images
+
+from .conftest import INSTANCE, SECRETS, Runner, plain_occurrences, secret_occurrences
+
+SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "scripts" / "lambda_instance.py"
+
+
+@pytest.fixture
+def remote(run_stack: Runner):
+    return run_stack("remote70b")
+
+
+def test_instance_is_created_and_deleted_through_the_lambda_api(remote) -> None:
+    mocks, outputs = remote
+    (instance,) = mocks.of_type("command:local:Command")
+    assert instance.inputs["create"].endswith("lambda_instance.py create")
+    assert instance.inputs["delete"].endswith("lambda_instance.py delete")
+    env = instance.inputs["environment"]
+    env = env["value"] if "value" in env else env
+    assert env["LAMBDA_REGION"] == "us-west-2" and env["LAMBDA_INSTANCE_TYPE"] == "gpu_2x_a100_80gb"
+    assert env["LAMBDA_INSTANCE_NAME"] == "dreamseed-70b"
+    assert outputs["instanceId"] == (INSTANCE["id"], False)
+    assert outputs["publicIp"] == (INSTANCE["ip"], False)
+
+
+def test_bootstrap_runs_the_70b_with_the_seed_flags_over_ssh(remote) -> None:
+    mocks, outputs = remote
+    (server,) = mocks.of_type("command:remote:Command")
+    script = server.inputs["create"]
+    run = script[script.index("docker run"):]
+    assert "--model meta-llama/Llama-3.1-70B-Instruct" in run
+    assert "--tensor-parallel-size 2" in run and "--max-model-len 8192" in run
+    assert "--gpu-memory-utilization 0.9 " in run  # 0.90, written as vLLM parses it
+    assert '--api-key "$VLLM_API_KEY"' in run and "--gpus all" in run
+    assert "-p 127.0.0.1:8000:8000" in run  # never open to the internet
+    assert "docker pull vllm/vllm-openai:v0.11.0" in script and images.is_pinned("vllm/vllm-openai:v0.11.0")
+    assert "until curl -sf -o /dev/null http://127.0.0.1:8000/health" in script  # waits for health
+    assert server.inputs["delete"] == "docker rm -f dreamseed-general70 || true"  # destroy stops the server
+    # The server goes before the instance on destroy, and is replaced without a name clash.
+    assert any("gpu-host-instance" in dependency for dependency in server.dependencies)
+    assert server.delete_before_replace
+    assert outputs["url"] == ("http://127.0.0.1:8000", False)
+    assert outputs["port"] == (8000, False)
+
+
+def test_remote_secrets_stay_secret(remote) -> None:
+    mocks, outputs = remote
+    for record in mocks.resources:
+        for name, value in SECRETS.items():
+            assert plain_occurrences(record.inputs, value) == 0, f"{name} in plain text in {record.name}"
+    (server,) = mocks.of_type("command:remote:Command")
+    # Secrets reach the host on standard input, never in the command text.
+    assert secret_occurrences(server.inputs["stdin"], SECRETS["hfToken"]) == 1
+    assert secret_occurrences(server.inputs["stdin"], SECRETS["vllmApiKey"]) == 1
+    assert secret_occurrences(server.inputs["connection"], SECRETS["sshPrivateKey"]) == 1
+    (instance,) = mocks.of_type("command:local:Command")
+    assert secret_occurrences(instance.inputs["environment"], SECRETS["lambdaApiKey"]) == 1
+    assert outputs["apiKey"] == (SECRETS["vllmApiKey"], True)
+
+
+def test_every_catalog_backend_on_the_remote_host_is_served(remote) -> None:
+    mocks, outputs = remote
+    assert outputs["backend"] == ("general70", False)
+    plan, _ = outputs["gpuMemoryPlan"]
+    assert plan == {"host": "lambda-2xa100", "gpuCount": 2, "gpuMemoryGb": 80.0, "budgetGb": 76.0,
+                    "alwaysOnGb": {"general70": 72.0}, "onDemandGb": {}, "worstCaseGb": 72.0}
+    for record in mocks.of_type("command:remote:Command") + mocks.of_type("command:local:Command"):
+        assert "$dreamseed:index:RemoteGpuHost" in record.parent
+
+
+# --- the instance script against a fake Lambda Cloud API ------------------------------------
+
+
+class FakeLambda(BaseHTTPRequestHandler):
+    """Just the endpoints the script uses, with Lambda's response shapes."""
+
+    state: dict[str, Any]
+
+    def _reply(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorised(self) -> bool:
+        if self.headers.get("authorization") != "Bearer test-key":
+            self._reply(401, {"error": {"code": "global/invalid-api-key", "message": "API key was invalid"}})
+            return False
+        return True
+
+    def do_GET(self) -> None:  # noqa: N802
+        if not self._authorised():
+            return
+        instances = self.state["instances"]
+        if self.path == "/api/v1/instances":
+            self._reply(200, {"data": list(instances.values())})
+            return
+        instance = instances.get(self.path.rsplit("/", 1)[-1])
+        if instance is None:
+            self._reply(404, {"error": {"code": "global/object-does-not-exist", "message": "not found"}})
+            return
+        # Booting on the first look, active with an IP on the next, like a real launch.
+        if instance["status"] == "booting":
+            instance["polls"] = instance.get("polls", 0) + 1
+            if instance["polls"] > 1:
+                instance.update(status="active", ip="203.0.113.50")
+        self._reply(200, {"data": instance})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if not self._authorised():
+            return
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.state["calls"].append((self.path, body))
+        if self.path == "/api/v1/instance-operations/launch":
+            if self.state.get("no_capacity"):
+                self._reply(400, {"error": {"code": "instance-operations/launch/insufficient-capacity",
+                                            "message": "Not enough capacity to fulfill launch request."}})
+                return
+            instance_id = f"inst{len(self.state['instances']) + 1}"
+            self.state["instances"][instance_id] = {
+                "id": instance_id, "name": body["name"], "status": "booting", "ip": None,
+                "region": {"name": body["region_name"]}, "instance_type": {"name": body["instance_type_name"]}}
+            self._reply(200, {"data": {"instance_ids": [instance_id]}})
+        elif self.path == "/api/v1/instance-operations/terminate":
+            gone = [self.state["instances"].pop(i) for i in body["instance_ids"] if i in self.state["instances"]]
+            if not gone:
+                self._reply(404, {"error": {"code": "global/object-does-not-exist", "message": "not found"}})
+                return
+            self._reply(200, {"data": {"terminated_instances": gone}})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_lambda() -> Iterator[tuple[str, dict[str, Any]]]:
+    state: dict[str, Any] = {"instances": {}, "calls": []}
+    handler = type("Handler", (FakeLambda,), {"state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api/v1", state
+    server.shutdown()
+
+
+def run_script(action: str, api_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {"LAMBDA_API_URL": api_url, "LAMBDA_API_KEY": "test-key", "LAMBDA_REGION": "us-west-2",
+            "LAMBDA_INSTANCE_TYPE": "gpu_2x_a100_80gb", "LAMBDA_INSTANCE_NAME": "dreamseed-70b",
+            "LAMBDA_SSH_KEY_NAME": "dreamseed", "LAMBDA_POLL_SECONDS": "0.01", "LAMBDA_WAIT_SECONDS": "10"}
+    return subprocess.run([sys.executable, str(SCRIPT), action], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **base, **env})
+
+
+def test_script_launches_waits_for_active_and_terminates(fake_lambda) -> None:
+    url, state = fake_lambda
+    created = run_script("create", url)
+    assert created.returncode == 0, created.stderr
+    instance = json.loads(created.stdout)
+    assert instance == {"id": "inst1", "ip": "203.0.113.50", "name": "dreamseed-70b", "region": "us-west-2",
+                        "instance_type": "gpu_2x_a100_80gb"}
+    launch = state["calls"][0]
+    assert launch == ("/api/v1/instance-operations/launch", {
+        "region_name": "us-west-2", "instance_type_name": "gpu_2x_a100_80gb", "ssh_key_names": ["dreamseed"],
+        "quantity": 1, "name": "dreamseed-70b"})
+
+    again = run_script("create", url)  # a retried `pulumi up` reuses the running instance
+    assert json.loads(again.stdout)["id"] == "inst1" and len(state["calls"]) == 1
+
+    deleted = run_script("delete", url, PULUMI_COMMAND_STDOUT=created.stdout)
+    assert deleted.returncode == 0, deleted.stderr
+    assert state["calls"][-1] == ("/api/v1/instance-operations/terminate", {"instance_ids": ["inst1"]})
+    assert state["instances"] == {}
+    # Deleting what is already gone does not block `pulumi destroy`.
+    assert run_script("delete", url, PULUMI_COMMAND_STDOUT=created.stdout).returncode == 0
+
+
+def test_script_reports_api_errors_clearly(fake_lambda) -> None:
+    url, state = fake_lambda
+    state["no_capacity"] = True
+    failed = run_script("create", url)
+    assert failed.returncode == 1
+    assert "insufficient-capacity" in failed.stderr and "Not enough capacity" in failed.stderr
+    wrong_key = run_script("create", url, LAMBDA_API_KEY="nope")
+    assert wrong_key.returncode == 1 and "HTTP 401" in wrong_key.stderr and "nope" not in wrong_key.stderr
+    assert run_script("delete", url).returncode == 1  # nothing recorded to delete
+    assert run_script("bogus", url).returncode == 2
