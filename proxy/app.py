@@ -89,7 +89,15 @@ def create_app(
                 hook()
 
     async def relay(request: Request, endpoint: Endpoint, path: str) -> ASGIApp:
-        headers = {"x-request-id": request_id(request.headers.get("x-request-id"))}
+        # One pass over the raw ASGI headers: cheaper than building a Headers object.
+        supplied_id: bytes | None = None
+        passed_on: list[tuple[bytes, bytes]] = []
+        for name, value in request.scope["headers"]:
+            if name == b"x-request-id":
+                supplied_id = value
+            elif name in FORWARDED_REQUEST_HEADERS:
+                passed_on.append((name, value))
+        headers = {"x-request-id": request_id(supplied_id.decode("latin-1") if supplied_id is not None else None)}
         try:
             payload, prompt, stream = parse_request(await request.body(), endpoint)
             try:
@@ -103,7 +111,6 @@ def create_app(
                     param="model",
                 ) from None
             headers["x-dreamseed-rule"] = decision.rule
-            passed_on = {n: v for n in FORWARDED_REQUEST_HEADERS if (v := request.headers.get(n)) is not None}
             assert core.upstreams is not None
             return await forward(core.upstreams, decision, path, payload, stream, headers, passed_on)
         except ProxyError as exc:

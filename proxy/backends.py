@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import httpx
 
 from .policy import Backend, Catalog
+from .transport import PooledTransport, Timeouts
 
 log = logging.getLogger("dreamseed.backends")
 
@@ -30,25 +32,46 @@ class Upstream:
     client: httpx.AsyncClient | None
     # Why this backend cannot be used at all (e.g. its URL is not configured); None if usable.
     unavailable: str | None = None
+    transport: PooledTransport | None = None
+    timeouts: Timeouts | None = None
+    _heads: dict[str, bytes] = field(default_factory=dict)
+
+    def request_bytes(self, path: str, body: bytes, extra_headers: list[tuple[bytes, bytes]]) -> bytes:
+        """A complete POST request for this backend. The head's constant part (request line,
+        host, content type, the backend's key) is built once per path."""
+        prefix = self._heads.get(path)
+        if prefix is None:
+            assert self.transport is not None and self.url is not None
+            base_path = urlsplit(self.url).path.rstrip("/")
+            lines = [f"POST {base_path}{path} HTTP/1.1", f"host: {self.transport.authority}",
+                     "content-type: application/json", "accept-encoding: identity"]
+            if self.client is not None and "authorization" in self.client.headers:
+                lines.append(f"authorization: {self.client.headers['authorization']}")
+            prefix = self._heads[path] = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        parts = [prefix, b"content-length: ", str(len(body)).encode()]
+        for name, value in extra_headers:
+            parts += [b"\r\n", name, b": ", value]
+        parts += [b"\r\n\r\n", body]
+        return b"".join(parts)
 
 
-def build_client(backend: Backend, url: str, environ: Mapping[str, str]) -> httpx.AsyncClient:
+def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str]) -> Upstream:
+    """A backend's pool, and the httpx client over it."""
     t = backend.timeouts
     headers = {"accept-encoding": "identity"}  # relay bytes as the backend sent them
     if backend.api_key_env and environ.get(backend.api_key_env):
         headers["authorization"] = f"Bearer {environ[backend.api_key_env]}"
-    return httpx.AsyncClient(
+    transport = PooledTransport(url, max_connections=backend.max_concurrency, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    client = httpx.AsyncClient(
         base_url=url,
         headers=headers,
         timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
-        limits=httpx.Limits(
-            max_connections=backend.max_concurrency,
-            max_keepalive_connections=backend.max_concurrency,
-            keepalive_expiry=KEEPALIVE_EXPIRY_S,
-        ),
+        transport=transport,  # httpx's client API over a lean pool (transport.py says why)
         # Never let HTTP_PROXY or similar settings reroute traffic meant for our own backends.
         trust_env=False,
     )
+    return Upstream(name, backend, url, client, transport=transport,
+                    timeouts=Timeouts(t.connect, t.read, t.write, t.pool))
 
 
 class Upstreams:
@@ -74,7 +97,7 @@ class Upstreams:
                 log.warning("backend %s is unavailable (%s)", name, why)
                 upstreams[name] = Upstream(name, backend, None, None, why)
             else:
-                upstreams[name] = Upstream(name, backend, url, build_client(backend, url, environ))
+                upstreams[name] = connect(name, backend, url, environ)
         return cls(upstreams)
 
     def __getitem__(self, name: str) -> Upstream:

@@ -19,6 +19,7 @@ from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Send
 
 from .backends import Upstreams
+from .transport import UpstreamResponse
 from .errors import ProxyError, error_body
 from .routing import Decision
 
@@ -26,7 +27,7 @@ log = logging.getLogger("dreamseed.forwarding")
 
 # Client headers worth passing on; everything else (notably the client's Authorization,
 # which is for the proxy) stays here.
-FORWARDED_REQUEST_HEADERS = ("user-agent", "traceparent", "tracestate")
+FORWARDED_REQUEST_HEADERS = frozenset({b"user-agent", b"traceparent", b"tracestate"})
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -41,8 +42,8 @@ class RelayedStream(ASGIStreamingResponse):
     """A streaming response that always closes its upstream response, even when the
     client goes away mid-stream: closing it aborts the backend's generation."""
 
-    def __init__(self, upstream: httpx.Response, **kwargs: Any) -> None:
-        super().__init__(iterator=relay_sse(upstream), **kwargs)
+    def __init__(self, upstream: UpstreamResponse, backend: str, **kwargs: Any) -> None:
+        super().__init__(iterator=relay_sse(upstream, backend), **kwargs)
         self._upstream = upstream
 
     async def send_body(self, send: Send, receive: Receive) -> None:
@@ -52,7 +53,7 @@ class RelayedStream(ASGIStreamingResponse):
             await self._upstream.aclose()
 
 
-async def relay_sse(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def relay_sse(upstream: UpstreamResponse, backend: str) -> AsyncIterator[bytes]:
     """Yield the backend's SSE bytes as they arrive, up to the last complete line.
 
     Holding back only a trailing partial line (normally there is none) means that if the
@@ -74,10 +75,10 @@ async def relay_sse(upstream: httpx.Response) -> AsyncIterator[bytes]:
         if pending:
             yield pending
     except httpx.TimeoutException:
-        log.warning("backend %s stopped sending mid-stream (read timeout)", upstream.request.url.host)
+        log.warning("backend %s stopped sending mid-stream (read timeout)", backend)
         yield b"\n" + sse_error("the backend stopped responding mid-stream", "upstream_timeout")
     except httpx.HTTPError as exc:
-        log.warning("backend stream from %s broke: %r", upstream.request.url.host, exc)
+        log.warning("backend %s stream broke: %r", backend, exc)
         yield b"\n" + sse_error("the backend connection was lost mid-stream", "upstream_disconnected")
 
 
@@ -88,7 +89,7 @@ async def forward(
     payload: dict[str, Any],
     stream: bool,
     headers: dict[str, str],
-    passed_on: dict[str, str],
+    passed_on: list[tuple[bytes, bytes]],
 ) -> ASGIResponse:
     """Try the decision's chain in order and return the first backend's response.
 
@@ -97,18 +98,18 @@ async def forward(
     """
     skipped: list[str] = []
     last_timeout = False
-    outbound = {**passed_on, "content-type": "application/json", "x-request-id": headers["x-request-id"]}
+    outbound = [*passed_on, (b"x-request-id", headers["x-request-id"].encode("latin-1"))]
     for name in decision.chain:
         upstream = upstreams[name]
-        if upstream.client is None:
+        if upstream.transport is None or upstream.timeouts is None:
             skipped.append(f"{name}:unavailable")
             continue
         payload["model"] = upstream.backend.model
-        request = upstream.client.build_request("POST", path, content=msgspec.json.encode(payload), headers=outbound)
+        data = upstream.request_bytes(path, msgspec.json.encode(payload), outbound)
         try:
-            response = await upstream.client.send(request, stream=True)
+            response = await upstream.transport.send(data, upstream.timeouts)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            log.warning("backend %s unreachable: %r", name, exc)
+            log.warning("backend %s unreachable: %s", name, exc)
             skipped.append(f"{name}:unreachable")
             last_timeout = isinstance(exc, httpx.ConnectTimeout)
             continue
@@ -134,9 +135,9 @@ async def forward(
         headers["x-dreamseed-backend"] = name
         if skipped:
             headers["x-dreamseed-fallback"] = ", ".join(skipped)
-        media_type = response.headers.get("content-type", "application/json")
-        if stream and response.status_code == 200 and media_type.startswith("text/event-stream"):
-            return RelayedStream(response, headers=headers, media_type=media_type, status_code=200)
+        media_type = (response.header(b"content-type") or b"application/json").decode("latin-1")
+        if stream and response.status == 200 and media_type.startswith("text/event-stream"):
+            return RelayedStream(response, name, headers=headers, media_type=media_type, status_code=200)
         return await _buffered(name, response, headers, media_type)
 
     raise ProxyError(
@@ -148,7 +149,7 @@ async def forward(
     )
 
 
-async def _buffered(name: str, response: httpx.Response, headers: dict[str, str], media_type: str) -> ASGIResponse:
+async def _buffered(name: str, response: UpstreamResponse, headers: dict[str, str], media_type: str) -> ASGIResponse:
     try:
         body = await response.aread()
     except httpx.TimeoutException:
@@ -163,4 +164,4 @@ async def _buffered(name: str, response: httpx.Response, headers: dict[str, str]
         ) from None
     finally:
         await response.aclose()
-    return ASGIResponse(body=body, status_code=response.status_code, media_type=media_type, headers=headers)
+    return ASGIResponse(body=body, status_code=response.status, media_type=media_type, headers=headers)
