@@ -19,14 +19,13 @@ from litestar import Litestar, Request, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi.config import OpenAPIConfig
 from litestar.response.base import ASGIResponse
-from litestar.types import ASGIApp
+from litestar.types import ASGIApp, Receive
 
 from . import __version__
 from .backends import Upstreams
 from .errors import (
     ProxyError,
     error_body,
-    from_http_exception,
     handle_http_exception,
     handle_proxy_error,
     handle_unexpected,
@@ -69,6 +68,31 @@ def _error(exc: ProxyError, headers: dict[str, str]) -> ASGIResponse:
     )
 
 
+async def read_body(receive: Receive, declared_length: int) -> bytes:
+    """The request body, refusing more than MAX_BODY_BYTES (early, when Content-Length says so)."""
+    if declared_length > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ProxyError(400, "the client disconnected while sending the request", type="invalid_request_error",
+                             code="client_disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large() -> ProxyError:
+    return ProxyError(413, f"the request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB",
+                      type="invalid_request_error", code="request_too_large")
+
+
 def create_app(
     policies: Policies,
     *,
@@ -91,15 +115,19 @@ def create_app(
     async def relay(request: Request, endpoint: Endpoint, path: str) -> ASGIApp:
         # One pass over the raw ASGI headers: cheaper than building a Headers object.
         supplied_id: bytes | None = None
+        declared_length = -1
         passed_on: list[tuple[bytes, bytes]] = []
         for name, value in request.scope["headers"]:
             if name == b"x-request-id":
                 supplied_id = value
+            elif name == b"content-length":
+                declared_length = int(value) if value.isdigit() else -1
             elif name in FORWARDED_REQUEST_HEADERS:
                 passed_on.append((name, value))
         headers = {"x-request-id": request_id(supplied_id.decode("latin-1") if supplied_id is not None else None)}
         try:
-            payload, prompt, stream = parse_request(await request.body(), endpoint)
+            body = await read_body(request.receive, declared_length)
+            payload, prompt, stream = parse_request(body, endpoint)
             try:
                 decision = core.router.route(payload["model"], prompt)
             except UnknownModel as exc:
@@ -115,8 +143,6 @@ def create_app(
             return await forward(core.upstreams, decision, path, payload, stream, headers, passed_on)
         except ProxyError as exc:
             return _error(exc, headers)
-        except HTTPException as exc:  # e.g. a body over the size limit
-            return _error(from_http_exception(exc), headers)
 
     @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
     async def chat_completions(request: Request) -> ASGIApp:

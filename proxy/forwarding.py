@@ -8,15 +8,14 @@ request, its answer (or its error) is the answer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import msgspec
-from litestar.response.base import ASGIResponse
-from litestar.response.streaming import ASGIStreamingResponse
-from litestar.types import Receive, Send
+from litestar.types import Receive, Scope, Send
 
 from .backends import Upstreams
 from .transport import UpstreamResponse
@@ -38,19 +37,61 @@ def sse_error(message: str, code: str) -> bytes:
     return b"data: " + error_body(message, type="server_error", code=code) + b"\n\n" + SSE_DONE
 
 
-class RelayedStream(ASGIStreamingResponse):
-    """A streaming response that always closes its upstream response, even when the
-    client goes away mid-stream: closing it aborts the backend's generation."""
+def raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
-    def __init__(self, upstream: UpstreamResponse, backend: str, **kwargs: Any) -> None:
-        super().__init__(iterator=relay_sse(upstream, backend), **kwargs)
-        self._upstream = upstream
 
-    async def send_body(self, send: Send, receive: Receive) -> None:
+class BufferedResponse:
+    """A complete response as a bare ASGI app: the body is the backend's bytes, untouched."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status,
+                    "headers": [*self.headers, (b"content-length", str(len(self.body)).encode())]})
+        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+
+
+class RelayedStream:
+    """A backend's event stream relayed to the client as a bare ASGI app.
+
+    One watcher task listens for the client's disconnect and then closes the upstream
+    response: that aborts the backend's generation and wakes the relay loop, which stops.
+    (Litestar's own stream response runs a task group per request; this is cheaper on the
+    path every streamed token takes.)"""
+
+    __slots__ = ("upstream", "backend", "headers", "client_gone")
+
+    def __init__(self, upstream: UpstreamResponse, backend: str, headers: list[tuple[bytes, bytes]]) -> None:
+        self.upstream = upstream
+        self.backend = backend
+        self.headers = headers
+        self.client_gone = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(self._watch(receive))
         try:
-            await super().send_body(send, receive)
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            async for chunk in relay_sse(self.upstream, self.backend):
+                if self.client_gone:
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not self.client_gone:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await self._upstream.aclose()
+            watcher.cancel()
+            await self.upstream.aclose()
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.client_gone = True
+        await self.upstream.aclose()
 
 
 async def relay_sse(upstream: UpstreamResponse, backend: str) -> AsyncIterator[bytes]:
@@ -90,7 +131,7 @@ async def forward(
     stream: bool,
     headers: dict[str, str],
     passed_on: list[tuple[bytes, bytes]],
-) -> ASGIResponse:
+) -> BufferedResponse | RelayedStream:
     """Try the decision's chain in order and return the first backend's response.
 
     ``headers`` are the x-dreamseed-* and x-request-id headers for the client; the request
@@ -135,10 +176,11 @@ async def forward(
         headers["x-dreamseed-backend"] = name
         if skipped:
             headers["x-dreamseed-fallback"] = ", ".join(skipped)
-        media_type = (response.header(b"content-type") or b"application/json").decode("latin-1")
-        if stream and response.status == 200 and media_type.startswith("text/event-stream"):
-            return RelayedStream(response, name, headers=headers, media_type=media_type, status_code=200)
-        return await _buffered(name, response, headers, media_type)
+        media_type = response.header(b"content-type") or b"application/json"
+        out = [(b"content-type", media_type), *raw_headers(headers)]
+        if stream and response.status == 200 and media_type.startswith(b"text/event-stream"):
+            return RelayedStream(response, name, out)
+        return await _buffered(name, response, headers, out)
 
     raise ProxyError(
         504 if last_timeout else 502,
@@ -149,7 +191,8 @@ async def forward(
     )
 
 
-async def _buffered(name: str, response: UpstreamResponse, headers: dict[str, str], media_type: str) -> ASGIResponse:
+async def _buffered(name: str, response: UpstreamResponse, headers: dict[str, str],
+                    out: list[tuple[bytes, bytes]]) -> BufferedResponse:
     try:
         body = await response.aread()
     except httpx.TimeoutException:
@@ -164,4 +207,4 @@ async def _buffered(name: str, response: UpstreamResponse, headers: dict[str, st
         ) from None
     finally:
         await response.aclose()
-    return ASGIResponse(body=body, status_code=response.status, media_type=media_type, headers=headers)
+    return BufferedResponse(response.status, out, body)

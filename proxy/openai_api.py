@@ -7,8 +7,8 @@ Bad input becomes a 400 that names the offending field.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -71,4 +71,4 @@ def request_id(supplied: str | None) -> str:
     otherwise make one."""
     if supplied and _REQUEST_ID.match(supplied):
         return supplied
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()

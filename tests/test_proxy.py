@@ -243,6 +243,17 @@ def test_oversized_body_is_a_413(fresh: Stack) -> None:
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "auto", "messages": [{"role": "user", "content": "'
+        for _ in range(11):
+            yield b"a" * (1024 * 1024)
+        yield b'"}]}'
+
+    with fresh.client() as client:
+        streamed = client.post("/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "request_too_large"
+    assert sum(sim.stats()["requests"] for sim in fresh.sims.values()) == 0
+
 
 def test_unknown_route_is_a_json_404(fresh: Stack) -> None:
     with fresh.client() as client:
