@@ -6,14 +6,11 @@ once by msgspec, and the backend's answer is relayed without re-encoding.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import httpx
 import msgspec
 from litestar import Litestar, Request, get, post
 from litestar.exceptions import HTTPException
@@ -23,6 +20,7 @@ from litestar.types import ASGIApp, Receive
 
 from . import __version__
 from .backends import Upstreams
+from .health import HealthMonitor
 from .errors import (
     ProxyError,
     error_body,
@@ -37,9 +35,6 @@ from .routing import Router, UnknownModel
 
 log = logging.getLogger("dreamseed.app")
 
-# How long a readiness probe result is reused, so /readyz polling cannot hammer backends.
-READINESS_CACHE_S = 2.0
-READINESS_PROBE_TIMEOUT_S = 1.0
 MAX_BODY_BYTES = 10 * 1024 * 1024
 
 
@@ -50,7 +45,6 @@ class ProxyCore:
     policies: Policies
     router: Router
     upstreams: Upstreams | None = None
-    _readiness: tuple[float, bool, dict[str, dict[str, object]]] | None = field(default=None, repr=False)
 
 
 def _json(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> ASGIResponse:
@@ -105,9 +99,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         core.upstreams = Upstreams.from_catalog(policies.catalog, environ, url_overrides)
+        monitor = HealthMonitor()
+        monitor.start([(u.circuit, u.client) for u in core.upstreams if u.circuit is not None and u.client is not None])
         try:
             yield
         finally:
+            await monitor.stop()
             await core.upstreams.aclose()
             for hook in on_shutdown:
                 hook()
@@ -172,7 +169,10 @@ def create_app(
 
     @get("/readyz", summary="Readiness: a backend for the catch-all route is up")
     async def readyz() -> ASGIApp:
-        ready, backends = await _readiness(core)
+        assert core.upstreams is not None
+        backends = backend_states(core.upstreams)
+        # Ready when the catch-all rule (what "auto" traffic falls through to) can be served.
+        ready = any(backends[name]["state"] == "up" for name in core.router.rules[-1].chain)
         return _json({"ready": ready, "backends": backends}, status=200 if ready else 503)
 
     return Litestar(
@@ -190,29 +190,21 @@ def create_app(
     )
 
 
-async def _probe(client: httpx.AsyncClient) -> str | None:
-    """None when the backend's /health answers 200, else why not."""
-    try:
-        response = await client.get("/health", timeout=READINESS_PROBE_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        return type(exc).__name__
-    return None if response.status_code == 200 else f"/health answered {response.status_code}"
-
-
-async def _readiness(core: ProxyCore) -> tuple[bool, dict[str, dict[str, object]]]:
-    now = time.monotonic()
-    if core._readiness is not None and now - core._readiness[0] < READINESS_CACHE_S:
-        return core._readiness[1], core._readiness[2]
-    assert core.upstreams is not None
-    usable = [u for u in core.upstreams if u.client is not None]
-    results = await asyncio.gather(*(_probe(u.client) for u in usable))  # type: ignore[arg-type]
-    backends: dict[str, dict[str, object]] = {}
-    for upstream in core.upstreams:
-        backends[upstream.name] = {"state": "unavailable", "detail": upstream.unavailable, "on_demand": upstream.backend.on_demand}
-    for upstream, problem in zip(usable, results):
-        backends[upstream.name].update(state="up" if problem is None else "down", detail=problem)
-    # Ready when the catch-all rule (what "auto" traffic falls through to) can be served.
-    catch_all = core.router.rules[-1].chain
-    ready = any(backends[name]["state"] == "up" for name in catch_all)
-    core._readiness = (now, ready, backends)
-    return ready, backends
+def backend_states(upstreams: Upstreams) -> dict[str, dict[str, object]]:
+    """Each backend's state as the health checks see it: up, down (circuit open or half-open),
+    unknown (not probed yet) or unavailable (not configured)."""
+    states: dict[str, dict[str, object]] = {}
+    for upstream in upstreams:
+        circuit = upstream.circuit
+        if circuit is None:
+            state, detail = "unavailable", upstream.unavailable
+        elif not circuit.probed:
+            state, detail = "unknown", None
+        else:
+            state = "up" if circuit.state == "closed" and circuit.last_error is None else "down"
+            detail = circuit.last_error
+        states[upstream.name] = {"state": state, "circuit": circuit.state if circuit else None, "detail": detail,
+                                 "on_demand": upstream.backend.on_demand,
+                                 "in_flight": upstream.transport.in_use if upstream.transport else 0,
+                                 "queued": upstream.transport.waiting if upstream.transport else 0}
+    return states

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .health import Circuit
 from .policy import Backend, Catalog
 from .transport import PooledTransport, Timeouts
 
@@ -34,6 +35,7 @@ class Upstream:
     unavailable: str | None = None
     transport: PooledTransport | None = None
     timeouts: Timeouts | None = None
+    circuit: Circuit | None = None
     _heads: dict[str, bytes] = field(default_factory=dict)
 
     def request_bytes(self, path: str, body: bytes, extra_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -61,7 +63,8 @@ def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str]) -
     headers = {"accept-encoding": "identity"}  # relay bytes as the backend sent them
     if backend.api_key_env and environ.get(backend.api_key_env):
         headers["authorization"] = f"Bearer {environ[backend.api_key_env]}"
-    transport = PooledTransport(url, max_connections=backend.max_concurrency, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    transport = PooledTransport(url, max_connections=backend.max_concurrency, max_queue=backend.max_queue,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S)
     client = httpx.AsyncClient(
         base_url=url,
         headers=headers,
@@ -71,7 +74,7 @@ def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str]) -
         trust_env=False,
     )
     return Upstream(name, backend, url, client, transport=transport,
-                    timeouts=Timeouts(t.connect, t.read, t.write, t.pool))
+                    timeouts=Timeouts(t.connect, t.read, t.write, t.pool), circuit=Circuit(name, backend.health))
 
 
 class Upstreams:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import msgspec
 from litestar.types import Receive, Scope, Send
 
 from .backends import Upstreams
-from .transport import UpstreamResponse
+from .transport import QueueFull, UpstreamResponse
 from .errors import ProxyError, error_body
 from .routing import Decision
 
@@ -123,6 +124,14 @@ async def relay_sse(upstream: UpstreamResponse, backend: str) -> AsyncIterator[b
         yield b"\n" + sse_error("the backend connection was lost mid-stream", "upstream_disconnected")
 
 
+def _backoff(attempt: int) -> float:
+    """Full jitter: a random wait up to 50 ms, 100 ms, 200 ms... (at most 1 s)."""
+    return random.uniform(0, min(1.0, 0.05 * 2**attempt))
+
+
+RETRYABLE_STATUS = frozenset({502, 503})
+
+
 async def forward(
     upstreams: Upstreams,
     decision: Decision,
@@ -134,44 +143,88 @@ async def forward(
 ) -> BufferedResponse | RelayedStream:
     """Try the decision's chain in order and return the first backend's response.
 
+    A backend is skipped when it is not configured or its circuit is open; it is retried
+    (with jitter, up to its `retries`) and then skipped when it cannot be reached or answers
+    502/503. Nothing is retried once the backend has accepted the request otherwise, and
+    nothing after the first byte reached the client.
+
     ``headers`` are the x-dreamseed-* and x-request-id headers for the client; the request
     id is forwarded to the backend too, with the client headers in ``passed_on``.
     """
     skipped: list[str] = []
     last_timeout = False
+    retry_after: float | None = None
     outbound = [*passed_on, (b"x-request-id", headers["x-request-id"].encode("latin-1"))]
-    for name in decision.chain:
+    chain = decision.chain
+    for position, name in enumerate(chain):
         upstream = upstreams[name]
-        if upstream.transport is None or upstream.timeouts is None:
+        transport, timeouts, circuit = upstream.transport, upstream.timeouts, upstream.circuit
+        if transport is None or timeouts is None or circuit is None:
             skipped.append(f"{name}:unavailable")
+            continue
+        if not circuit.allows_requests():
+            skipped.append(f"{name}:circuit_open")
+            retry_after = min(retry_after if retry_after is not None else 1e9, circuit.retry_after())
             continue
         payload["model"] = upstream.backend.model
         data = upstream.request_bytes(path, msgspec.json.encode(payload), outbound)
-        try:
-            response = await upstream.transport.send(data, upstream.timeouts)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            log.warning("backend %s unreachable: %s", name, exc)
-            skipped.append(f"{name}:unreachable")
-            last_timeout = isinstance(exc, httpx.ConnectTimeout)
+        has_fallback = position < len(chain) - 1
+        attempts = 1 + upstream.backend.retries
+        response = None
+        for attempt in range(attempts):
+            try:
+                response = await transport.send(data, timeouts)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                circuit.record_failure(str(exc))
+                last_timeout = isinstance(exc, httpx.ConnectTimeout)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(_backoff(attempt))
+                    continue
+                log.warning("backend %s unreachable: %s", name, exc)
+                skipped.append(f"{name}:unreachable")
+                break
+            except httpx.PoolTimeout as exc:
+                queued = "the wait queue is full" if isinstance(exc, QueueFull) else "no slot freed up in time"
+                raise ProxyError(
+                    429,
+                    f"backend {name!r} is at its limit of {upstream.backend.max_concurrency} concurrent requests "
+                    f"and {queued}; retry shortly",
+                    type="rate_limit_error",
+                    code="backend_busy",
+                    headers={**headers, "x-dreamseed-backend": name, "retry-after": "1"},
+                ) from None
+            except httpx.TimeoutException:
+                circuit.record_failure("read timeout")
+                raise ProxyError(
+                    504, f"backend {name!r} did not answer in time", type="server_error", code="backend_timeout",
+                    headers={**headers, "x-dreamseed-backend": name},
+                ) from None
+            except httpx.HTTPError as exc:
+                circuit.record_failure(type(exc).__name__)
+                raise ProxyError(
+                    502, f"backend {name!r} failed: {type(exc).__name__}", type="server_error", code="backend_error",
+                    headers={**headers, "x-dreamseed-backend": name},
+                ) from None
+            if response.status in RETRYABLE_STATUS:
+                status = response.status
+                circuit.record_failure(f"answered {status}")
+                if attempt + 1 < attempts:
+                    await response.aclose()
+                    response = None
+                    await asyncio.sleep(_backoff(attempt))
+                    continue
+                if has_fallback:  # else the last backend's own answer goes to the client
+                    await response.aclose()
+                    response = None
+                    skipped.append(f"{name}:http_{status}")
+                break
+            if response.status >= 500:
+                circuit.record_failure(f"answered {response.status}")
+            else:
+                circuit.record_success()
+            break
+        if response is None:
             continue
-        except httpx.PoolTimeout:
-            raise ProxyError(
-                429,
-                f"backend {name!r} is at its limit of {upstream.backend.max_concurrency} concurrent requests",
-                type="rate_limit_error",
-                code="backend_busy",
-                headers={**headers, "x-dreamseed-backend": name, "retry-after": "1"},
-            ) from None
-        except httpx.TimeoutException:
-            raise ProxyError(
-                504, f"backend {name!r} did not answer in time", type="server_error", code="backend_timeout",
-                headers={**headers, "x-dreamseed-backend": name},
-            ) from None
-        except httpx.HTTPError as exc:
-            raise ProxyError(
-                502, f"backend {name!r} failed: {type(exc).__name__}", type="server_error", code="backend_error",
-                headers={**headers, "x-dreamseed-backend": name},
-            ) from None
 
         headers["x-dreamseed-backend"] = name
         if skipped:
@@ -182,6 +235,15 @@ async def forward(
             return RelayedStream(response, name, out)
         return await _buffered(name, response, headers, out)
 
+    if retry_after is not None and all(s.endswith(":circuit_open") for s in skipped):
+        raise ProxyError(
+            503,
+            f"no healthy backend for rule {decision.rule!r} (tried: {', '.join(skipped)})",
+            type="server_error",
+            code="no_healthy_backend",
+            headers={**headers, "x-dreamseed-fallback": ", ".join(skipped),
+                     "retry-after": str(max(1, round(retry_after)))},
+        )
     raise ProxyError(
         504 if last_timeout else 502,
         f"no backend for rule {decision.rule!r} could be reached (tried: {', '.join(skipped)})",

@@ -48,6 +48,18 @@ class Timeouts(Strict):
     pool: Seconds = 10.0
 
 
+class HealthCheck(Strict):
+    """Active probes of the backend's /health plus passive counting of failed requests.
+    `unhealthy_threshold` consecutive failures open the circuit (routing skips the backend);
+    after `cooldown` a half-open probe runs, and `healthy_threshold` successes close it."""
+
+    interval: Seconds = 5.0
+    timeout: Seconds = 2.0
+    healthy_threshold: PositiveInt = 1
+    unhealthy_threshold: PositiveInt = 3
+    cooldown: Seconds = 10.0
+
+
 class GpuHost(Strict):
     gpu_memory_gb: Annotated[float, Meta(gt=0)]
     gpu_count: PositiveInt = 1
@@ -62,7 +74,14 @@ class Backend(Strict):
     url_env: EnvVar | None = None
     api_key_env: EnvVar | None = None
     max_concurrency: PositiveInt = 16
+    # Requests that may wait for a free slot beyond max_concurrency (for up to timeouts.pool);
+    # more are refused at once with 429, so a flood cannot grow the proxy's memory.
+    max_queue: Annotated[int, Meta(ge=0)] = 64
     timeouts: Timeouts = Timeouts()
+    # Extra attempts on connection errors and 502/503, before the first byte reaches the
+    # client, with jittered backoff; then the rule's fallback chain takes over.
+    retries: Annotated[int, Meta(ge=0, le=5)] = 1
+    health: HealthCheck = HealthCheck()
     on_demand: bool = False
     host: Name | None = None
     gpu_memory_utilization: Fraction | None = None

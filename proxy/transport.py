@@ -223,11 +223,15 @@ class _HttpxBody(httpx.AsyncByteStream):
         await self._response.aclose()
 
 
+class QueueFull(httpx.PoolTimeout):
+    """Every connection is busy and the wait queue is at its bound: refused without waiting."""
+
+
 class PooledTransport(httpx.AsyncBaseTransport):
     """Keep-alive HTTP/1.1 connections to one origin (see the module docstring)."""
 
     def __init__(self, origin: str, *, max_connections: int, keepalive_expiry: float,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 max_queue: int | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(origin)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -238,9 +242,16 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context  # made on the first connection if TLS
         self._idle: list[_Connection] = []  # LIFO: the most recently used is the most likely alive
+        self._max_queue = max_queue
         self._in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self.waiting = 0  # requests queued for a slot now
         self._closed = False
+
+    @property
+    def in_use(self) -> int:
+        """Requests holding a connection now (in flight to the backend)."""
+        return self._in_use
 
     async def send(self, data: bytes, timeouts: Timeouts) -> UpstreamResponse:
         """Send one complete request (head and body) and return once the response head is in.
@@ -277,11 +288,14 @@ class PooledTransport(httpx.AsyncBaseTransport):
     async def _acquire_slot(self, timeout: float | None) -> None:
         if self._closed:
             raise httpx.PoolTimeout("transport is closed")
-        if self._in_use < self._max and not self._waiters:
+        if self._in_use < self._max and not self.waiting:
             self._in_use += 1
             return
+        if self._max_queue is not None and self.waiting >= self._max_queue:
+            raise QueueFull(f"all {self._max} connections are busy and {self.waiting} requests already wait")
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self.waiting += 1
         try:
             await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
@@ -290,6 +304,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
             if waiter.done() and not waiter.cancelled():
                 self._hand_over()  # the slot reached us just as we gave up: pass it on
             raise
+        finally:
+            self.waiting -= 1
         # A released slot was handed over to us; _in_use already counts it.
 
     def _hand_over(self) -> None:

@@ -63,6 +63,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         backends["unset"] = {"url_env": "DREAMSEED_TEST_UNSET_URL", "model": "unset-model", "context_length": 4096}
         backends["slow"] = {"url": sims["slow"].url, "model": "slow-model", "context_length": 4096,
                             "timeouts": {"connect": 2, "read": 0.5, "write": 2, "pool": 2}}
+        # Circuits never open here (tests/faults/ covers them): other tests need predictable routing.
+        for backend in backends.values():
+            backend["health"] = {"interval": 0.5, "timeout": 1, "unhealthy_threshold": 1000}
         policies = write_policies(tmp_path_factory.mktemp("policies"), backends, stack_routing(),
                                   hosts=catalog["hosts"])
         env = {"DREAMSEED_GENERAL70_URL": sims["general70"].url, "DREAMSEED_GENERAL70_API_KEY": REMOTE_KEY}

@@ -202,15 +202,30 @@ def test_read_timeout_is_a_504_or_a_final_stream_error(fresh: Stack) -> None:
     assert events[-1] == "[DONE]"
 
 
-def test_backend_errors_pass_through_with_their_status(fresh: Stack) -> None:
-    fresh.sims["fast"].configure(error_rate=1.0, error_status=503)
+def test_backend_errors_pass_through_or_are_retried_and_fall_back(fresh: Stack) -> None:
+    fast = fresh.sims["fast"]
+    fast.configure(error_rate=1.0, error_status=500)
     with fresh.client() as client:
         response = client.post("/v1/chat/completions", json=chat("빠른 답변"))
         streamed = client.post("/v1/chat/completions", json=chat("빠른 답변", stream=True))
-    assert response.status_code == 503
-    assert response.json()["error"]["message"] == "simulated failure"
+    # A 500 is the backend's own answer: passed through, not retried.
+    assert response.status_code == 500 and response.json()["error"]["message"] == "simulated failure"
     assert response.headers["x-dreamseed-backend"] == "fast"
-    assert streamed.status_code == 503 and streamed.headers["content-type"].startswith("application/json")
+    assert streamed.status_code == 500 and streamed.headers["content-type"].startswith("application/json")
+    assert fast.stats()["errors"] == 2
+
+    fast.reset()
+    fast.configure(error_rate=1.0, error_status=503)
+    with fresh.client() as client:
+        direct = client.post("/v1/chat/completions", json=chat("hi", model="fast"))
+        assert direct.status_code == 503  # retried once (retries: 1), then the last backend's answer
+        assert fast.stats()["errors"] == 2
+        routed = client.post("/v1/chat/completions", json=chat("빠른 답변"))
+    # Routed by a rule with a fallback: retried, then answered by the fallback.
+    assert routed.status_code == 200
+    assert routed.headers["x-dreamseed-backend"] == "general"
+    assert routed.headers["x-dreamseed-fallback"] == "fast:http_503"
+    assert fast.stats()["errors"] == 4
 
 
 @pytest.mark.parametrize(
@@ -278,8 +293,8 @@ def test_health_and_readiness(fresh: Stack, tmp_path) -> None:  # type: ignore[n
         ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     backends = ready.json()["backends"]
-    assert backends["general"]["state"] == "up"
-    assert backends["dead"]["state"] == "down"
+    assert backends["general"]["state"] == "up" and backends["general"]["circuit"] == "closed"
+    assert backends["dead"]["state"] == "down" and "could not connect" in backends["dead"]["detail"]
     assert backends["unset"]["state"] == "unavailable"
 
     # A proxy whose catch-all backend cannot be reached is alive but not ready.
