@@ -7,9 +7,9 @@ once by msgspec, and the backend's answer is relayed without re-encoding.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import msgspec
 from litestar import Litestar, Request, get, post
@@ -19,8 +19,8 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Receive
 
 from . import __version__
+from .auth import KeyRing
 from .backends import Upstreams
-from .health import HealthMonitor
 from .errors import (
     ProxyError,
     error_body,
@@ -31,20 +31,12 @@ from .errors import (
 from .forwarding import FORWARDED_REQUEST_HEADERS, forward
 from .openai_api import Endpoint, parse_request, request_id
 from .policy import AUTO_MODEL, Policies
-from .routing import Router, UnknownModel
+from .routing import UnknownModel
+from .runtime import Runtime
 
 log = logging.getLogger("dreamseed.app")
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
-
-
-@dataclass
-class ProxyCore:
-    """Everything a request needs, built from one policy load."""
-
-    policies: Policies
-    router: Router
-    upstreams: Upstreams | None = None
 
 
 def _json(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> ASGIResponse:
@@ -93,40 +85,50 @@ def create_app(
     environ: Mapping[str, str] | None = None,
     url_overrides: Mapping[str, str] | None = None,
     on_shutdown: Sequence[Callable[[], object]] = (),
+    watch_policies: bool = True,
 ) -> Litestar:
-    core = ProxyCore(policies=policies, router=Router(policies.routing, policies.catalog))
+    environ = os.environ if environ is None else environ
+    keys = KeyRing.from_environment(environ)
+    holder: dict[str, Runtime] = {}
+
+    def runtime() -> Runtime:
+        return holder["runtime"]
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        core.upstreams = Upstreams.from_catalog(policies.catalog, environ, url_overrides)
-        monitor = HealthMonitor()
-        monitor.start([(u.circuit, u.client) for u in core.upstreams if u.circuit is not None and u.client is not None])
+        holder["runtime"] = Runtime(policies, environ, url_overrides or {})
+        await holder["runtime"].start(watch=watch_policies)
         try:
             yield
         finally:
-            await monitor.stop()
-            await core.upstreams.aclose()
+            await holder["runtime"].aclose()
             for hook in on_shutdown:
                 hook()
 
     async def relay(request: Request, endpoint: Endpoint, path: str) -> ASGIApp:
         # One pass over the raw ASGI headers: cheaper than building a Headers object.
         supplied_id: bytes | None = None
+        authorization: bytes | None = None
         declared_length = -1
         passed_on: list[tuple[bytes, bytes]] = []
         for name, value in request.scope["headers"]:
             if name == b"x-request-id":
                 supplied_id = value
+            elif name == b"authorization":
+                authorization = value
             elif name == b"content-length":
                 declared_length = int(value) if value.isdigit() else -1
             elif name in FORWARDED_REQUEST_HEADERS:
                 passed_on.append((name, value))
         headers = {"x-request-id": request_id(supplied_id.decode("latin-1") if supplied_id is not None else None)}
+        # The generation in force when the request arrived serves it to the end, reloads or not.
+        generation = runtime().current
         try:
+            keys.check(authorization, "client")
             body = await read_body(request.receive, declared_length)
             payload, prompt, stream = parse_request(body, endpoint)
             try:
-                decision = core.router.route(payload["model"], prompt)
+                decision = generation.router.route(payload["model"], prompt)
             except UnknownModel as exc:
                 raise ProxyError(
                     404,
@@ -136,8 +138,7 @@ def create_app(
                     param="model",
                 ) from None
             headers["x-dreamseed-rule"] = decision.rule
-            assert core.upstreams is not None
-            return await forward(core.upstreams, decision, path, payload, stream, headers, passed_on)
+            return await forward(generation.upstreams, decision, path, payload, stream, headers, passed_on)
         except ProxyError as exc:
             return _error(exc, headers)
 
@@ -150,8 +151,9 @@ def create_app(
         return await relay(request, "completions", "/v1/completions")
 
     @get("/v1/models", summary="List the models (backends) and 'auto'")
-    async def list_models() -> ASGIApp:
-        catalog = core.policies.catalog
+    async def list_models(request: Request) -> ASGIApp:
+        keys.check(_authorization(request), "client")
+        catalog = runtime().current.policies.catalog
         data: list[dict[str, object]] = [
             {"id": AUTO_MODEL, "object": "model", "created": 0, "owned_by": "dreamseed",
              "description": "routed by policies/routing.yaml"}
@@ -169,14 +171,36 @@ def create_app(
 
     @get("/readyz", summary="Readiness: a backend for the catch-all route is up")
     async def readyz() -> ASGIApp:
-        assert core.upstreams is not None
-        backends = backend_states(core.upstreams)
+        generation = runtime().current
+        backends = backend_states(generation.upstreams)
         # Ready when the catch-all rule (what "auto" traffic falls through to) can be served.
-        ready = any(backends[name]["state"] == "up" for name in core.router.rules[-1].chain)
+        ready = any(backends[name]["state"] == "up" for name in generation.router.rules[-1].chain)
         return _json({"ready": ready, "backends": backends}, status=200 if ready else 503)
 
+    @get("/admin/backends", summary="Backend states: health, circuit, in-flight and queued requests")
+    async def admin_backends(request: Request) -> ASGIApp:
+        keys.check(_authorization(request), "admin")
+        return _json({"backends": backend_states(runtime().current.upstreams)})
+
+    @get("/admin/policies", summary="The policy in force and the last reload attempt")
+    async def admin_policies(request: Request) -> ASGIApp:
+        keys.check(_authorization(request), "admin")
+        rt = runtime()
+        return _json({"directory": str(rt.directory), "policy_hash": rt.current.policy_hash,
+                      "loaded_at": rt.current.loaded_at, "reloads": rt.reloads,
+                      "last_attempt": rt.last_attempt, "last_error": rt.last_error})
+
+    @post("/admin/policies/reload", status_code=200, summary="Validate the policy files and swap them in")
+    async def admin_reload(request: Request) -> ASGIApp:
+        keys.check(_authorization(request), "admin")
+        outcome = await runtime().reload("admin API")
+        body = {"ok": outcome.ok, "changed": outcome.changed, "policy_hash": outcome.policy_hash,
+                "error": outcome.error}
+        return _json(body, status=200 if outcome.ok else 422)
+
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, healthz, readyz],
+        route_handlers=[chat_completions, completions, list_models, healthz, readyz, admin_backends, admin_policies,
+                        admin_reload],
         lifespan=[lifespan],
         exception_handlers={
             ProxyError: handle_proxy_error,
@@ -190,9 +214,16 @@ def create_app(
     )
 
 
+def _authorization(request: Request) -> bytes | None:
+    for name, value in request.scope["headers"]:
+        if name == b"authorization":
+            return value
+    return None
+
+
 def backend_states(upstreams: Upstreams) -> dict[str, dict[str, object]]:
-    """Each backend's state as the health checks see it: up, down (circuit open or half-open),
-    unknown (not probed yet) or unavailable (not configured)."""
+    """Each backend's state as the health checks see it: up, down (circuit open or half-open,
+    or the last probe failed), unknown (not probed yet) or unavailable (not configured)."""
     states: dict[str, dict[str, object]] = {}
     for upstream in upstreams:
         circuit = upstream.circuit

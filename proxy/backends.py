@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -77,8 +77,21 @@ def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str]) -
                     timeouts=Timeouts(t.connect, t.read, t.write, t.pool), circuit=Circuit(name, backend.health))
 
 
+def resolved_url(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str]) -> str | None:
+    return url_overrides.get(name) or backend.resolve_url(environ)  # type: ignore[arg-type]
+
+
+def make_upstream(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str]) -> Upstream:
+    url = resolved_url(name, backend, environ, url_overrides)
+    if url is None:
+        why = f"no URL: set {backend.url_env}" if backend.url_env else "no URL configured"
+        log.warning("backend %s is unavailable (%s)", name, why)
+        return Upstream(name, backend, None, None, why)
+    return connect(name, backend, url, environ)
+
+
 class Upstreams:
-    """All backends, by name."""
+    """All backends of one policy generation, by name."""
 
     def __init__(self, upstreams: dict[str, Upstream]) -> None:
         self._by_name = upstreams
@@ -91,22 +104,16 @@ class Upstreams:
         url_overrides: Mapping[str, str] | None = None,
     ) -> Upstreams:
         environ = os.environ if environ is None else environ
-        overrides = url_overrides or {}
-        upstreams: dict[str, Upstream] = {}
-        for name, backend in catalog.backends.items():
-            url = overrides.get(name) or backend.resolve_url(environ)  # type: ignore[arg-type]
-            if url is None:
-                why = f"no URL: set {backend.url_env}" if backend.url_env else "no URL configured"
-                log.warning("backend %s is unavailable (%s)", name, why)
-                upstreams[name] = Upstream(name, backend, None, None, why)
-            else:
-                upstreams[name] = connect(name, backend, url, environ)
-        return cls(upstreams)
+        return cls({name: make_upstream(name, backend, environ, url_overrides or {})
+                    for name, backend in catalog.backends.items()})
 
     def __getitem__(self, name: str) -> Upstream:
         return self._by_name[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def get(self, name: str) -> Upstream | None:
+        return self._by_name.get(name)
+
+    def __iter__(self) -> Iterator[Upstream]:
         return iter(self._by_name.values())
 
     async def aclose(self) -> None:

@@ -61,7 +61,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .simulation import simulate_missing, stop_all
 
+    from .auth import KeyRing
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and KeyRing.from_environment(os.environ).clients_open \
+            and not args.allow_unauthenticated:
+        print(f"dreamseed: refusing to serve on {args.host} without client API keys: set DREAMSEED_API_KEYS "
+              "(or DREAMSEED_API_KEYS_FILE), or pass --allow-unauthenticated", file=sys.stderr)
+        return 2
     # httpx logs every request at INFO: noise on the hot path (an access log is the proxy's job).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     policies = _load_or_exit(args.policies)
@@ -72,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends the process before
         # `finally` below runs; stopping the simulators at app shutdown happens before that.
         app = create_app(policies, url_overrides={sim.name: sim.url for sim in simulated},
-                         on_shutdown=[lambda: stop_all(simulated)])
+                         on_shutdown=[lambda: stop_all(simulated)], watch_policies=args.watch_policies)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
@@ -107,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="seconds to let in-flight requests finish on shutdown (default: %(default)s)")
+    serve.add_argument("--no-watch-policies", dest="watch_policies", action="store_false",
+                       help="do not reload when policy files change (SIGHUP and the admin API still reload)")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="serve beyond loopback without client API keys")
     serve.set_defaults(func=cmd_serve)
 
     policies = commands.add_parser("policies", help="work with policy files")
