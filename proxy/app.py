@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 import msgspec
 from litestar import Litestar, Request, get, post
 from litestar.exceptions import HTTPException
-from litestar.openapi.config import OpenAPIConfig
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Receive
 
@@ -28,7 +27,8 @@ from .errors import (
     handle_proxy_error,
     handle_unexpected,
 )
-from .forwarding import FORWARDED_REQUEST_HEADERS, forward
+from .forwarding import FORWARDED_REQUEST_HEADERS, BufferedResponse, forward
+from .openapi import openapi_document
 from .openai_api import Endpoint, parse_request, request_id
 from .policy import AUTO_MODEL, Policies
 from .routing import UnknownModel
@@ -165,6 +165,18 @@ def create_app(
             )
         return _json({"object": "list", "data": data})
 
+    documents: dict[str, bytes] = {}
+
+    @get("/openapi.json", summary="This API's OpenAPI document", include_in_schema=False)
+    async def openapi_json() -> ASGIApp:
+        generation = runtime().current
+        document = documents.get(generation.policy_hash)
+        if document is None:
+            documents.clear()
+            document = documents[generation.policy_hash] = msgspec.json.encode(
+                openapi_document(generation.router.available_models()))
+        return BufferedResponse(200, [(b"content-type", b"application/json")], document)
+
     @get("/healthz", summary="Liveness: the proxy process is serving")
     async def healthz() -> ASGIApp:
         return _json({"status": "ok", "version": __version__})
@@ -199,15 +211,15 @@ def create_app(
         return _json(body, status=200 if outcome.ok else 422)
 
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, healthz, readyz, admin_backends, admin_policies,
-                        admin_reload],
+        route_handlers=[chat_completions, completions, list_models, openapi_json, healthz, readyz, admin_backends,
+                        admin_policies, admin_reload],
         lifespan=[lifespan],
         exception_handlers={
             ProxyError: handle_proxy_error,
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },
-        openapi_config=OpenAPIConfig(title="DreamSeed proxy", version=__version__),
+        openapi_config=None,  # proxy/openapi.py builds the document from the request Structs
         request_max_body_size=MAX_BODY_BYTES,
         logging_config=None,
         debug=False,
