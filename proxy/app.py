@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import Metric
 from litestar import Litestar, Request, get, post
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
@@ -27,7 +29,8 @@ from .errors import (
     handle_proxy_error,
     handle_unexpected,
 )
-from .forwarding import FORWARDED_REQUEST_HEADERS, BufferedResponse, forward
+from .forwarding import FORWARDED_REQUEST_HEADERS, BufferedResponse, forward, raw_headers
+from .metrics import Exchange, ProxyMetrics, log_exchange, state_metrics
 from .openapi import openapi_document
 from .openai_api import Endpoint, parse_request, request_id
 from .policy import AUTO_MODEL, Policies
@@ -45,13 +48,11 @@ def _json(data: object, status: int = 200, headers: Mapping[str, str] | None = N
     )
 
 
-def _error(exc: ProxyError, headers: dict[str, str]) -> ASGIResponse:
-    return ASGIResponse(
-        body=error_body(exc.message, type=exc.type, code=exc.code, param=exc.param),
-        status_code=exc.status,
-        media_type="application/json",
-        headers={**headers, **exc.headers},
-    )
+def _error(exc: ProxyError, headers: dict[str, str], exchange: Exchange) -> BufferedResponse:
+    exchange.error = exc.code
+    exchange.backend = exc.headers.get("x-dreamseed-backend", exchange.backend)
+    return BufferedResponse(exc.status, raw_headers({"content-type": "application/json", **headers, **exc.headers}),
+                            error_body(exc.message, type=exc.type, code=exc.code, param=exc.param), exchange)
 
 
 async def read_body(receive: Receive, declared_length: int) -> bytes:
@@ -86,6 +87,7 @@ def create_app(
     url_overrides: Mapping[str, str] | None = None,
     on_shutdown: Sequence[Callable[[], object]] = (),
     watch_policies: bool = True,
+    log_prompts: bool = False,
 ) -> Litestar:
     environ = os.environ if environ is None else environ
     keys = KeyRing.from_environment(environ)
@@ -94,9 +96,21 @@ def create_app(
     def runtime() -> Runtime:
         return holder["runtime"]
 
+    def current_state() -> Iterator[Metric]:
+        if "runtime" not in holder:
+            return iter(())
+        rt = holder["runtime"]
+        return state_metrics(backend_states(rt.current.upstreams), rt.current.policy_hash)
+
+    metrics = ProxyMetrics(current_state)
+
+    def finished(exchange: Exchange) -> None:
+        metrics.record(exchange)
+        log_exchange(exchange)
+
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        holder["runtime"] = Runtime(policies, environ, url_overrides or {})
+        holder["runtime"] = Runtime(policies, environ, url_overrides or {}, on_reload=metrics.count_reload)
         await holder["runtime"].start(watch=watch_policies)
         try:
             yield
@@ -121,6 +135,7 @@ def create_app(
             elif name in FORWARDED_REQUEST_HEADERS:
                 passed_on.append((name, value))
         headers = {"x-request-id": request_id(supplied_id.decode("latin-1") if supplied_id is not None else None)}
+        exchange = Exchange(headers["x-request-id"], endpoint, on_finish=finished)
         # The generation in force when the request arrived serves it to the end, reloads or not.
         generation = runtime().current
         try:
@@ -137,10 +152,12 @@ def create_app(
                     code="model_not_found",
                     param="model",
                 ) from None
-            headers["x-dreamseed-rule"] = decision.rule
-            return await forward(generation.upstreams, decision, path, payload, stream, headers, passed_on)
+            headers["x-dreamseed-rule"] = exchange.rule = decision.rule
+            if log_prompts:
+                exchange.prompt = prompt.text("all")
+            return await forward(generation.upstreams, decision, path, payload, stream, headers, passed_on, exchange)
         except ProxyError as exc:
-            return _error(exc, headers)
+            return _error(exc, headers, exchange)
 
     @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
     async def chat_completions(request: Request) -> ASGIApp:
@@ -177,6 +194,11 @@ def create_app(
                 openapi_document(generation.router.available_models()))
         return BufferedResponse(200, [(b"content-type", b"application/json")], document)
 
+    @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics_endpoint() -> ASGIApp:
+        return BufferedResponse(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+                                generate_latest(metrics.registry))
+
     @get("/healthz", summary="Liveness: the proxy process is serving")
     async def healthz() -> ASGIApp:
         return _json({"status": "ok", "version": __version__})
@@ -211,8 +233,8 @@ def create_app(
         return _json(body, status=200 if outcome.ok else 422)
 
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, openapi_json, healthz, readyz, admin_backends,
-                        admin_policies, admin_reload],
+        route_handlers=[chat_completions, completions, list_models, openapi_json, metrics_endpoint, healthz, readyz,
+                        admin_backends, admin_policies, admin_reload],
         lifespan=[lifespan],
         exception_handlers={
             ProxyError: handle_proxy_error,

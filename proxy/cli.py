@@ -69,8 +69,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"dreamseed: refusing to serve on {args.host} without client API keys: set DREAMSEED_API_KEYS "
               "(or DREAMSEED_API_KEYS_FILE), or pass --allow-unauthenticated", file=sys.stderr)
         return 2
-    # httpx logs every request at INFO: noise on the hot path (an access log is the proxy's job).
+    # httpx logs every request at INFO: noise on the hot path (the access log below is the proxy's).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # The access log: one JSON object per line on standard output, apart from the diagnostics on stderr.
+    access = logging.getLogger("dreamseed.access")
+    access.propagate = False
+    access.setLevel(logging.INFO if args.access_log else logging.WARNING)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
     policies = _load_or_exit(args.policies)
     simulated = simulate_missing(policies.catalog, os.environ) if args.simulate_missing else []
     try:
@@ -79,7 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends the process before
         # `finally` below runs; stopping the simulators at app shutdown happens before that.
         app = create_app(policies, url_overrides={sim.name: sim.url for sim in simulated},
-                         on_shutdown=[lambda: stop_all(simulated)], watch_policies=args.watch_policies)
+                         on_shutdown=[lambda: stop_all(simulated)], watch_policies=args.watch_policies,
+                         log_prompts=args.log_prompts)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
@@ -118,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not reload when policy files change (SIGHUP and the admin API still reload)")
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="serve beyond loopback without client API keys")
+    serve.add_argument("--no-access-log", dest="access_log", action="store_false",
+                       help="do not write the JSON access log to standard output")
+    serve.add_argument("--log-prompts", action="store_true",
+                       help="include each request's prompt text in the access log (off by default: prompts are private)")
     serve.set_defaults(func=cmd_serve)
 
     policies = commands.add_parser("policies", help="work with policy files")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from litestar.types import Receive, Scope, Send
 from .backends import Upstreams
 from .transport import QueueFull, UpstreamResponse
 from .errors import ProxyError, error_body
+from .metrics import Exchange, usage_of
 from .routing import Decision
 
 log = logging.getLogger("dreamseed.forwarding")
@@ -43,19 +45,30 @@ def raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 class BufferedResponse:
-    """A complete response as a bare ASGI app: the body is the backend's bytes, untouched."""
+    """A complete response as a bare ASGI app: the body is the backend's bytes, untouched.
+    When the last byte is sent, the request's Exchange is finished (metrics, access log)."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "exchange")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                 exchange: Exchange | None = None) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        self.exchange = exchange
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status,
-                    "headers": [*self.headers, (b"content-length", str(len(self.body)).encode())]})
-        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+        exchange = self.exchange
+        try:
+            await send({"type": "http.response.start", "status": self.status,
+                        "headers": [*self.headers, (b"content-length", str(len(self.body)).encode())]})
+            if exchange is not None:
+                exchange.first_byte = time.perf_counter()
+            await send({"type": "http.response.body", "body": self.body, "more_body": False})
+        finally:
+            if exchange is not None:
+                exchange.status = self.status
+                exchange.finish()
 
 
 class RelayedStream:
@@ -66,27 +79,40 @@ class RelayedStream:
     (Litestar's own stream response runs a task group per request; this is cheaper on the
     path every streamed token takes.)"""
 
-    __slots__ = ("upstream", "backend", "headers", "client_gone")
+    __slots__ = ("upstream", "backend", "headers", "client_gone", "exchange")
 
-    def __init__(self, upstream: UpstreamResponse, backend: str, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, upstream: UpstreamResponse, backend: str, headers: list[tuple[bytes, bytes]],
+                 exchange: Exchange | None = None) -> None:
         self.upstream = upstream
         self.backend = backend
         self.headers = headers
         self.client_gone = False
+        self.exchange = exchange
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(self._watch(receive))
+        exchange = self.exchange
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            async for chunk in relay_sse(self.upstream, self.backend):
+            async for chunk in relay_sse(self.upstream, self.backend, exchange):
                 if self.client_gone:
                     return
+                if exchange is not None and exchange.first_byte is None:
+                    exchange.first_byte = time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if not self.client_gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
             await self.upstream.aclose()
+            if exchange is not None:
+                exchange.upstream_done = time.perf_counter()
+                if self.client_gone:
+                    # Nginx's convention: the client closed the request before the answer ended.
+                    exchange.status, exchange.error = 499, "client_disconnected"
+                elif exchange.status == 0:
+                    exchange.status = 200
+                exchange.finish()
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -95,15 +121,20 @@ class RelayedStream:
         await self.upstream.aclose()
 
 
-async def relay_sse(upstream: UpstreamResponse, backend: str) -> AsyncIterator[bytes]:
+async def relay_sse(upstream: UpstreamResponse, backend: str, exchange: Exchange | None = None) -> AsyncIterator[bytes]:
     """Yield the backend's SSE bytes as they arrive, up to the last complete line.
 
     Holding back only a trailing partial line (normally there is none) means that if the
-    backend dies mid-stream, the error event we append starts on a clean line.
+    backend dies mid-stream, the error event we append starts on a clean line. The chunk that
+    carries `usage` (sent last when the client asked for stream_options.include_usage) is kept
+    for the token counters.
     """
     pending = b""
+    usage_chunk = b""
     try:
         async for chunk in upstream.aiter_raw():
+            if b'"usage"' in chunk:
+                usage_chunk = chunk
             data = pending + chunk if pending else chunk
             cut = data.rfind(b"\n") + 1
             if cut == len(data):
@@ -118,10 +149,24 @@ async def relay_sse(upstream: UpstreamResponse, backend: str) -> AsyncIterator[b
             yield pending
     except httpx.TimeoutException:
         log.warning("backend %s stopped sending mid-stream (read timeout)", backend)
+        if exchange is not None:
+            exchange.status, exchange.error = 504, "upstream_timeout"
         yield b"\n" + sse_error("the backend stopped responding mid-stream", "upstream_timeout")
     except httpx.HTTPError as exc:
         log.warning("backend %s stream broke: %r", backend, exc)
+        if exchange is not None:
+            exchange.status, exchange.error = 502, "upstream_disconnected"
         yield b"\n" + sse_error("the backend connection was lost mid-stream", "upstream_disconnected")
+    if exchange is not None and usage_chunk:
+        _count_stream_usage(usage_chunk, exchange)
+
+
+def _count_stream_usage(chunk: bytes, exchange: Exchange) -> None:
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            counts = usage_of(line[6:])
+            if counts is not None:
+                exchange.prompt_tokens, exchange.completion_tokens = counts
 
 
 def _backoff(attempt: int) -> float:
@@ -140,6 +185,7 @@ async def forward(
     stream: bool,
     headers: dict[str, str],
     passed_on: list[tuple[bytes, bytes]],
+    exchange: Exchange,
 ) -> BufferedResponse | RelayedStream:
     """Try the decision's chain in order and return the first backend's response.
 
@@ -151,7 +197,8 @@ async def forward(
     ``headers`` are the x-dreamseed-* and x-request-id headers for the client; the request
     id is forwarded to the backend too, with the client headers in ``passed_on``.
     """
-    skipped: list[str] = []
+    skipped = exchange.fallbacks  # the access log and metrics see what was skipped, and why
+    exchange.stream = stream
     last_timeout = False
     retry_after: float | None = None
     outbound = [*passed_on, (b"x-request-id", headers["x-request-id"].encode("latin-1"))]
@@ -171,6 +218,8 @@ async def forward(
         has_fallback = position < len(chain) - 1
         attempts = 1 + upstream.backend.retries
         response = None
+        exchange.backend = name
+        exchange.upstream_started = time.perf_counter()
         for attempt in range(attempts):
             try:
                 response = await transport.send(data, timeouts)
@@ -232,8 +281,8 @@ async def forward(
         media_type = response.header(b"content-type") or b"application/json"
         out = [(b"content-type", media_type), *raw_headers(headers)]
         if stream and response.status == 200 and media_type.startswith(b"text/event-stream"):
-            return RelayedStream(response, name, out)
-        return await _buffered(name, response, headers, out)
+            return RelayedStream(response, name, out, exchange)
+        return await _buffered(name, response, headers, out, exchange)
 
     if retry_after is not None and all(s.endswith(":circuit_open") for s in skipped):
         raise ProxyError(
@@ -254,7 +303,7 @@ async def forward(
 
 
 async def _buffered(name: str, response: UpstreamResponse, headers: dict[str, str],
-                    out: list[tuple[bytes, bytes]]) -> BufferedResponse:
+                    out: list[tuple[bytes, bytes]], exchange: Exchange) -> BufferedResponse:
     try:
         body = await response.aread()
     except httpx.TimeoutException:
@@ -269,4 +318,9 @@ async def _buffered(name: str, response: UpstreamResponse, headers: dict[str, st
         ) from None
     finally:
         await response.aclose()
-    return BufferedResponse(response.status, out, body)
+        exchange.upstream_done = time.perf_counter()
+    if response.status == 200:
+        counts = usage_of(body)
+        if counts is not None:
+            exchange.prompt_tokens, exchange.completion_tokens = counts
+    return BufferedResponse(response.status, out, body, exchange)

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +71,8 @@ class ReloadOutcome:
 
 
 class Runtime:
-    def __init__(self, policies: Policies, environ: Mapping[str, str], url_overrides: Mapping[str, str]) -> None:
+    def __init__(self, policies: Policies, environ: Mapping[str, str], url_overrides: Mapping[str, str],
+                 on_reload: Callable[[bool], None] | None = None) -> None:
         self.directory = policies.directory
         self.environ = environ
         self.url_overrides = url_overrides
@@ -79,6 +80,7 @@ class Runtime:
         self.current = Generation(policies, Router(policies.routing, policies.catalog), upstreams,
                                   policy_hash(self.directory), time.time())
         self.reloads = {"success": 0, "failure": 0}
+        self._on_reload = on_reload or (lambda ok: None)
         self.last_error: str | None = None
         self.last_attempt: float | None = None
         self._monitor = HealthMonitor()
@@ -111,6 +113,7 @@ class Runtime:
                 policies = load_policies(self.directory)
             except PolicyError as exc:
                 self.reloads["failure"] += 1
+                self._on_reload(False)
                 self.last_error = str(exc)
                 log.error("policy reload (%s) refused, keeping policy %s:\n%s", reason, self.current.policy_hash[:12], exc)
                 return ReloadOutcome(False, False, self.current.policy_hash, str(exc))
@@ -136,6 +139,7 @@ class Runtime:
                 if upstream.name not in reused:
                     self._spawn(self._retire(upstream))
             self.reloads["success"] += 1
+            self._on_reload(True)
             log.info("policy reloaded (%s): %s -> %s", reason, old.policy_hash[:12], new_hash[:12])
             return ReloadOutcome(True, True, new_hash)
 
