@@ -45,7 +45,9 @@ def bench_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchStack
                      "timeouts": {"connect": 5, "read": 30, "write": 10, "pool": 10}}},
         {"rules": [{"name": "default", "target": "general"}]},
     )
-    proxy = start_proxy(policies)
+    # The access log would be piped into this process and compete with the load generator;
+    # its cost is measured on its own in test_metrics_cost.py.
+    proxy = start_proxy(policies, extra=["--no-access-log"])
     yield BenchStack(sim, proxy, MODE)
     proxy.stop()
     sim.stop()

@@ -136,7 +136,7 @@ def test_overload_10x(benchmark, bench_stack: BenchStack, tmp_path) -> None:  # 
                      "timeouts": {"connect": 5, "read": 30, "write": 10, "pool": 10}}},
         {"rules": [{"name": "default", "target": "general"}]},
     )
-    proxy = start_proxy(policies)
+    proxy = start_proxy(policies, extra=["--no-access-log"])
     try:
         request = build_request(proxy.url, "/v1/chat/completions", chat_body("auto", False))
         pid = proxy.popen.pid

@@ -24,6 +24,7 @@ from .components.tunnel import SshTunnel, SshTunnelArgs
 from .components.vector_db import VectorDatabase, VectorDatabaseArgs
 from .components.vllm import VllmBackend, VllmBackendArgs
 from .config import ROOT, LocalConfig, RemoteConfig
+from .monitoring import alert_rules
 
 
 def checked_memory_plan(policies: Policies, host: str) -> MemoryPlan:
@@ -131,7 +132,9 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         MonitoringArgs(
             network=network.name,
             proxy_target=proxy.target,
-            backend_targets={name: component.internal_url.removeprefix("http://") for name, component in vllm.items()},
+            vllm_targets={name: (component.internal_url.removeprefix("http://"), policies.catalog.backends[name].on_demand)
+                          for name, component in vllm.items()},
+            rules=alert_rules(policies, config.gpu_host),
             grafana_port=config.grafana_port,
             grafana_admin_password=config.grafana_admin_password,
         ),

@@ -23,9 +23,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .policy import LATENCY_BUCKETS
+
 disable_created_metrics()  # no *_created series: they double the series count for nothing here
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 NONE = "none"  # label value when a request ended before a rule or backend was chosen
 
 access_log = logging.getLogger("dreamseed.access")

@@ -26,6 +26,10 @@ PositiveInt = Annotated[int, Meta(gt=0)]
 Seconds = Annotated[float, Meta(gt=0, le=3600)]
 Fraction = Annotated[float, Meta(gt=0, le=1)]
 
+# Histogram buckets of the proxy's latency metrics (proxy/metrics.py). A backend's latency target
+# must be one of them, so that SLO queries can use its `le` bucket exactly.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
 BACKENDS_FILE = "backends.yaml"
 ROUTING_FILE = "routing.yaml"
 # Models a client may always ask for, besides backends and aliases.
@@ -82,6 +86,9 @@ class Backend(Strict):
     # client, with jittered backoff; then the rule's fallback chain takes over.
     retries: Annotated[int, Meta(ge=0, le=5)] = 1
     health: HealthCheck = HealthCheck()
+    # The P95 time-to-first-token objective for this backend's SLO alerts (seed: 0.1 s for the
+    # 7B class, 0.5 s for the 70B).
+    latency_target: Seconds = 0.1
     on_demand: bool = False
     host: Name | None = None
     gpu_memory_utilization: Fraction | None = None
@@ -319,6 +326,9 @@ def _check_catalog(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
             problems.append(
                 _problem(source, (*at, "host"), f"unknown host {backend.host!r} (known: {_known(catalog.hosts)})")
             )
+        if backend.latency_target not in LATENCY_BUCKETS:
+            problems.append(_problem(source, (*at, "latency_target"),
+                                     f"must be one of the latency histogram's buckets: {', '.join(f'{b:g}' for b in LATENCY_BUCKETS)}"))
         if (backend.host is None) != (backend.gpu_memory_utilization is None):
             problems.append(_problem(source, at, "`host` and `gpu_memory_utilization` go together"))
     problems += _check_gpu_budget(source, catalog)

@@ -1,4 +1,6 @@
-"""Monitoring: Prometheus scraping the proxy and every vLLM server, and Grafana on top.
+"""Monitoring: Prometheus scraping the proxy and every vLLM server, with the SLO alert rules,
+and Grafana with the DreamSeed dashboard. The configuration itself is generated from the
+catalog by infra.monitoring.
 
 Prometheus is not published; Grafana listens on 127.0.0.1 only (reach it through SSH).
 """
@@ -9,46 +11,21 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_docker as docker
-import yaml
-
 from infra import images
+from infra.monitoring import dashboard_json, grafana_dashboard_provider, grafana_datasource, prometheus_config
 
 from .common import pulled, secret_env
 
 PROMETHEUS_PORT = 9090
-
-
-def prometheus_config(proxy_target: str, backend_targets: dict[str, str]) -> str:
-    """Scrape jobs generated from the catalog: the proxy, and each vLLM server labelled with its
-    backend name (vLLM's own metrics carry only `model_name`)."""
-    config = {
-        "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
-        "scrape_configs": [
-            {"job_name": "dreamseed-proxy", "static_configs": [{"targets": [proxy_target]}]},
-            {
-                "job_name": "vllm",
-                "static_configs": [
-                    {"targets": [target], "labels": {"backend": name}} for name, target in sorted(backend_targets.items())
-                ],
-            },
-        ],
-    }
-    return yaml.safe_dump(config, sort_keys=False)
-
-
-def grafana_datasource(prometheus_url: str) -> str:
-    return yaml.safe_dump({
-        "apiVersion": 1,
-        "datasources": [{"name": "Prometheus", "type": "prometheus", "access": "proxy", "url": prometheus_url,
-                         "isDefault": True, "uid": "prometheus"}],
-    }, sort_keys=False)
+DASHBOARDS = "/var/lib/grafana/dashboards"
 
 
 @dataclass
 class MonitoringArgs:
     network: pulumi.Input[str]
     proxy_target: str
-    backend_targets: dict[str, str]
+    vllm_targets: dict[str, tuple[str, bool]]  # backend -> (host:port, on demand)
+    rules: str  # infra.monitoring.alert_rules(...)
     grafana_port: int
     grafana_admin_password: pulumi.Input[str]
 
@@ -66,7 +43,8 @@ class Monitoring(pulumi.ComponentResource):
             command=["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus",
                      "--storage.tsdb.retention.time=30d"],
             uploads=[docker.ContainerUploadArgs(file="/etc/prometheus/prometheus.yml",
-                                                content=prometheus_config(args.proxy_target, args.backend_targets))],
+                                                content=prometheus_config(args.proxy_target, args.vllm_targets)),
+                     docker.ContainerUploadArgs(file="/etc/prometheus/rules.yml", content=args.rules)],
             volumes=[docker.ContainerVolumeArgs(volume_name=self.prometheus_volume.name, container_path="/prometheus")],
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=args.network, aliases=["prometheus"])],
             restart="unless-stopped",
@@ -78,10 +56,13 @@ class Monitoring(pulumi.ComponentResource):
             name="dreamseed-grafana",
             image=pulled(f"{resource_name}-grafana-image", images.GRAFANA, self).image_id,
             envs=[secret_env("GF_SECURITY_ADMIN_PASSWORD", args.grafana_admin_password), "GF_USERS_ALLOW_SIGN_UP=false"],
-            uploads=[docker.ContainerUploadArgs(
-                file="/etc/grafana/provisioning/datasources/prometheus.yaml",
-                content=grafana_datasource(f"http://{prometheus_name}:{PROMETHEUS_PORT}"),
-            )],
+            uploads=[
+                docker.ContainerUploadArgs(file="/etc/grafana/provisioning/datasources/prometheus.yaml",
+                                           content=grafana_datasource(f"http://{prometheus_name}:{PROMETHEUS_PORT}")),
+                docker.ContainerUploadArgs(file="/etc/grafana/provisioning/dashboards/dreamseed.yaml",
+                                           content=grafana_dashboard_provider(DASHBOARDS)),
+                docker.ContainerUploadArgs(file=f"{DASHBOARDS}/dreamseed.json", content=dashboard_json()),
+            ],
             volumes=[docker.ContainerVolumeArgs(volume_name=self.grafana_volume.name, container_path="/var/lib/grafana")],
             ports=[docker.ContainerPortArgs(internal=3000, external=args.grafana_port, ip="127.0.0.1")],
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=args.network, aliases=["grafana"])],

@@ -161,13 +161,21 @@ def test_proxy_gets_every_policy_file_and_prometheus_scrapes_the_catalog(local) 
     uploads = {u["file"]: u["content"] for u in containers(mocks)["dreamseed-proxy"]["uploads"]}
     for path in (ROOT / "policies").glob("*.yaml"):
         assert uploads[f"/app/policies/{path.name}"] == path.read_text(encoding="utf-8")
-    prometheus = yaml.safe_load(containers(mocks)["dreamseed-prometheus"]["uploads"][0]["content"])
+    prometheus_files = {u["file"]: u["content"] for u in containers(mocks)["dreamseed-prometheus"]["uploads"]}
+    prometheus = yaml.safe_load(prometheus_files["/etc/prometheus/prometheus.yml"])
     jobs = {job["job_name"]: job["static_configs"] for job in prometheus["scrape_configs"]}
     assert jobs["dreamseed-proxy"] == [{"targets": ["dreamseed-proxy:8080"]}]
-    assert {c["labels"]["backend"]: c["targets"][0] for c in jobs["vllm"]} == {
-        "code": "dreamseed-code:8001", "fast": "dreamseed-fast:8002", "general": "dreamseed-general:8000"}
-    datasource = yaml.safe_load(containers(mocks)["dreamseed-grafana"]["uploads"][0]["content"])
+    assert {c["labels"]["backend"]: (c["targets"][0], c["labels"]["on_demand"]) for c in jobs["vllm"]} == {
+        "code": ("dreamseed-code:8001", "true"), "fast": ("dreamseed-fast:8002", "false"),
+        "general": ("dreamseed-general:8000", "false")}
+    assert prometheus["rule_files"] == ["rules.yml"]
+    alerts = [r["alert"] for g in yaml.safe_load(prometheus_files["/etc/prometheus/rules.yml"])["groups"]
+              for r in g["rules"] if "alert" in r]
+    assert "DreamSeedErrorBudgetBurnFast" in alerts and "DreamSeedRemoteBackendUnreachable" in alerts
+    grafana_files = {u["file"]: u["content"] for u in containers(mocks)["dreamseed-grafana"]["uploads"]}
+    datasource = yaml.safe_load(grafana_files["/etc/grafana/provisioning/datasources/prometheus.yaml"])
     assert datasource["datasources"][0]["url"] == "http://dreamseed-prometheus:9090"
+    assert '"uid": "dreamseed"' in grafana_files["/var/lib/grafana/dashboards/dreamseed.json"]
     postgres = containers(mocks)["dreamseed-postgres"]
     assert "CREATE EXTENSION IF NOT EXISTS vector;" in postgres["uploads"][0]["content"]
     assert postgres["volumes"][0]["volumeName"] == "dreamseed-postgres-data"

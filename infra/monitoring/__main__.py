@@ -1,0 +1,3 @@
+from infra.monitoring import main
+
+main()

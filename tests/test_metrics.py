@@ -1,0 +1,99 @@
+"""GET /metrics and the access log, through the shared stack (real proxy, simulated backends)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+
+from conftest import Stack
+
+
+def scrape(stack: Stack) -> str:
+    response = httpx.get(f"{stack.url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
+def value(text: str, series: str) -> float:
+    """The value of one series, e.g. 'dreamseed_requests_total{backend="fast",rule="fast",status="200"}'."""
+    name, _, labels = series.partition("{")
+    wanted = set(labels.rstrip("}").split(",")) if labels else set()
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            metric, _, number = line.rpartition(" ")
+            found = set(metric[len(name):].strip("{}").split(",")) if "{" in metric else set()
+            if wanted <= found and metric.split("{")[0] == name:
+                return float(number)
+    return 0.0
+
+
+def chat(stack: Stack, content: str, model: str = "auto", **extra: object) -> httpx.Response:
+    return httpx.post(f"{stack.url}/v1/chat/completions", timeout=30,
+                      json={"model": model, "messages": [{"role": "user", "content": content}], **extra})
+
+
+def test_requests_durations_and_tokens_are_counted(fresh: Stack) -> None:
+    before = scrape(fresh)
+    assert chat(fresh, "빠른 답변").status_code == 200
+    with httpx.stream("POST", f"{fresh.url}/v1/chat/completions", timeout=30,
+                      json={"model": "auto", "messages": [{"role": "user", "content": "write code"}], "stream": True,
+                            "stream_options": {"include_usage": True}}) as response:
+        list(response.iter_lines())
+    assert chat(fresh, "hi", model="gpt-4o").status_code == 404
+    after = scrape(fresh)
+
+    def grew(series: str) -> float:
+        return value(after, series) - value(before, series)
+
+    assert grew('dreamseed_requests_total{backend="fast",rule="fast",status="200"}') == 1
+    assert grew('dreamseed_requests_total{backend="code",rule="code",status="200"}') == 1
+    assert grew('dreamseed_requests_total{backend="none",rule="none",status="404"}') == 1
+    assert grew('dreamseed_request_duration_seconds_count{backend="fast"}') == 1
+    assert grew('dreamseed_time_to_first_token_seconds_count{backend="code"}') == 1
+    assert grew('dreamseed_upstream_duration_seconds_count{backend="code"}') == 1
+    assert grew('dreamseed_completion_tokens_total{backend="fast"}') == 16  # from the JSON answer's usage
+    assert grew('dreamseed_completion_tokens_total{backend="code"}') == 16  # from the stream's usage chunk
+    # Buckets resolve both latency targets.
+    assert 'dreamseed_time_to_first_token_seconds_bucket{backend="fast",le="0.1"}' in after
+    assert 'dreamseed_request_duration_seconds_bucket{backend="fast",le="0.5"}' in after
+    assert "_created" not in after
+
+
+def test_fallbacks_failures_and_states_are_visible(fresh: Stack) -> None:
+    before = scrape(fresh)
+    assert chat(fresh, "hi", model="dead-first").status_code == 200
+    fresh.sims["general"].configure(crash_after=2)
+    with httpx.stream("POST", f"{fresh.url}/v1/chat/completions", timeout=30,
+                      json={"model": "general", "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+        list(r.iter_lines())
+    after = scrape(fresh)
+    assert value(after, 'dreamseed_fallbacks_total{backend="dead",reason="unreachable",rule="dead-first"}') - \
+        value(before, 'dreamseed_fallbacks_total{backend="dead",reason="unreachable",rule="dead-first"}') == 1
+    assert value(after, 'dreamseed_requests_total{backend="general",rule="direct",status="502"}') - \
+        value(before, 'dreamseed_requests_total{backend="general",rule="direct",status="502"}') == 1
+    assert value(after, 'dreamseed_backend_up{backend="general",on_demand="false"}') == 1
+    assert value(after, 'dreamseed_backend_up{backend="dead",on_demand="false"}') == 0
+    assert value(after, 'dreamseed_backend_circuit_state{backend="general",state="closed"}') == 1
+    assert value(after, 'dreamseed_in_flight_requests{backend="general"}') == 0
+    assert re.search(r'dreamseed_policy_info\{policy_hash="[0-9a-f]{64}"\} 1\.0', after)
+    assert 'dreamseed_policy_reloads_total{result="failure"} 0.0' in after
+
+
+def test_access_log_is_one_json_object_per_request_without_prompts(fresh: Stack) -> None:
+    secret_prompt = "my private question about 빠른 delivery"
+    response = chat(fresh, secret_prompt)
+    request_id = response.headers["x-request-id"]
+    for _ in range(50):
+        entries = [json.loads(line) for line in fresh.proxy.lines if line.startswith("{")]
+        mine = [e for e in entries if e["request_id"] == request_id]
+        if mine:
+            break
+        time.sleep(0.05)
+    (entry,) = mine
+    assert entry["rule"] == "fast" and entry["backend"] == "fast" and entry["status"] == 200
+    assert entry["duration_ms"] > 0 and entry["ttft_ms"] > 0 and entry["completion_tokens"] == 16
+    assert "prompt" not in entry
+    assert not any(secret_prompt in line for line in fresh.proxy.lines) and secret_prompt not in fresh.proxy.log()

@@ -1,0 +1,144 @@
+"""Monitoring configuration checked with the real Prometheus tools (Debian's prometheus package:
+.ci/run installs it), against the real proxy's /metrics."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import Stack
+from infra.monitoring import PANELS, RATE, alert_rules, prometheus_config, write_all
+from proxy.policy import load_policies
+from support import SEED_POLICIES
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = load_policies(SEED_POLICIES)
+
+
+def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    assert shutil.which("promtool"), "promtool is missing: .ci/run installs Debian's prometheus package"
+    return subprocess.run(["promtool", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("monitoring")
+    write_all(out, SEED, "rtx5090")
+    shutil.copy(ROOT / "infra" / "monitoring" / "rules.test.yml", out)
+    return out
+
+
+def test_config_and_rules_pass_promtool(generated: Path) -> None:
+    checked = promtool("check", "config", "prometheus.yml", cwd=generated)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    rules = promtool("check", "rules", "rules.yml", cwd=generated)
+    assert rules.returncode == 0 and "SUCCESS: 23 rules found" in rules.stdout, rules.stdout + rules.stderr
+
+
+def test_alert_unit_tests_fire_and_stay_silent(generated: Path) -> None:
+    result = promtool("test", "rules", "rules.test.yml", cwd=generated)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+def test_every_dashboard_query_parses(generated: Path) -> None:
+    # Grafana's $__rate_interval is not PromQL: give it a value, then let promtool parse each query.
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": expr.replace(RATE, "5m")}
+        for i, (_, _, queries) in enumerate(PANELS) for expr, _ in queries]}]}
+    (generated / "dashboard_queries.yml").write_text(yaml.safe_dump(rules, width=1000))
+    result = promtool("check", "rules", "dashboard_queries.yml", cwd=generated)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dashboard = (generated / "grafana" / "dreamseed.json").read_text()
+    assert all(expr.replace('"', '\\"') in dashboard for _, _, queries in PANELS for expr, _ in queries)
+
+
+def exported_names(*scrapes: str) -> set[str]:
+    """Sample names a /metrics text really exports (histograms as _bucket, _count, _sum)."""
+    names: set[str] = {"up"}
+    for text in scrapes:
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split(" ", 3)
+                names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"} if kind == "histogram" else {name}
+            elif line and not line.startswith("#"):
+                names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def used_names(expr: str) -> set[str]:
+    return set(re.findall(r"\b(?:dreamseed_[a-z_]+|vllm:[a-z_]+|up)(?=\s*[{\[)])", expr))
+
+
+def test_every_metric_in_the_dashboard_and_rules_is_really_exported(fresh: Stack) -> None:
+    httpx.post(f"{fresh.url}/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    proxy_metrics = httpx.get(f"{fresh.url}/metrics").text
+    vllm_metrics = httpx.get(f"{fresh.sims['general'].url}/metrics").text
+    exported = exported_names(proxy_metrics, vllm_metrics)
+    rules = yaml.safe_load(alert_rules(SEED, "rtx5090"))
+    recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    expressions = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    expressions += [expr for _, _, queries in PANELS for expr, _ in queries]
+    used: set[str] = set()
+    for expr in expressions:
+        used |= used_names(expr)
+        for name in re.findall(r"\bdreamseed:[a-z_]+:[a-z0-9]+", expr):
+            assert name in recorded, f"{name} is used but no rule records it"
+    assert used, "no metric names found: the pattern is wrong"
+    missing = sorted(used - exported)
+    assert not missing, f"used but not exported by the proxy or vLLM: {missing}"
+    assert {"dreamseed_requests_total", "dreamseed_time_to_first_token_seconds_bucket", "vllm:num_requests_running",
+            "dreamseed_backend_up", "up"} <= used
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_prometheus_scrapes_the_proxy_and_answers_the_request_rate_query(fresh: Stack, tmp_path: Path) -> None:
+    assert shutil.which("prometheus"), "prometheus is missing: .ci/run installs Debian's prometheus package"
+    proxy_target = fresh.url.removeprefix("http://")
+    vllm = {"general": (fresh.sims["general"].url.removeprefix("http://"), False)}
+    (tmp_path / "prometheus.yml").write_text(prometheus_config(proxy_target, vllm, rule_files=("rules.yml",),
+                                                               scrape_interval="1s"))
+    (tmp_path / "rules.yml").write_text(alert_rules(SEED, "rtx5090"))
+    port = free_port()
+    server = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+    api = f"http://127.0.0.1:{port}/api/v1"
+    request_rate = next(q for title, _, qs in PANELS if title == "Request rate by backend" for q, _ in qs)
+    query = request_rate.replace(RATE, "1m")
+    try:
+        deadline = time.monotonic() + 45
+        result: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            httpx.post(f"{fresh.url}/v1/chat/completions",
+                       json={"model": "auto", "messages": [{"role": "user", "content": "hello"}]})
+            try:
+                answer = httpx.get(f"{api}/query", params={"query": query}).json()
+                result = answer["data"]["result"]
+            except (httpx.HTTPError, KeyError, ValueError):
+                result = []
+            if result and any(float(r["value"][1]) > 0 for r in result):  # type: ignore[index]
+                break
+            time.sleep(0.5)
+        assert result, (tmp_path / "prometheus.log").read_text()[-3000:]
+        assert {r["metric"]["backend"] for r in result} >= {"general"}  # type: ignore[index]
+        targets = httpx.get(f"{api}/targets").json()["data"]["activeTargets"]
+        assert {t["labels"]["job"]: t["health"] for t in targets} == {"dreamseed-proxy": "up", "vllm": "up"}
+        rules = httpx.get(f"{api}/rules").json()["data"]["groups"]
+        assert {g["name"] for g in rules} == {"dreamseed-slo-recording", "dreamseed-alerts"}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
