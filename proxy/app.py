@@ -6,6 +6,8 @@ once by msgspec, and the backend's answer is relayed without re-encoding.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -14,7 +16,7 @@ from contextlib import asynccontextmanager
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import Metric
-from litestar import Litestar, Request, get, post
+from litestar import Litestar, Request, delete, get, post
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Receive
@@ -32,14 +34,25 @@ from .errors import (
 from .forwarding import FORWARDED_REQUEST_HEADERS, BufferedResponse, forward, raw_headers
 from .metrics import Exchange, ProxyMetrics, log_exchange, state_metrics
 from .openapi import openapi_document
-from .openai_api import Endpoint, parse_request, request_id
-from .policy import AUTO_MODEL, Policies
+from .openai_api import (
+    EmbeddingRequest,
+    Endpoint,
+    IngestRequest,
+    SearchRequest,
+    decode_struct,
+    parse_request,
+    request_id,
+)
+from .policy import AUTO_MODEL, Policies, RagSettings
+from .rag.augment import augment, query_of
+from .rag.retriever import Retriever
 from .routing import UnknownModel
-from .runtime import Runtime
+from .runtime import Generation, Runtime
 
 log = logging.getLogger("dreamseed.app")
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
+ADMIN_QUERY_TIMEOUT_S = 2.0
 
 
 def _json(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> ASGIResponse:
@@ -92,9 +105,20 @@ def create_app(
     environ = os.environ if environ is None else environ
     keys = KeyRing.from_environment(environ)
     holder: dict[str, Runtime] = {}
+    # The retriever (RAG store + embedder) exists once some policy turns retrieval on; its
+    # embedder and store settings are those of that moment (changing them needs a restart).
+    rag: dict[str, Retriever] = {}
 
     def runtime() -> Runtime:
         return holder["runtime"]
+
+    def retriever(start: bool = True) -> Retriever | None:
+        found = rag.get("retriever")
+        if found is None and start and runtime().current.policies.rag.used:
+            # Turned on by a reload: come up in the background; requests degrade until ready.
+            found = rag["retriever"] = Retriever(runtime().current.policies.rag, environ)
+            asyncio.get_running_loop().create_task(found.start())
+        return found
 
     def current_state() -> Iterator[Metric]:
         if "runtime" not in holder:
@@ -112,10 +136,15 @@ def create_app(
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         holder["runtime"] = Runtime(policies, environ, url_overrides or {}, on_reload=metrics.count_reload)
         await holder["runtime"].start(watch=watch_policies)
+        if policies.rag.used:
+            rag["retriever"] = Retriever(policies.rag, environ)
+            await rag["retriever"].start()  # a table built for another model stops the start here
         try:
             yield
         finally:
             await holder["runtime"].aclose()
+            if "retriever" in rag:
+                await rag["retriever"].aclose()
             for hook in on_shutdown:
                 hook()
 
@@ -155,9 +184,38 @@ def create_app(
             headers["x-dreamseed-rule"] = exchange.rule = decision.rule
             if log_prompts:
                 exchange.prompt = prompt.text("all")
+            settings = rag_settings(generation, decision.rule, decision.backend)
+            headers["x-dreamseed-rag"] = await retrieve_into(payload, endpoint, settings, exchange)
             return await forward(generation.upstreams, decision, path, payload, stream, headers, passed_on, exchange)
         except ProxyError as exc:
             return _error(exc, headers, exchange)
+
+    settings_cache: dict[tuple[str, str, str], RagSettings] = {}
+
+    def rag_settings(generation: Generation, rule: str, backend: str) -> RagSettings:
+        key = (generation.policy_hash, rule, backend)
+        found = settings_cache.get(key)
+        if found is None:
+            if len(settings_cache) > 1024:  # old generations' entries
+                settings_cache.clear()
+            found = settings_cache[key] = generation.policies.rag.settings(rule, backend)
+        return found
+
+    async def retrieve_into(payload: dict[str, object], endpoint: Endpoint, settings: RagSettings,
+                            exchange: Exchange) -> str:
+        """Retrieve for the request and add the context; returns the x-dreamseed-rag value."""
+        if not settings.enabled:
+            return "off"
+        query = query_of(payload, endpoint)
+        found = retriever()
+        if query is None or found is None:
+            return "off"
+        retrieval = await found.retrieve(settings, query)
+        exchange.rag, exchange.rag_seconds = retrieval.outcome, retrieval.seconds
+        if retrieval.outcome == "degraded":
+            return "degraded"
+        exchange.rag_hits = augment(payload, endpoint, settings, query, retrieval.hits)
+        return f"hits={exchange.rag_hits}"
 
     @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
     async def chat_completions(request: Request) -> ASGIApp:
@@ -181,6 +239,103 @@ def create_app(
                  "max_model_len": backend.context_length, "on_demand": backend.on_demand}
             )
         return _json({"object": "list", "data": data})
+
+    @post("/v1/embeddings", status_code=200, summary="Create embeddings (OpenAI-compatible)")
+    async def embeddings(request: Request) -> ASGIApp:
+        keys.check(_authorization(request), "client")
+        body = await read_body(request.receive, -1)
+        wanted = decode_struct(body, EmbeddingRequest)
+        found = retriever()
+        configured = runtime().current.policies.rag.embedder.model if found is None else found.rag.embedder.model
+        if wanted.model != configured:
+            raise ProxyError(404, f"The embedding model {wanted.model!r} does not exist. Available models: {configured}",
+                             type="invalid_request_error", code="model_not_found", param="model")
+        if found is None or found.embedder is None:
+            problem = "retrieval is off in rag.yaml" if found is None else found.problem
+            raise ProxyError(503, f"embeddings are unavailable: {problem}", type="server_error",
+                             code="embeddings_unavailable")
+        embedder = found.embedder
+        if wanted.dimensions is not None and wanted.dimensions != embedder.embedder.dim:
+            raise ProxyError(400, f"{configured} makes {embedder.embedder.dim}-dimensional vectors; "
+                                  f"`dimensions` {wanted.dimensions} is not available", type="invalid_request_error",
+                             code="invalid_dimensions", param="dimensions")
+        texts = [wanted.input] if isinstance(wanted.input, str) else wanted.input
+        try:
+            if len(texts) == 1:
+                vectors = [await embedder.embed_one(texts[0])]
+            else:
+                vectors = list(await embedder.embed_many(texts))
+            tokens = await asyncio.get_running_loop().run_in_executor(None, embedder.embedder.count_tokens, texts)
+        except Exception as exc:  # noqa: BLE001 - the embedder's failure is a 503, not a 500
+            log.warning("embedding failed: %s", exc)
+            raise ProxyError(503, f"the embedder failed: {exc}", type="server_error",
+                             code="embeddings_unavailable") from None
+        data = [{"object": "embedding", "index": index,
+                 "embedding": base64.b64encode(vector.astype("<f4").tobytes()).decode()
+                 if wanted.encoding_format == "base64" else vector.tolist()}
+                for index, vector in enumerate(vectors)]
+        return _json({"object": "list", "data": data, "model": configured,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    def ready_retriever() -> Retriever:
+        found = retriever()
+        if found is None:
+            raise ProxyError(409, "retrieval is off: no rule, backend or default in rag.yaml enables it",
+                             type="invalid_request_error", code="rag_disabled")
+        if not found.ready:
+            raise ProxyError(503, f"the RAG store is unavailable: {found.problem}", type="server_error",
+                             code="rag_unavailable")
+        return found
+
+    @get("/admin/rag", summary="RAG status and collections (admin key)")
+    async def admin_rag(request: Request) -> ASGIApp:
+        keys.check(_authorization(request), "admin")
+        found = retriever()
+        if found is None:
+            return _json({"enabled": False})
+        status = {"enabled": True, **found.status()}
+        if found.ready and found.store is not None:
+            try:  # bounded: the admin view must answer while the database is down
+                status["collections"] = await asyncio.wait_for(found.store.collections(), ADMIN_QUERY_TIMEOUT_S)
+            except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - the database went away: say so
+                status["problem"] = f"{type(exc).__name__}: {exc}"
+        return _json(status)
+
+    @post("/admin/rag/ingest", status_code=200, summary="Add documents to a collection (admin key)")
+    async def admin_rag_ingest(request: Request) -> ASGIApp:
+        from .rag.ingest import ingest_texts
+
+        keys.check(_authorization(request), "admin")
+        wanted = decode_struct(await read_body(request.receive, -1), IngestRequest)
+        found = ready_retriever()
+        assert found.store is not None and found.embedder is not None
+        documents = [(d.source, d.text, d.metadata) for d in wanted.documents]
+        summary = await ingest_texts(found.store, found.embedder, wanted.collection, documents, found.rag.chunking)
+        return _json(summary.as_dict())
+
+    @post("/admin/rag/search", status_code=200, summary="What retrieval finds for a query (admin key)")
+    async def admin_rag_search(request: Request) -> ASGIApp:
+        from .rag.store import hits_as_dicts
+
+        keys.check(_authorization(request), "admin")
+        wanted = decode_struct(await read_body(request.receive, -1), SearchRequest)
+        found = ready_retriever()
+        base = runtime().current.policies.rag.settings(wanted.rule or "", wanted.backend or "")
+        settings = RagSettings(**{**{n: getattr(base, n) for n in RagSettings.__slots__},
+                                  **({"collection": wanted.collection} if wanted.collection else {}),
+                                  **({"mode": wanted.mode} if wanted.mode else {})})
+        hits = await found.search(settings, wanted.query, top_k=wanted.k)
+        return _json({"collection": settings.collection, "mode": settings.mode, "hits": hits_as_dicts(hits)})
+
+    @delete("/admin/rag/documents", status_code=200, summary="Delete a collection or a source (admin key)")
+    async def admin_rag_delete(request: Request, collection: str | None = None, source: str | None = None) -> ASGIApp:
+        keys.check(_authorization(request), "admin")
+        if not collection and not source:
+            raise ProxyError(400, "name a `collection`, a `source`, or both (query parameters)",
+                             type="invalid_request_error", code="invalid_request", param="collection")
+        found = ready_retriever()
+        assert found.store is not None
+        return _json({"deleted": await found.store.delete(collection or None, source or None)})
 
     documents: dict[str, bytes] = {}
 
@@ -233,8 +388,9 @@ def create_app(
         return _json(body, status=200 if outcome.ok else 422)
 
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, openapi_json, metrics_endpoint, healthz, readyz,
-                        admin_backends, admin_policies, admin_reload],
+        route_handlers=[chat_completions, completions, embeddings, list_models, openapi_json, metrics_endpoint, healthz,
+                        readyz, admin_backends, admin_policies, admin_reload, admin_rag, admin_rag_ingest,
+                        admin_rag_search, admin_rag_delete],
         lifespan=[lifespan],
         exception_handlers={
             ProxyError: handle_proxy_error,

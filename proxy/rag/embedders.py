@@ -1,0 +1,206 @@
+"""Text -> vectors.
+
+Two kinds, one interface (:class:`Embedder`): fastembed's ONNX models in-process, or an
+OpenAI-compatible ``/v1/embeddings`` server. Both are blocking libraries or slow calls, so
+the proxy reaches them through :class:`BatchingEmbedder`, which runs them on a worker thread
+and folds the queries that arrive while one batch runs into the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..policy import Embedder as EmbedderPolicy
+from .database import state_directory
+
+log = logging.getLogger("dreamseed.rag")
+
+
+class EmbedderError(Exception):
+    """The embedder cannot be loaded or did not answer; RAG degrades, the request goes on."""
+
+
+class Embedder(Protocol):
+    model: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length float32 vectors, one row per text (blocking)."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> int: ...
+
+
+def model_folder_name(model: str) -> str:
+    return model.replace("/", "--")
+
+
+def local_model_path(policy: EmbedderPolicy, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The local folder to load the model from, if any: the configured one (relative to the
+    state directory), or the one `dreamseed rag setup-model` writes, if present."""
+    state = state_directory(environ)
+    if policy.model_path:
+        path = Path(policy.model_path)
+        return path if path.is_absolute() else state / path
+    default = state / "models" / model_folder_name(policy.model)
+    return default if (default / "tokenizer.json").exists() else None
+
+
+def _known_fastembed_dim(model: str) -> int | None:
+    from fastembed import TextEmbedding
+
+    for description in TextEmbedding.list_supported_models():
+        if description["model"].lower() == model.lower():
+            return int(description["dim"])
+    return None
+
+
+class FastEmbedder:
+    def __init__(self, policy: EmbedderPolicy, environ: Mapping[str, str] = os.environ) -> None:
+        from fastembed import TextEmbedding
+        from fastembed.common.model_description import ModelSource, PoolingType
+
+        self.model = policy.model
+        path = local_model_path(policy, environ)
+        known_dim = _known_fastembed_dim(policy.model)
+        if known_dim is None:
+            if path is None or policy.dim is None:
+                raise EmbedderError(
+                    f"fastembed does not know the model {policy.model!r}: give `model_path` (a local folder with "
+                    "model.onnx and tokenizer.json) and `dim` in rag.yaml")
+            try:
+                TextEmbedding.add_custom_model(
+                    model=policy.model, pooling=PoolingType.MEAN if policy.pooling == "mean" else PoolingType.CLS,
+                    normalization=True, sources=ModelSource(hf=policy.model), dim=policy.dim, model_file="model.onnx")
+            except ValueError:
+                pass  # registered already (a second embedder in this process)
+        self.dim = known_dim or int(policy.dim or 0)
+        if policy.dim is not None and known_dim is not None and policy.dim != known_dim:
+            raise EmbedderError(f"rag.yaml says dim {policy.dim}, but {policy.model} makes {known_dim}-d vectors")
+        if path is not None and not (path / "model.onnx").exists() and not any(path.glob("*.onnx")):
+            raise EmbedderError(f"no ONNX model in {path}: run `dreamseed rag setup-model` or fix embedder.model_path")
+        try:
+            if path is not None:
+                self._model = TextEmbedding(policy.model, specific_model_path=str(path))
+            else:
+                self._model = TextEmbedding(policy.model, cache_dir=str(state_directory(environ) / "models" / "cache"))
+        except Exception as exc:  # fastembed raises plain exceptions for missing files and failed downloads
+            where = f"from {path}" if path else "from the model hub (unreachable? run `dreamseed rag setup-model`)"
+            raise EmbedderError(f"cannot load embedding model {policy.model!r} {where}: {exc}") from exc
+        self.batch_size = policy.batch_size
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = list(self._model.embed(list(texts), batch_size=self.batch_size))
+        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        tokenizer = getattr(getattr(self._model, "model", None), "tokenizer", None)
+        if tokenizer is None:
+            return sum(max(1, len(t) // 4) for t in texts)
+        return sum(sum(encoding.attention_mask) for encoding in tokenizer.encode_batch(list(texts)))
+
+
+class OpenAIEmbedder:
+    """Calls an OpenAI-compatible /v1/embeddings (vLLM's embedding server, say)."""
+
+    def __init__(self, policy: EmbedderPolicy, environ: Mapping[str, str] = os.environ) -> None:
+        import httpx
+
+        url = (environ.get(policy.url_env) if policy.url_env else None) or policy.url
+        if not url:
+            raise EmbedderError(f"embedder URL not configured: set {policy.url_env}")
+        headers = {}
+        if policy.api_key_env and environ.get(policy.api_key_env):
+            headers["authorization"] = f"Bearer {environ[policy.api_key_env]}"
+        self.model = policy.model
+        self.dim = int(policy.dim or 0)
+        self.batch_size = policy.batch_size
+        self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=policy.timeout)
+        self._tokens = 0
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        import httpx
+
+        rows: list[list[float]] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = list(texts[start:start + self.batch_size])
+            try:
+                response = self._client.post("/v1/embeddings", json={"model": self.model, "input": batch})
+                response.raise_for_status()
+                data = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise EmbedderError(f"embedding server failed: {exc}") from exc
+            ordered = sorted(data["data"], key=lambda item: item["index"])
+            rows += [item["embedding"] for item in ordered]
+            self._tokens = int(data.get("usage", {}).get("prompt_tokens", 0))
+        matrix = np.asarray(rows, dtype=np.float32)
+        if matrix.shape != (len(texts), self.dim):
+            raise EmbedderError(f"embedding server returned shape {matrix.shape}, expected ({len(texts)}, {self.dim})")
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        return matrix / np.where(norms == 0, 1, norms)
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        return sum(max(1, len(t) // 4) for t in texts)
+
+
+def load_embedder(policy: EmbedderPolicy, environ: Mapping[str, str] = os.environ) -> Embedder:
+    if policy.kind == "openai":
+        return OpenAIEmbedder(policy, environ)
+    return FastEmbedder(policy, environ)
+
+
+class BatchingEmbedder:
+    """Async front of a blocking embedder: one worker thread; queries that arrive while a
+    batch is running wait together and go in the next call (one ONNX run for many queries)."""
+
+    def __init__(self, embedder: Embedder, max_batch: int = 64) -> None:
+        self.embedder = embedder
+        self.max_batch = max_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._running = False
+
+    async def embed_one(self, text: str) -> np.ndarray:
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._pending.append((text, future))
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.embedder.embed, list(texts))
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                live = [(text, future) for text, future in batch if not future.done()]  # drop abandoned waits
+                if not live:
+                    continue
+                try:
+                    vectors = await loop.run_in_executor(self._executor, self.embedder.embed, [t for t, _ in live])
+                except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+                    for _, future in live:
+                        if not future.done():
+                            future.set_exception(exc if isinstance(exc, EmbedderError) else EmbedderError(str(exc)))
+                    continue
+                for (_, future), vector in zip(live, vectors):
+                    if not future.done():
+                        future.set_result(vector)
+        finally:
+            self._running = False
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

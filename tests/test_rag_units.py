@@ -1,0 +1,140 @@
+"""The pure parts of RAG: chunking, the evaluation metrics, rag.yaml validation."""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.policy import PolicyError, load_policies
+from proxy.rag.augment import format_context
+from proxy.rag.chunking import chunk_text
+from proxy.rag.evaluation import EvalSetError, language, load_eval_set, mrr_at, ndcg_at, recall_at
+from proxy.rag.store import Hit
+from support import ROOT, SEED_POLICIES
+
+
+def test_paragraphs_that_fit_stay_whole_and_chunks_respect_the_size() -> None:
+    text = "First paragraph about GPUs.\n\nSecond paragraph about routing.\n\n" + "Long sentence number x. " * 60
+    chunks = chunk_text(text, size=200, overlap=50)
+    # Small paragraphs are packed together, still separated as paragraphs.
+    assert chunks[0].startswith("First paragraph about GPUs.\n\nSecond paragraph about routing.\n\nLong sentence")
+    assert all(len(chunk) <= 200 for chunk in chunks)
+    assert len(chunks) > 5
+
+
+def test_consecutive_chunks_overlap_on_sentence_boundaries() -> None:
+    sentences = [f"Sentence {i} says something distinct." for i in range(30)]
+    chunks = chunk_text(" ".join(sentences), size=150, overlap=60)
+    for before, after in zip(chunks, chunks[1:]):
+        last = before.split(". ")[-1].rstrip(".") + "."
+        assert after.startswith(last), (before, after)  # the tail sentence is carried over whole
+    assert all(any(s in chunk for chunk in chunks) for s in sentences)  # nothing is lost
+
+
+def test_korean_text_is_split_on_sentences_and_never_inside_a_syllable() -> None:
+    text = "비밀번호를 잊어버렸다면 로그인 화면에서 찾기를 누르세요. " * 40
+    chunks = chunk_text(text, size=120, overlap=30)
+    assert len(chunks) > 5
+    for chunk in chunks:
+        assert len(chunk) <= 120
+        assert chunk.startswith("비밀번호를") and chunk.endswith("누르세요.")
+
+
+def test_decomposed_hangul_is_normalised_so_it_matches_what_users_type() -> None:
+    decomposed = unicodedata.normalize("NFD", "코드 리뷰")
+    assert chunk_text(decomposed) == ["코드 리뷰"]
+
+
+def test_a_sentence_longer_than_a_chunk_is_cut_at_spaces() -> None:
+    chunks = chunk_text("word " * 100, size=120, overlap=0)
+    assert all(len(c) <= 120 and not c.startswith(" ") for c in chunks)
+    assert " ".join(chunks).split() == ["word"] * 100
+
+
+def test_empty_text_has_no_chunks() -> None:
+    assert chunk_text("  \n\n ") == []
+
+
+def test_metrics_follow_the_standard_definitions() -> None:
+    relevant = {"a": 2, "b": 1, "z": 0}
+    ranked = ["x", "b", "y", "a"]
+    assert recall_at(ranked, relevant, 10) == 1.0
+    assert recall_at(ranked, relevant, 2) == 0.5
+    assert mrr_at(ranked, relevant, 10) == 0.5
+    assert mrr_at(["x", "z"], relevant, 10) == 0.0  # grade 0 is not relevant
+    dcg = 1 / math.log2(3) + 2 / math.log2(5)
+    ideal = 2 / math.log2(2) + 1 / math.log2(3)
+    assert ndcg_at(ranked, relevant, 10) == pytest.approx(dcg / ideal)
+    assert ndcg_at(["a", "b"], relevant, 10) == pytest.approx(1.0)
+
+
+def test_the_golden_set_is_big_enough_and_bilingual() -> None:
+    golden = load_eval_set(ROOT / "tests" / "data" / "golden_support")
+    assert len(golden.corpus) >= 40 and len(golden.queries) >= 60
+    languages = [language(text) for text in golden.queries.values()]
+    assert languages.count("ko") >= 30 and languages.count("en") >= 30
+    assert all(any(g > 0 for g in rel.values()) for rel in golden.qrels.values())
+
+
+def test_a_broken_eval_set_names_the_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n', encoding="utf-8")
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "x"}\n', encoding="utf-8")
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td9\t1\n", encoding="utf-8")
+    with pytest.raises(EvalSetError, match=r"test.tsv:2: unknown corpus id 'd9'"):
+        load_eval_set(tmp_path)
+
+
+def test_context_is_numbered_with_sources_and_capped() -> None:
+    hits = [Hit(i, f"s{i}", 0, "x" * 50, {}, 1.0, None) for i in range(5)]
+    text, used = format_context(hits, 130)
+    assert used == 2 and text == f"[1] (s0) {'x' * 50}\n\n[2] (s1) {'x' * 50}"
+    alone, used = format_context([Hit(1, "big", 0, "y" * 500, {}, 1.0, None)], 100)
+    assert used == 1 and len(alone) == 100 and alone.endswith("…")
+
+
+def _policies_with_rag(tmp_path: Path, rag: str) -> Path:
+    directory = tmp_path / "p"
+    directory.mkdir()
+    for name in ("backends.yaml", "routing.yaml"):
+        (directory / name).write_text((SEED_POLICIES / name).read_text(encoding="utf-8"), encoding="utf-8")
+    (directory / "rag.yaml").write_text(rag, encoding="utf-8")
+    return directory
+
+
+@pytest.mark.parametrize(("rag", "expected"), [
+    ("rules:\n  no-such-rule:\n    enabled: true\n", "rag.yaml:2: rules.no-such-rule: unknown routing rule"),
+    ("backends:\n  nope:\n    top_k: 2\n", "rag.yaml:2: backends.nope: unknown backend 'nope'"),
+    ("defaults:\n  template: 'Context: {ctx}'\n", "rag.yaml:2: defaults.template: unknown placeholder(s) {ctx}"),
+    ("defaults:\n  template: 'Query: {query}'\n", "defaults.template: the template must contain {context}"),
+    ("defaults:\n  mode: semantic\n", "rag.yaml:2: defaults.mode: Invalid enum value 'semantic'"),
+    ("defaults:\n  top_k: 0\n", "rag.yaml:2: defaults.top_k: Expected `int` >= 1"),
+    ("chunking:\n  size: 400\n  overlap: 300\n", "rag.yaml:3: chunking.overlap: must be less than half of `size`"),
+    ("embedder:\n  kind: openai\n  model: e5\n", "embedder.dim: an `openai` embedder must state `dim`"),
+    ("store:\n  table: Robert'); DROP TABLE students;--\n", "rag.yaml:2: store.table: Expected `str` matching"),
+])
+def test_rag_policy_mistakes_name_file_line_and_field(tmp_path: Path, rag: str, expected: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policies(_policies_with_rag(tmp_path, rag))
+    assert expected in str(caught.value), str(caught.value)
+
+
+def test_settings_layer_defaults_then_backend_then_rule(tmp_path: Path) -> None:
+    rag = yaml.safe_dump({"defaults": {"enabled": True, "top_k": 4, "collection": "support"},
+                          "backends": {"general70": {"top_k": 8, "max_context_chars": 12000}},
+                          "rules": {"long-prompt": {"top_k": 6}, "fast": {"enabled": False}}})
+    policies = load_policies(_policies_with_rag(tmp_path, rag))
+    long_prompt = policies.rag.settings("long-prompt", "general70")
+    assert (long_prompt.top_k, long_prompt.max_context_chars, long_prompt.collection) == (6, 12000, "support")
+    assert policies.rag.settings("default", "general").top_k == 4
+    assert not policies.rag.settings("fast", "fast").enabled
+    assert policies.rag.settings("default", "general").template == "Context:\n{context}\nQuery: {query}"
+
+
+def test_the_seed_policies_pass_with_their_rag_file() -> None:
+    policies = load_policies(SEED_POLICIES)
+    assert policies.rag.used
