@@ -42,6 +42,7 @@ from .openai_api import (
     decode_struct,
     parse_request,
     request_id,
+    storable,
 )
 from .policy import AUTO_MODEL, Policies, RagSettings
 from .rag.augment import augment, query_of
@@ -245,6 +246,7 @@ def create_app(
         keys.check(_authorization(request), "client")
         body = await read_body(request.receive, -1)
         wanted = decode_struct(body, EmbeddingRequest)
+        storable(wanted.input, "input")
         found = retriever()
         configured = runtime().current.policies.rag.embedder.model if found is None else found.rag.embedder.model
         if wanted.model != configured:
@@ -307,6 +309,11 @@ def create_app(
 
         keys.check(_authorization(request), "admin")
         wanted = decode_struct(await read_body(request.receive, -1), IngestRequest)
+        storable(wanted.collection, "collection")
+        for index, document in enumerate(wanted.documents):
+            storable(document.source, f"documents[{index}].source")
+            storable(document.text, f"documents[{index}].text")
+            storable(document.metadata, f"documents[{index}].metadata")
         found = ready_retriever()
         assert found.store is not None and found.embedder is not None
         documents = [(d.source, d.text, d.metadata) for d in wanted.documents]
@@ -319,6 +326,8 @@ def create_app(
 
         keys.check(_authorization(request), "admin")
         wanted = decode_struct(await read_body(request.receive, -1), SearchRequest)
+        storable(wanted.query, "query")
+        storable(wanted.collection, "collection")
         found = ready_retriever()
         base = runtime().current.policies.rag.settings(wanted.rule or "", wanted.backend or "")
         settings = RagSettings(**{**{n: getattr(base, n) for n in RagSettings.__slots__},
@@ -333,6 +342,8 @@ def create_app(
         if not collection and not source:
             raise ProxyError(400, "name a `collection`, a `source`, or both (query parameters)",
                              type="invalid_request_error", code="invalid_request", param="collection")
+        storable(collection, "collection")
+        storable(source, "source")
         found = ready_retriever()
         assert found.store is not None
         return _json({"deleted": await found.store.delete(collection or None, source or None)})
@@ -346,7 +357,7 @@ def create_app(
         if document is None:
             documents.clear()
             document = documents[generation.policy_hash] = msgspec.json.encode(
-                openapi_document(generation.router.available_models()))
+                openapi_document(generation.router.available_models(), generation.policies.rag.embedder.model))
         return BufferedResponse(200, [(b"content-type", b"application/json")], document)
 
     @get("/metrics", summary="Prometheus metrics", include_in_schema=False)

@@ -110,6 +110,26 @@ def decode_struct(body: bytes, schema: type[Any]) -> Any:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
+def storable(value: Any, param: str) -> None:
+    """Text bound for PostgreSQL (or a tokenizer) must be valid UTF-8 without NUL characters:
+    a 400 naming the field, rather than a failure deep in the database."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise bad_request(f"`{param}` contains a NUL character (\\u0000), which cannot be stored", param=param)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"`{param}` contains an unpaired UTF-16 surrogate, which is not valid Unicode text",
+                              param=param) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable(key, param)
+            storable(item, param)
+    elif isinstance(value, list):
+        for item in value:
+            storable(item, param)
+
+
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 

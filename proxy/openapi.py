@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from . import __version__
-from .openai_api import ChatRequest, CompletionRequest
+from .openai_api import ChatRequest, CompletionRequest, EmbeddingRequest, IngestRequest, SearchRequest
 
 
 class ErrorDetail(msgspec.Struct):
@@ -69,13 +69,32 @@ def _json_get(summary: str, extra: dict[str, Any] | None = None) -> dict[str, An
         "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}, **(extra or {})}}}
 
 
-def openapi_document(models: list[str]) -> dict[str, Any]:
-    (_, _, _), components = msgspec.json.schema_components(
-        [ChatRequest, CompletionRequest, ErrorResponse], ref_template="#/components/schemas/{name}"
+def _post(summary: str, schema: str, errors: dict[str, Any]) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True,
+                        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "400": _error("Bad request: not JSON, or a field is missing or of the wrong type"),
+                      **errors}}}
+
+
+_RAG_ADMIN_ERRORS = {
+    "409": _error("Retrieval is off: no policy enables it"),
+    "503": _error("The RAG store or embedder is not up (yet)"),
+}
+
+
+def openapi_document(models: list[str], embedding_model: str) -> dict[str, Any]:
+    (_, _, _, _, _, _), components = msgspec.json.schema_components(
+        [ChatRequest, CompletionRequest, EmbeddingRequest, IngestRequest, SearchRequest, ErrorResponse],
+        ref_template="#/components/schemas/{name}"
     )
     for name in ("ChatRequest", "CompletionRequest"):
         components[name]["properties"]["model"]["enum"] = models
+    components["EmbeddingRequest"]["properties"]["model"]["enum"] = [embedding_model]
     admin_errors = {**_AUTH_ERRORS}
+    rag_admin_errors = {**_AUTH_ERRORS, **_RAG_ADMIN_ERRORS}
     return {
         "openapi": "3.1.0",
         "info": {"title": "DreamSeed proxy", "version": __version__,
@@ -88,6 +107,23 @@ def openapi_document(models: list[str]) -> dict[str, Any]:
             "/v1/chat/completions": _relay("Create a chat completion", "ChatRequest"),
             "/v1/completions": _relay("Create a text completion", "CompletionRequest"),
             "/v1/models": _json_get("List the models: auto and each backend", _AUTH_ERRORS),
+            "/v1/embeddings": _post("Create embeddings (OpenAI-compatible), from rag.yaml's embedder",
+                                    "EmbeddingRequest", {**_AUTH_ERRORS,
+                                                         "404": _error("Not the configured embedding model"),
+                                                         "413": _RELAY_ERRORS["413"],
+                                                         "503": _error("The embedder is not up, or retrieval is off")}),
+            "/admin/rag": _json_get("RAG status and collections (admin key)", admin_errors),
+            "/admin/rag/ingest": _post("Add documents to a collection (admin key)", "IngestRequest",
+                                       {**rag_admin_errors, "413": _RELAY_ERRORS["413"]}),
+            "/admin/rag/search": _post("What retrieval finds for a query (admin key)", "SearchRequest",
+                                       {**rag_admin_errors, "413": _RELAY_ERRORS["413"]}),
+            "/admin/rag/documents": {"delete": {
+                "summary": "Delete a collection, a source, or a source within a collection (admin key)",
+                "parameters": [{"name": "collection", "in": "query", "required": False, "schema": {"type": "string"}},
+                               {"name": "source", "in": "query", "required": False, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "How many chunks were deleted",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}},
+                              "400": _error("Neither collection nor source given"), **rag_admin_errors}}},
             "/healthz": _json_get("Liveness"),
             "/readyz": _json_get("Readiness: a backend of the catch-all rule is up",
                                  {"503": {"description": "Not ready",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from support import start_proxy, start_sim, write_policies
+from support import start_proxy, start_sim, write_policies, write_rag
 
 
 def test_the_openapi_document_describes_the_request_structs(tmp_path: Path) -> None:
@@ -29,6 +29,10 @@ def test_the_openapi_document_describes_the_request_structs(tmp_path: Path) -> N
     assert chat["properties"]["model"]["enum"] == ["auto", "general", "m"]
     assert chat["properties"]["messages"]["minItems"] == 1
     assert set(document["paths"]["/v1/chat/completions"]["post"]["responses"]) >= {"200", "400", "404", "413", "429", "502"}
+    embeddings = document["components"]["schemas"]["EmbeddingRequest"]
+    assert embeddings["properties"]["model"]["enum"] == ["sentence-transformers/all-MiniLM-L6-v2"]
+    assert {"/v1/embeddings", "/admin/rag", "/admin/rag/ingest", "/admin/rag/search", "/admin/rag/documents"} \
+        <= set(document["paths"])
 
 
 def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
@@ -36,7 +40,9 @@ def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
     try:
         policies = write_policies(tmp_path / "p", {"general": {"url": sim.url, "model": "m", "context_length": 1024}},
                                   {"rules": [{"name": "default", "target": "general"}]})
-        proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "fuzz-admin"})
+        # RAG on, so /v1/embeddings and the admin RAG endpoints meet fuzzed input with a real store.
+        write_rag(policies, {"defaults": {"enabled": True}})
+        proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "fuzz-admin", "DREAMSEED_STATE_DIR": str(tmp_path / "s")})
         try:
             result = subprocess.run(
                 [sys.executable, "-m", "schemathesis.cli", "run", f"{proxy.url}/openapi.json",

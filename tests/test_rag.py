@@ -386,3 +386,36 @@ def test_retrieval_quality_on_the_golden_set_stays_at_its_measured_level(tmp_pat
     assert table.splitlines()[0].split() == ["mode", "queries", "n", "Recall@10", "MRR@10", "nDCG@10"]
     assert [line.split()[:3] for line in table.splitlines()[1:]] == [["hybrid", "all", "64"], ["hybrid", "en", "32"],
                                                                     ["hybrid", "ko", "32"]]
+
+
+def test_text_postgres_cannot_store_is_a_400_and_never_breaks_retrieval(rag_stack: RagStack) -> None:
+    with rag_stack.admin() as admin:
+        response = admin.post("/admin/rag/ingest", json={"collection": "c", "documents": [
+            {"source": "s", "text": "a\u0000b"}]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "documents[0].text"
+        bad_search = admin.post("/admin/rag/search", json={"query": "x\u0000"})
+        assert bad_search.status_code == 400 and bad_search.json()["error"]["param"] == "query"
+    assert rag_stack.chat("how do I reset my password\u0000?").headers["x-dreamseed-rag"].startswith("hits=")
+
+
+def test_an_openai_compatible_embedding_server_can_be_the_embedder(rag_stack: RagStack, tmp_path: Path) -> None:
+    """Embedder kind `openai` against a real OpenAI-compatible /v1/embeddings: the RAG stack's own
+    proxy stands in for the seed's vLLM embedding container on :8003."""
+    policies = rag_policies(tmp_path / "p", rag_stack.sim, {
+        "embedder": {"kind": "openai", "model": MODEL, "dim": 384, "url_env": "EMBEDDINGS_URL"},
+        "defaults": {"enabled": True, "collection": "remote-kb", "mode": "vector"}})
+    proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state"), "DREAMSEED_ADMIN_KEY": ADMIN,
+                                       "EMBEDDINGS_URL": rag_stack.proxy.url})
+    try:
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        status = httpx.get(f"{proxy.url}/admin/rag", headers=admin).json()
+        assert status["embedder"] == {"kind": "openai", "model": MODEL, "dim": 384}
+        added = httpx.post(f"{proxy.url}/admin/rag/ingest", headers=admin, timeout=30, json={
+            "collection": "remote-kb", "documents": golden_documents()[:5]}).json()
+        assert added["added"] == 5
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
+            "model": "auto", "messages": [{"role": "user", "content": "enable two-factor authentication"}]})
+        assert response.headers["x-dreamseed-rag"].startswith("hits=")
+        assert "(e02) Two-factor authentication" in system_message(rag_stack.sim)
+    finally:
+        proxy.stop()

@@ -17,15 +17,21 @@ from .store import Hit
 
 
 def query_of(payload: dict[str, Any], endpoint: str) -> str | None:
-    """The text to retrieve for: the last user message, or a completion's single prompt."""
+    """The text to retrieve for: the last user message, or a completion's single prompt. NUL
+    characters and unpaired surrogates, which PostgreSQL cannot take, are dropped from it (the
+    request itself is forwarded as sent)."""
+    text: str | None = None
     if endpoint == "chat":
         for message in reversed(payload.get("messages") or ()):
             if isinstance(message, dict) and message.get("role") == "user":
                 text = content_text(message.get("content"))
-                return text.strip() or None
+                break
+    elif isinstance(payload.get("prompt"), str):
+        text = payload["prompt"]
+    if text is None:
         return None
-    prompt = payload.get("prompt")
-    return prompt.strip() or None if isinstance(prompt, str) else None
+    text = text.replace("\x00", "").encode("utf-8", "ignore").decode("utf-8").strip()
+    return text or None
 
 
 def format_context(hits: Sequence[Hit], max_chars: int) -> tuple[str, int]:
