@@ -187,6 +187,14 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
       ("sum by (backend) (vllm:num_requests_waiting)", "waiting {{backend}}"))),
     ("vLLM KV cache usage", "percentunit",
      (("max by (backend) (vllm:kv_cache_usage_perc)", "{{backend}}"),)),
+    ("RAG retrieval P50 / P95", "s", tuple(
+        (f"histogram_quantile({q}, sum by (le) (rate(dreamseed_rag_retrieval_seconds_bucket[{RATE}])))",
+         f"P{int(q * 100)}") for q in (0.5, 0.95))),
+    ("RAG hit rate and degraded share", "percentunit",
+     ((f'sum(rate(dreamseed_rag_requests_total{{outcome="hits"}}[{RATE}])) / sum(rate(dreamseed_rag_requests_total[{RATE}]))',
+       "with context"),
+      (f'sum(rate(dreamseed_rag_requests_total{{outcome="degraded"}}[{RATE}])) / sum(rate(dreamseed_rag_requests_total[{RATE}]))',
+       "degraded"))),
     ("Policy reloads", "short",
      (("sum by (result) (increase(dreamseed_policy_reloads_total[1h]))", "{{result}}"),)),
 )
