@@ -47,6 +47,8 @@ from .openai_api import (
 from .policy import AUTO_MODEL, Policies, RagSettings
 from .rag.augment import augment, query_of
 from .rag.retriever import Retriever
+from .routing import Decision
+from .scaling import LocalCoordinator, PostgresCoordinator, Scaler
 from .routing import UnknownModel
 from .runtime import Generation, Runtime
 
@@ -109,6 +111,8 @@ def create_app(
     # The retriever (RAG store + embedder) exists once some policy turns retrieval on; its
     # embedder and store settings are those of that moment (changing them needs a restart).
     rag: dict[str, Retriever] = {}
+    # On-demand backends (scale.yaml), set up at start like the retriever.
+    scaling: dict[str, Scaler] = {}
 
     def runtime() -> Runtime:
         return holder["runtime"]
@@ -125,7 +129,7 @@ def create_app(
         if "runtime" not in holder:
             return iter(())
         rt = holder["runtime"]
-        return state_metrics(backend_states(rt.current.upstreams), rt.current.policy_hash)
+        return state_metrics(backend_states(rt.current.upstreams, scaling.get("scaler")), rt.current.policy_hash)
 
     metrics = ProxyMetrics(current_state)
 
@@ -140,14 +144,64 @@ def create_app(
         if policies.rag.used:
             rag["retriever"] = Retriever(policies.rag, environ)
             await rag["retriever"].start()  # a table built for another model stops the start here
+        if policies.scale.backends:
+            scaling["scaler"] = make_scaler(policies)
+            await scaling["scaler"].start()
         try:
             yield
         finally:
+            if "scaler" in scaling:
+                await scaling["scaler"].aclose()
             await holder["runtime"].aclose()
             if "retriever" in rag:
                 await rag["retriever"].aclose()
             for hook in on_shutdown:
                 hook()
+
+    def make_scaler(policies: Policies) -> Scaler:
+        # Proxy processes that share a database coordinate starts and stops through it.
+        found = rag.get("retriever")
+        url = environ.get("DATABASE_URL") or (found.database.url if found and found.database else None)
+        coordinator = PostgresCoordinator(url) if url else LocalCoordinator()
+        if url is None:
+            log.info("on-demand backends: no database, so no coordination with other proxy processes")
+        return Scaler(policies.scale, policies.catalog, lambda name: runtime().current.upstreams.get(name),
+                      coordinator, on_event=metrics.count_scaler_event)
+
+    async def cold_start(decision: Decision, headers: dict[str, str], exchange: Exchange) -> Decision:
+        """On-demand backends in the chain: forward when ready; otherwise hold the request while
+        its start runs (`wait`) or skip to the fallback (`fallback`), saying which in the headers."""
+        scaler = scaling.get("scaler")
+        if scaler is None:
+            return decision
+        kept: list[str] = []
+        refused: str | None = None
+        for position, name in enumerate(decision.chain):
+            if not scaler.manages(name):
+                kept.append(name)
+                continue
+            if position == 0:
+                verdict, waited = await scaler.admit(name, keyword=decision.keyword)
+                if verdict.action == "forward":
+                    if waited:
+                        headers["x-dreamseed-cold-start"] = f"waited {waited:.2f}s"
+                    kept.append(name)
+                    continue
+                headers["x-dreamseed-cold-start"] = "fallback"
+                exchange.fallbacks.append(f"{name}:{verdict.reason}")
+                refused = refused or scaler.machines[name].last_error
+            elif scaler.machines[name].state == "ready":
+                kept.append(name)
+            else:
+                exchange.fallbacks.append(f"{name}:{scaler.machines[name].state}")
+        if not kept:
+            skipped = ", ".join(exchange.fallbacks)
+            raise ProxyError(503, f"no backend can take the request now ({skipped})" + (f": {refused}" if refused else ""),
+                             type="server_error", code="backend_not_running",
+                             headers={**headers, "x-dreamseed-fallback": skipped, "retry-after": "10"})
+        if len(kept) == len(decision.chain):
+            return decision
+        return Decision(decision.rule, tuple(kept), decision.reason, decision.keyword)
 
     async def relay(request: Request, endpoint: Endpoint, path: str) -> ASGIApp:
         # One pass over the raw ASGI headers: cheaper than building a Headers object.
@@ -185,6 +239,7 @@ def create_app(
             headers["x-dreamseed-rule"] = exchange.rule = decision.rule
             if log_prompts:
                 exchange.prompt = prompt.text("all")
+            decision = await cold_start(decision, headers, exchange)
             settings = rag_settings(generation, decision.rule, decision.backend)
             headers["x-dreamseed-rag"] = await retrieve_into(payload, endpoint, settings, exchange)
             return await forward(generation.upstreams, decision, path, payload, stream, headers, passed_on, exchange)
@@ -372,7 +427,7 @@ def create_app(
     @get("/readyz", summary="Readiness: a backend for the catch-all route is up")
     async def readyz() -> ASGIApp:
         generation = runtime().current
-        backends = backend_states(generation.upstreams)
+        backends = backend_states(generation.upstreams, scaling.get("scaler"))
         # Ready when the catch-all rule (what "auto" traffic falls through to) can be served.
         ready = any(backends[name]["state"] == "up" for name in generation.router.rules[-1].chain)
         return _json({"ready": ready, "backends": backends}, status=200 if ready else 503)
@@ -380,7 +435,25 @@ def create_app(
     @get("/admin/backends", summary="Backend states: health, circuit, in-flight and queued requests")
     async def admin_backends(request: Request) -> ASGIApp:
         keys.check(_authorization(request), "admin")
-        return _json({"backends": backend_states(runtime().current.upstreams)})
+        return _json({"backends": backend_states(runtime().current.upstreams, scaling.get("scaler"))})
+
+    @post("/admin/backends/{name:str}/{action:str}", status_code=202,
+          summary="Start or stop an on-demand backend (admin key)")
+    async def admin_backend_action(request: Request, name: str, action: str) -> ASGIApp:
+        keys.check(_authorization(request), "admin")
+        scaler = scaling.get("scaler")
+        if action not in ("start", "stop"):
+            raise ProxyError(404, f"unknown action {action!r}: use start or stop", type="invalid_request_error",
+                             code="not_found")
+        if name not in runtime().current.policies.catalog.backends:
+            raise ProxyError(404, f"unknown backend {name!r}", type="invalid_request_error", code="backend_not_found")
+        if scaler is None or not scaler.manages(name):
+            raise ProxyError(409, f"backend {name!r} is not on-demand (scale.yaml): it is not started or stopped "
+                                  "by the proxy", type="invalid_request_error", code="not_on_demand")
+        log.info("admin API: %s %s", action, name)
+        ok, detail = scaler.admin_start(name) if action == "start" else scaler.admin_stop(name)
+        body = {"backend": name, "action": action, "accepted": ok, "detail": detail, **scaler.status(name)}
+        return _json(body, status=202 if ok else 409)
 
     @get("/admin/policies", summary="The policy in force and the last reload attempt")
     async def admin_policies(request: Request) -> ASGIApp:
@@ -400,7 +473,7 @@ def create_app(
 
     return Litestar(
         route_handlers=[chat_completions, completions, embeddings, list_models, openapi_json, metrics_endpoint, healthz,
-                        readyz, admin_backends, admin_policies, admin_reload, admin_rag, admin_rag_ingest,
+                        readyz, admin_backends, admin_backend_action, admin_policies, admin_reload, admin_rag, admin_rag_ingest,
                         admin_rag_search, admin_rag_delete],
         lifespan=[lifespan],
         exception_handlers={
@@ -422,7 +495,7 @@ def _authorization(request: Request) -> bytes | None:
     return None
 
 
-def backend_states(upstreams: Upstreams) -> dict[str, dict[str, object]]:
+def backend_states(upstreams: Upstreams, scaler: Scaler | None = None) -> dict[str, dict[str, object]]:
     """Each backend's state as the health checks see it: up, down (circuit open or half-open,
     or the last probe failed), unknown (not probed yet) or unavailable (not configured)."""
     states: dict[str, dict[str, object]] = {}
@@ -439,4 +512,8 @@ def backend_states(upstreams: Upstreams) -> dict[str, dict[str, object]]:
                                  "on_demand": upstream.backend.on_demand,
                                  "in_flight": upstream.transport.in_use if upstream.transport else 0,
                                  "queued": upstream.transport.waiting if upstream.transport else 0}
+        if scaler is not None and scaler.manages(upstream.name):
+            states[upstream.name]["scaler"] = scaler.status(upstream.name)
+            if scaler.machines[upstream.name].state != "ready":
+                states[upstream.name]["state"] = scaler.machines[upstream.name].state
     return states

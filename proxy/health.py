@@ -39,6 +39,9 @@ class Circuit:
     opened_at: float = 0.0
     last_error: str | None = None
     probed: bool = False  # has any probe or request reported yet
+    # An on-demand backend the scaler has stopped: no probes (they would only fail), and the
+    # scaler, not the circuit, says whether it can take requests.
+    paused: bool = False
     transitions: list[tuple[State, State, str]] = field(default_factory=list)
 
     def allows_requests(self) -> bool:
@@ -51,6 +54,13 @@ class Circuit:
         if self.state != "open":
             return self.settings.interval
         return max(0.0, self.settings.cooldown - (self.clock() - self.opened_at))
+
+    def reset(self, why: str) -> None:
+        """Closed, counters cleared: the backend was (re)started."""
+        self.failures = self.successes = 0
+        self.last_error = None
+        if self.state != "closed":
+            self._move("closed", why)
 
     def record_success(self) -> None:
         self.probed = True
@@ -113,6 +123,9 @@ class HealthMonitor:
 
     async def _run(self, circuit: Circuit, client: httpx.AsyncClient) -> None:
         while True:
+            if circuit.paused:
+                await asyncio.sleep(circuit.settings.interval)
+                continue
             problem = await probe(client, circuit.settings.timeout)
             if problem is None:
                 circuit.record_success()

@@ -117,8 +117,14 @@ class ProxyMetrics:
         self.rag_duration = Histogram("dreamseed_rag_retrieval_seconds",
                                       "Time spent retrieving context (embedding + SQL), degraded attempts included.",
                                       ["rule"], buckets=RAG_BUCKETS, registry=r)
+        self.scaler_events = Counter("dreamseed_scaler_events", "On-demand backend starts, stops, failed starts and "
+                                     "refused starts, with the reason (keyword, volume, admin, idle, budget, error).",
+                                     ["backend", "event", "reason"], registry=r)
         r.register(_StateCollector(state))
         self._children: dict[tuple[str, ...], Any] = {}
+
+    def count_scaler_event(self, backend: str, event: str, reason: str) -> None:
+        self.scaler_events.labels(backend, event, reason).inc()
 
     def count_reload(self, ok: bool) -> None:
         self.policy_reloads.labels("success" if ok else "failure").inc()
@@ -182,10 +188,16 @@ def state_metrics(backends: dict[str, dict[str, Any]], policy_hash: str) -> Iter
         up.add_metric([name, str(view["on_demand"]).lower()], 1.0 if view["state"] == "up" else 0.0)
         for state in ("closed", "open", "half_open"):
             circuit.add_metric([name, state], 1.0 if view["circuit"] == state else 0.0)
+    scaler = GaugeMetricFamily("dreamseed_scaler_state", "1 for an on-demand backend's state: stopped, starting, "
+                               "ready, draining, failed.", labels=["backend", "state"])
+    for name, view in backends.items():
+        if "scaler" in view:
+            for state in ("stopped", "starting", "ready", "draining", "failed"):
+                scaler.add_metric([name, state], 1.0 if view["scaler"]["state"] == state else 0.0)
     info = GaugeMetricFamily("dreamseed_policy_info", "The policy in force (1), labelled with its SHA-256.",
                              labels=["policy_hash"])
     info.add_metric([policy_hash], 1.0)
-    yield from (in_flight, queued, up, circuit, info)
+    yield from (in_flight, queued, up, circuit, scaler, info)
 
 
 def log_exchange(exchange: Exchange) -> None:

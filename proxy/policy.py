@@ -33,6 +33,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2
 BACKENDS_FILE = "backends.yaml"
 ROUTING_FILE = "routing.yaml"
 RAG_FILE = "rag.yaml"  # optional: without it, retrieval is off
+SCALE_FILE = "scale.yaml"  # optional: without it, on-demand backends are treated as always there
 # Models a client may always ask for, besides backends and aliases.
 AUTO_MODEL = "auto"
 # The rule name of requests that name a backend (or its model id) instead of "auto".
@@ -270,6 +271,67 @@ class Rag(Strict):
         return any(layer.enabled for layer in layers)
 
 
+# --- scale.yaml ------------------------------------------------------------------------
+
+LongSeconds = Annotated[float, Meta(gt=0, le=86400)]
+
+
+class DockerActuator(Strict, tag_field="kind", tag="docker"):
+    """Start/stop a container `infra/` declared, through the Docker Engine API on its unix socket."""
+
+    container: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")]
+    socket: str = "/var/run/docker.sock"
+    api_version: Annotated[str, Meta(pattern=r"^1\.[0-9]{2}$")] = "1.43"
+    # Seconds Docker gives the container to exit on stop before killing it.
+    stop_grace: Annotated[int, Meta(ge=0, le=600)] = 30
+
+
+class CommandActuator(Strict, tag_field="kind", tag="command"):
+    """Start/stop with commands, run as argument lists (no shell, so nothing in them is
+    interpreted). `status` exits 0 while the backend runs."""
+
+    start: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+    stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+    status: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)] | None = None
+    timeout: Seconds = 60.0
+
+
+class VolumeTrigger(Strict):
+    """Start once `requests` requests that would have gone to the backend arrive within `window` seconds."""
+
+    requests: PositiveInt = 10
+    window: LongSeconds = 600.0
+
+
+class Triggers(Strict):
+    # A request routed here by a rule that matched on keywords starts the backend at once.
+    keywords: bool = True
+    volume: VolumeTrigger | None = VolumeTrigger()
+
+
+class OnDemand(Strict):
+    actuator: DockerActuator | CommandActuator
+    triggers: Triggers = Triggers()
+    idle_stop: LongSeconds = 1800.0  # stop after this long without requests (seed: 30 minutes)
+    min_uptime: LongSeconds = 300.0  # never idle-stopped sooner after becoming ready
+    cooldown: LongSeconds = 60.0  # no new start this soon after a stop (no flapping)
+    start_timeout: LongSeconds = 600.0  # until /health and /v1/models answer (vLLM loads weights)
+    # While it starts: `wait` holds the request (bounded: max_waiting requests, max_wait seconds),
+    # `fallback` answers from the rule's fallback now and starts in the background.
+    cold_start: Literal["wait", "fallback"] = "fallback"
+    max_wait: LongSeconds = 120.0
+    max_waiting: Annotated[int, Meta(ge=0, le=10000)] = 64
+    drain_timeout: LongSeconds = 120.0  # a stop lets in-flight requests (streams) finish this long
+    # When the GPU budget is short, idle on-demand backends of lower priority are stopped first.
+    priority: int = 0
+    backoff: LongSeconds = 30.0  # after a failed start; doubles per failure
+    backoff_max: LongSeconds = 1800.0
+
+
+class Scale(Strict):
+    backends: dict[Name, OnDemand] = {}
+
+
 # --- the set of files ------------------------------------------------------------------
 
 
@@ -279,6 +341,7 @@ class Policies:
     catalog: Catalog
     routing: Routing
     rag: Rag = Rag()
+    scale: Scale = Scale()
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,10 +380,16 @@ def load_policies(directory: str | Path) -> Policies:
         if loaded is not None and rag_src is not None:
             rag = loaded
             problems += _check_rag(rag_src, rag, catalog, routing)
+    scale = Scale()
+    if (directory / SCALE_FILE).exists():
+        scale_src, loaded_scale = _load_file(directory / SCALE_FILE, Scale, problems)
+        if loaded_scale is not None and scale_src is not None:
+            scale = loaded_scale
+            problems += _check_scale(scale_src, scale, catalog)
     if problems:
         raise PolicyError(problems)
     assert catalog is not None and routing is not None
-    return Policies(directory=directory, catalog=catalog, routing=routing, rag=rag)
+    return Policies(directory=directory, catalog=catalog, routing=routing, rag=rag, scale=scale)
 
 
 def _load_file(
@@ -611,6 +680,28 @@ def _check_rag(source: YamlSource, rag: Rag, catalog: Catalog | None, routing: R
         for name in rag.rules:
             if name not in rule_names:
                 problems.append(_problem(source, ("rules", name), f"unknown routing rule {name!r} (known: {_known(rule_names)})"))
+    return problems
+
+
+def _check_scale(source: YamlSource, scale: Scale, catalog: Catalog | None) -> list[PolicyProblem]:
+    problems: list[PolicyProblem] = []
+    if catalog is None:
+        return problems
+    for name, settings in scale.backends.items():
+        at = ("backends", name)
+        backend = catalog.backends.get(name)
+        if backend is None:
+            problems.append(_problem(source, at, f"unknown backend {name!r} (known: {_known(catalog.backends)})"))
+        elif not backend.on_demand:
+            problems.append(_problem(source, at, f"backend {name!r} is not `on_demand: true` in backends.yaml"))
+        if settings.cold_start == "wait" and settings.max_wait > settings.start_timeout:
+            problems.append(_problem(source, (*at, "max_wait"), "longer than `start_timeout`: a request would outwait the start"))
+        if settings.backoff > settings.backoff_max:
+            problems.append(_problem(source, (*at, "backoff"), "must not exceed `backoff_max`"))
+    for name, backend in catalog.backends.items():
+        if backend.on_demand and name not in scale.backends:
+            problems.append(_problem(source, ("backends",),
+                                     f"on-demand backend {name!r} has no entry: nothing would ever start it"))
     return problems
 
 

@@ -23,6 +23,7 @@ class Decision:
     rule: str
     chain: tuple[str, ...]
     reason: str
+    keyword: bool = False  # the rule matched on keywords (an on-demand start trigger)
 
     @property
     def backend(self) -> str:
@@ -207,6 +208,7 @@ class CompiledRule:
     scope: Scope
     models: frozenset[str] | None
     checks: tuple[Check, ...]
+    keywords: bool = False
 
     @classmethod
     def compile(cls, rule: Rule) -> CompiledRule:
@@ -217,7 +219,7 @@ class CompiledRule:
         if match.regex:
             checks.append(_regex_check(match.regex))
         models = frozenset(match.models) if match.models else None
-        return cls(rule.name, rule.chain, match.scope, models, tuple(checks))
+        return cls(rule.name, rule.chain, match.scope, models, tuple(checks), bool(match.keywords))
 
     def evaluate(self, model: str, prompt: Prompt) -> str | None:
         """Why this rule matches the request, or None if it does not."""
@@ -258,7 +260,7 @@ class Router:
         for rule in self.rules:
             why = rule.evaluate(model, prompt)
             if why is not None:
-                return Decision(rule.name, rule.chain, why)
+                return Decision(rule.name, rule.chain, why, rule.keywords)
         # The policy check guarantees a catch-all rule; this is reached only if that was bypassed.
         raise UnknownModel(model, self.available_models())
 

