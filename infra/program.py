@@ -14,7 +14,7 @@ from typing import Any
 import pulumi
 import pulumi_docker as docker
 
-from proxy.policy import Backend, MemoryPlan, Policies, memory_plan
+from proxy.policy import Backend, DockerActuator, MemoryPlan, Policies, memory_plan
 
 from .components.embeddings import EmbeddingServer, EmbeddingServerArgs
 from .components.monitoring import Monitoring, MonitoringArgs
@@ -76,6 +76,16 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
             opts=on_host,
         )
         backend_urls[backend.url_env] = vllm[name].internal_url
+
+    # scale.yaml's docker actuators must name the containers declared here, or the proxy's scaler
+    # would start nothing (caught at preview, not at the first coding request).
+    for name, on_demand in policies.scale.backends.items():
+        actuator = on_demand.actuator
+        if isinstance(actuator, DockerActuator) and name in vllm and actuator.container != f"dreamseed-{name}":
+            raise pulumi.RunError(
+                f"policies/scale.yaml: backends.{name}.actuator.container is {actuator.container!r}, but the container "
+                f"this stack declares for {name!r} is 'dreamseed-{name}'"
+            )
 
     secret_env: dict[str, pulumi.Input[str]] = {}
     tunnel = None

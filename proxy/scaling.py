@@ -39,7 +39,8 @@ State = Literal["stopped", "starting", "ready", "draining", "failed"]
 STATES: tuple[State, ...] = ("stopped", "starting", "ready", "draining", "failed")
 TICK_S = 1.0
 READY_POLL_S = 0.5
-ACTIVITY_WRITE_S = 5.0  # how often a process tells the others it used a backend
+ACTIVITY_WRITE_S = 5.0
+DISCOVER_S = 5.0  # how often a process tells the others it used a backend
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,8 +379,12 @@ class Scaler:
     async def start(self) -> None:
         for name in self.machines:
             self._set_health(name, False)
-        for name in self.machines:
-            self._spawn(self._discover(name))
+        # Before serving: which on-demand backends already run (bounded, so a hung Docker socket
+        # cannot hold up the start; they are then found by their first start instead).
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._discover(name) for name in self.machines)), DISCOVER_S)
+        except asyncio.TimeoutError:
+            log.warning("finding out which on-demand backends run took longer than %g s", DISCOVER_S)
         self._spawn(self._tick())
 
     async def _discover(self, name: str) -> None:
@@ -387,8 +392,9 @@ class Scaler:
         try:
             running = await self.actuators[name].running()
         except ActuatorError as exc:
-            log.warning("cannot tell whether %s runs: %s", name, exc)
-            return
+            log.warning("cannot ask %s whether %s runs (%s); probing the backend itself", self.actuators[name].description,
+                        name, exc)
+            running = None
         client = getattr(self.upstream_of(name), "client", None)
         if running is not False and client is not None and await is_ready(client):
             if self.machines[name].state == "stopped":

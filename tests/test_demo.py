@@ -22,6 +22,9 @@ def test_serve_simulates_every_unreachable_backend_and_says_so(tmp_path: Path) -
             catalog["backends"][name]["url"] = f"http://127.0.0.1:{free_port()}"
         policies = write_policies(tmp_path / "policies", catalog["backends"], hosts=catalog["hosts"])
         write_rag(policies, yaml.safe_load((SEED_POLICIES / "rag.yaml").read_text(encoding="utf-8")))
+        # The seed's scale.yaml drives the coder through Docker, which this machine lacks: the scaler finds
+        # the simulated coder answering and treats it as running.
+        (policies / "scale.yaml").write_text((SEED_POLICIES / "scale.yaml").read_text(encoding="utf-8"), encoding="utf-8")
         # general70 has no URL in the environment: it is simulated on a free local port. RAG runs on
         # the embedded PostgreSQL in the state directory, as it does for the README's command.
         proxy = start_proxy(policies, env={"DREAMSEED_GENERAL70_URL": "", "DREAMSEED_STATE_DIR": str(tmp_path / "state")},

@@ -129,6 +129,16 @@ def alert_rules(policies: Policies, gpu_host: str) -> str:
          "labels": {"severity": "page"}, "annotations": {"summary": "vLLM server {{ $labels.backend }} is not scraped"}},
         {"alert": "DreamSeedProxyDown", "expr": 'up{job="dreamseed-proxy"} == 0', "for": "1m",
          "labels": {"severity": "page"}, "annotations": {"summary": "the DreamSeed proxy is not scraped"}},
+        {"alert": "DreamSeedOnDemandStartFailed",
+         "expr": 'sum by (backend) (increase(dreamseed_scaler_events_total{event="start_failed"}[15m])) > 0',
+         "labels": {"severity": "ticket"},
+         "annotations": {"summary": "on-demand backend {{ $labels.backend }} failed to start; its requests use the "
+                                    "fallback (GET /admin/backends shows the error)"}},
+        {"alert": "DreamSeedOnDemandStartRefused",
+         "expr": 'sum by (backend) (increase(dreamseed_scaler_events_total{event="refused"}[15m])) > 0',
+         "labels": {"severity": "ticket"},
+         "annotations": {"summary": "on-demand backend {{ $labels.backend }} could not start within the GPU memory "
+                                    "budget"}},
         {"alert": "DreamSeedPolicyReloadFailed",
          "expr": 'increase(dreamseed_policy_reloads_total{result="failure"}[15m]) > 0',
          "labels": {"severity": "ticket"},
@@ -195,6 +205,11 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
        "with context"),
       (f'sum(rate(dreamseed_rag_requests_total{{outcome="degraded"}}[{RATE}])) / sum(rate(dreamseed_rag_requests_total[{RATE}]))',
        "degraded"))),
+    ("On-demand backends (scaler state)", "short",
+     (('max by (backend, state) (dreamseed_scaler_state) > 0', "{{backend}} {{state}}"),)),
+    ("Scaler events", "short",
+     (("sum by (backend, event, reason) (increase(dreamseed_scaler_events_total[1h]))",
+       "{{backend}} {{event}} ({{reason}})"),)),
     ("Policy reloads", "short",
      (("sum by (result) (increase(dreamseed_policy_reloads_total[1h]))", "{{result}}"),)),
 )

@@ -206,3 +206,16 @@ def test_memory_plan_is_exported_and_an_oversubscribed_catalog_is_refused(local,
     message = str(refused.value)
     assert "backends.yaml" in message and "hosts.rtx5090" in message
     assert "always-on backends claim 1.00 of the GPU memory (32.0 GB of 32 GB)" in message
+
+
+def test_scale_policy_must_name_the_container_the_stack_declares(run_stack: Runner, tmp_path: Path) -> None:
+    assert SEED.scale.backends["code"].actuator.container == "dreamseed-code"  # type: ignore[union-attr]
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    text = (policies / "scale.yaml").read_text(encoding="utf-8")
+    (policies / "scale.yaml").write_text(text.replace("container: dreamseed-code", "container: vllm-coder"),
+                                         encoding="utf-8")
+    with pytest.raises(pulumi.RunError) as refused:
+        run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    assert "backends.code.actuator.container is 'vllm-coder'" in str(refused.value)
+    assert "'dreamseed-code'" in str(refused.value)
