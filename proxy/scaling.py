@@ -413,8 +413,8 @@ class Scaler:
         if now - self._touched.get(name, -1e9) >= ACTIVITY_WRITE_S:  # tell other proxy processes, now and then
             self._touched[name] = now
             self._spawn(self.coordinator.touch(name))
-        if verdict.start:
-            self.request_start(name, verdict.start)
+        if verdict.start and not self.request_start(name, verdict.start) and machine.state in ("stopped", "failed"):
+            return Verdict("fallback", "refused"), 0.0  # the GPU budget said no: machine.last_error says why
         if verdict.action != "wait":
             return verdict, 0.0
         machine.waiting += 1
@@ -453,8 +453,9 @@ class Scaler:
         try:
             for other in evict:
                 log.info("stopping %s to free GPU memory for %s", other, name)
-                if self._begin_stop(other, f"budget: making room for {name}"):
-                    await self._finish_stop(other, "budget", force=True)
+                why = f"budget: making room for {name}"
+                if self._begin_stop(other, why):
+                    await self._finish_stop(other, why, force=True)
                 if self.machines[other].state != "stopped":
                     raise ActuatorError(f"could not free GPU memory: {other} did not stop")
             client = getattr(self.upstream_of(name), "client", None)

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from support import ROOT, Process, Sim, start_proxy, start_sim, write_policies, write_rag
 
@@ -335,6 +336,27 @@ def test_a_table_built_for_another_model_stops_the_start_with_a_clear_error(tmp_
         assert result.returncode != 0
         assert "table 'documents' holds vector(768) embeddings, but the configured model " \
                f"{MODEL} makes vector(384)" in result.stderr
+
+        # Same dimension, another model: just as incomparable, and just as refused.
+        import asyncio
+
+        from proxy.policy import VectorStore
+        from proxy.rag.store import ensure_schema
+
+        async def filled_by_another_model() -> None:
+            async with await psycopg.AsyncConnection.connect(server.get_uri()) as conn:
+                await ensure_schema(conn, VectorStore(table="kb"), "BAAI/bge-small-en-v1.5", 384)
+
+        asyncio.run(filled_by_another_model())
+        rag = yaml.safe_load((policies / "rag.yaml").read_text())
+        (policies / "rag.yaml").write_text(yaml.safe_dump({**rag, "store": {"table": "kb"}}))
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "serve", "--policies", str(policies), "--port", "0"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            env={**os.environ, "DATABASE_URL": server.get_uri(), "DREAMSEED_STATE_DIR": str(tmp_path / "s")})
+        assert result.returncode != 0
+        assert f"table 'kb' was filled by BAAI/bge-small-en-v1.5 (384-d vectors); the configured model is {MODEL}" \
+            in result.stderr
     finally:
         server.cleanup()
 

@@ -264,3 +264,42 @@ def test_scale_policy_mistakes_are_reported(tmp_path: Any, bad: str) -> None:
     text = str(caught.value)
     assert "scale.yaml:" in text
     assert ("is not `on_demand: true`" in text) or ("Invalid value 'shell'" in text), text
+
+
+def two_backend_driver(a_priority: int) -> tuple[Scaler, dict[str, FakeActuator]]:
+    cat, scale = catalog(a_priority=a_priority)
+    scale = Scale(backends={"a": settings(priority=a_priority, cold_start="wait", max_wait=5),
+                            "b": settings(priority=5, cold_start="wait", max_wait=5)})
+    states = {"a": {"up": False}, "b": {"up": False}}
+    upstreams = {name: FakeUpstream(state) for name, state in states.items()}
+    scaler = Scaler(scale, cat, lambda name: upstreams[name])
+    actuators = {name: FakeActuator(state) for name, state in states.items()}
+    scaler.actuators.update(actuators)  # type: ignore[arg-type]
+    return scaler, actuators
+
+
+def test_the_driver_evicts_an_idle_lower_priority_backend_before_starting() -> None:
+    async def scenario() -> None:
+        scaler, actuators = two_backend_driver(a_priority=0)
+        assert (await scaler.admit("a", keyword=True))[0].action == "forward"
+        verdict, _ = await scaler.admit("b", keyword=True)
+        assert verdict.action == "forward"
+        assert actuators["a"].calls == ["start", "stop"] and actuators["b"].calls == ["start"]
+        assert scaler.machines["a"].state == "stopped" and scaler.machines["a"].last_reason == "budget: making room for b"
+        await scaler.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_driver_refuses_a_start_beyond_the_budget_at_once_with_the_reason() -> None:
+    async def scenario() -> None:
+        scaler, actuators = two_backend_driver(a_priority=10)
+        assert (await scaler.admit("a", keyword=True))[0].action == "forward"
+        verdict, waited = await scaler.admit("b", keyword=True)
+        assert verdict == Verdict("fallback", "refused") and waited == 0.0  # not held for max_wait
+        assert actuators["b"].calls == [] and actuators["a"].calls == ["start"]
+        assert "GPU memory budget" in scaler.status("b")["last_error"]
+        assert scaler.machines["a"].state == "ready" and scaler.machines["b"].state == "stopped"
+        await scaler.aclose()
+
+    asyncio.run(scenario())
