@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -113,16 +114,17 @@ def create_app(
     rag: dict[str, Retriever] = {}
     # On-demand backends (scale.yaml), set up at start like the retriever.
     scaling: dict[str, Scaler] = {}
+    starting: set[asyncio.Task[None]] = set()  # keeps background start-ups referenced
 
     def runtime() -> Runtime:
         return holder["runtime"]
 
-    def retriever(start: bool = True) -> Retriever | None:
+    def retriever() -> Retriever | None:
         found = rag.get("retriever")
-        if found is None and start and runtime().current.policies.rag.used:
+        if found is None and runtime().current.policies.rag.used:
             # Turned on by a reload: come up in the background; requests degrade until ready.
             found = rag["retriever"] = Retriever(runtime().current.policies.rag, environ)
-            asyncio.get_running_loop().create_task(found.start())
+            starting.add(asyncio.get_running_loop().create_task(found.start()))
         return found
 
     def current_state() -> Iterator[Metric]:
@@ -239,9 +241,11 @@ def create_app(
             headers["x-dreamseed-rule"] = exchange.rule = decision.rule
             if log_prompts:
                 exchange.prompt = prompt.text("all")
-            decision = await cold_start(decision, headers, exchange)
+            if scaling:  # no awaits on the hot path for features that are off
+                decision = await cold_start(decision, headers, exchange)
             settings = rag_settings(generation, decision.rule, decision.backend)
-            headers["x-dreamseed-rag"] = await retrieve_into(payload, endpoint, settings, exchange)
+            headers["x-dreamseed-rag"] = await retrieve_into(payload, endpoint, settings, exchange) \
+                if settings.enabled else "off"
             return await forward(generation.upstreams, decision, path, payload, stream, headers, passed_on, exchange)
         except ProxyError as exc:
             return _error(exc, headers, exchange)
@@ -385,9 +389,8 @@ def create_app(
         storable(wanted.collection, "collection")
         found = ready_retriever()
         base = runtime().current.policies.rag.settings(wanted.rule or "", wanted.backend or "")
-        settings = RagSettings(**{**{n: getattr(base, n) for n in RagSettings.__slots__},
-                                  **({"collection": wanted.collection} if wanted.collection else {}),
-                                  **({"mode": wanted.mode} if wanted.mode else {})})
+        settings = dataclasses.replace(base, collection=wanted.collection or base.collection,
+                                       mode=wanted.mode or base.mode)
         hits = await found.search(settings, wanted.query, top_k=wanted.k)
         return _json({"collection": settings.collection, "mode": settings.mode, "hits": hits_as_dicts(hits)})
 

@@ -441,3 +441,28 @@ def test_an_openai_compatible_embedding_server_can_be_the_embedder(rag_stack: Ra
         assert "(e02) Two-factor authentication" in system_message(rag_stack.sim)
     finally:
         proxy.stop()
+
+
+def test_retrieval_turned_on_by_a_policy_reload_comes_up_without_a_restart(tmp_path: Path) -> None:
+    sim = start_sim("m")
+    try:
+        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": False}})
+        proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state"), "DREAMSEED_ADMIN_KEY": ADMIN})
+        try:
+            assert httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
+                "model": "auto", "messages": [{"role": "user", "content": "hi"}]}).headers["x-dreamseed-rag"] == "off"
+            write_rag(policies, {"defaults": {"enabled": True}})
+            reloaded = httpx.post(f"{proxy.url}/admin/policies/reload", headers={"authorization": f"Bearer {ADMIN}"})
+            assert reloaded.json()["changed"] is True
+            seen = []
+            deadline = time.monotonic() + 30
+            while not seen or seen[-1] != "hits=0":  # degraded while the store comes up, then retrieving
+                assert time.monotonic() < deadline, seen
+                seen.append(httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
+                    "model": "auto", "messages": [{"role": "user", "content": "hi"}]}).headers["x-dreamseed-rag"])
+                time.sleep(0.2)
+            assert set(seen) <= {"degraded", "hits=0"}
+        finally:
+            proxy.stop()
+    finally:
+        sim.stop()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from ..policy import RAG_DEFAULTS, Rag, RagSettings
 from .database import state_directory
@@ -23,21 +22,16 @@ def _rag_policy(directory: str) -> Rag:
     return _load_or_exit(directory).rag
 
 
-def _settings(rag: Rag, args: argparse.Namespace, **overrides: Any) -> RagSettings:
-    base = rag.settings("", "")
-    values = {name: getattr(base, name) for name in RagSettings.__slots__}
-    for name in ("collection", "mode", "top_k", "min_similarity"):
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = value
-    values.update(overrides)
-    return RagSettings(**values)
+def _settings(rag: Rag, args: argparse.Namespace) -> RagSettings:
+    """rag.yaml's defaults, with what the command line says instead."""
+    given = {name: getattr(args, name, None) for name in ("collection", "mode", "min_similarity")}
+    return dataclasses.replace(rag.settings("", ""), **{k: v for k, v in given.items() if v is not None})
 
 
 async def _open(rag: Rag) -> Retriever:
     retriever = Retriever(rag)
     try:
-        await retriever._bring_up()
+        await retriever.bring_up()
     except (StoreMismatch, EmbedderError) as exc:
         await retriever.aclose()
         raise SystemExit(f"dreamseed: {exc}") from None
@@ -91,7 +85,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     rag = _rag_policy(args.policies)
-    settings = _settings(rag, args, collection=args.collection or rag.settings("", "").collection)
+    settings = _settings(rag, args)
 
     async def main() -> int:
         retriever = await _open(rag)
@@ -165,8 +159,7 @@ async def evaluate(retriever: Retriever, eval_dir: Path, modes: list[str], k: in
     results: dict[str, dict[str, dict[str, float]]] = {}
     base = rag.settings("", "")
     for mode in modes:
-        settings = RagSettings(**{**{n: getattr(base, n) for n in RagSettings.__slots__},
-                                  "collection": collection, "mode": mode})
+        settings = dataclasses.replace(base, collection=collection, mode=mode)
         runs = {}
         for query_id, text in eval_set.queries.items():
             hits = await retriever.search(settings, text, top_k=50)

@@ -57,11 +57,11 @@ class Retriever:
     def ready(self) -> bool:
         return self.store is not None and self.embedder is not None
 
-    async def start(self, *, wait: bool = True) -> None:
+    async def start(self) -> None:
         """Bring up embedder and store. A model mismatch raises StoreMismatch; anything else is
         reported and retried in the background."""
         try:
-            await self._bring_up()
+            await self.bring_up()
         except StoreMismatch:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure here means: degraded for now, retry
@@ -69,7 +69,8 @@ class Retriever:
             log.error("RAG unavailable, requests are answered without context until it is up: %s", exc)
             self._task = asyncio.get_running_loop().create_task(self._keep_trying())
 
-    async def _bring_up(self) -> None:
+    async def bring_up(self) -> None:
+        """Load the embedder, open the database, create or check the schema; raises on failure."""
         if self.embedder is None:
             embedder: Embedder = await asyncio.to_thread(load_embedder, self.rag.embedder, self.environ)
             self.embedder = BatchingEmbedder(embedder, max_batch=self.rag.embedder.batch_size)
@@ -90,7 +91,7 @@ class Retriever:
         while not self.ready:
             await asyncio.sleep(RETRY_INTERVAL_S)
             try:
-                await self._bring_up()
+                await self.bring_up()
             except StoreMismatch as exc:
                 self.problem = str(exc)
                 log.error("RAG disabled: %s", exc)

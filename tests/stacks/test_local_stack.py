@@ -190,19 +190,26 @@ def test_components_parent_their_children(local) -> None:
                      "dreamseed:index:ProxyService", "dreamseed:index:SshTunnel", "dreamseed:index:EmbeddingServer"}
 
 
+def refused_edit(run_stack: Runner, tmp_path: Path, file: str, old: str, new: str) -> pytest.ExceptionInfo:
+    """The seed policies with one edit in `file`, which the local stack must refuse at preview."""
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    text = (policies / file).read_text(encoding="utf-8")
+    assert old in text
+    (policies / file).write_text(text.replace(old, new), encoding="utf-8")
+    with pytest.raises(pulumi.RunError) as refused:
+        run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    return refused
+
+
 def test_memory_plan_is_exported_and_an_oversubscribed_catalog_is_refused(local, run_stack: Runner, tmp_path: Path) -> None:
     _, outputs = local
     plan, _ = outputs["gpuMemoryPlan"]
     assert plan["gpuMemoryGb"] == 32 and plan["budgetGb"] == pytest.approx(30.4)
     assert plan["alwaysOnGb"] == {"general": 11.2, "fast": 6.4} and plan["onDemandGb"] == {"code": 11.2}
 
-    policies = tmp_path / "policies"
-    shutil.copytree(ROOT / "policies", policies)
-    text = (policies / "backends.yaml").read_text(encoding="utf-8")
-    (policies / "backends.yaml").write_text(text.replace("gpu_memory_utilization: 0.20", "gpu_memory_utilization: 0.65"),
-                                            encoding="utf-8")
-    with pytest.raises(pulumi.RunError) as refused:
-        run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    refused = refused_edit(run_stack, tmp_path, "backends.yaml", "gpu_memory_utilization: 0.20",
+                           "gpu_memory_utilization: 0.65")
     message = str(refused.value)
     assert "backends.yaml" in message and "hosts.rtx5090" in message
     assert "always-on backends claim 1.00 of the GPU memory (32.0 GB of 32 GB)" in message
@@ -210,12 +217,6 @@ def test_memory_plan_is_exported_and_an_oversubscribed_catalog_is_refused(local,
 
 def test_scale_policy_must_name_the_container_the_stack_declares(run_stack: Runner, tmp_path: Path) -> None:
     assert SEED.scale.backends["code"].actuator.container == "dreamseed-code"  # type: ignore[union-attr]
-    policies = tmp_path / "policies"
-    shutil.copytree(ROOT / "policies", policies)
-    text = (policies / "scale.yaml").read_text(encoding="utf-8")
-    (policies / "scale.yaml").write_text(text.replace("container: dreamseed-code", "container: vllm-coder"),
-                                         encoding="utf-8")
-    with pytest.raises(pulumi.RunError) as refused:
-        run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    refused = refused_edit(run_stack, tmp_path, "scale.yaml", "container: dreamseed-code", "container: vllm-coder")
     assert "backends.code.actuator.container is 'vllm-coder'" in str(refused.value)
     assert "'dreamseed-code'" in str(refused.value)
