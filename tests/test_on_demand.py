@@ -279,3 +279,60 @@ def test_the_docker_actuator_speaks_the_engine_api_on_a_unix_socket(tmp_path: Pa
         ("POST", "/v1.43/containers/dreamseed-vllm-code/stop?t=30"),
         ("GET", "/v1.43/containers/dreamseed-vllm-code/json"),
     ]
+
+
+def test_a_stop_lets_the_stream_in_flight_finish_first(tmp_path: Path, general: Any) -> None:
+    port, backend_dir = free_port(), tmp_path / "backend"
+    policies = on_demand_policies(tmp_path / "p", general.url, port, backend_dir, cold_start="wait", max_wait=25,
+                                  drain_timeout=30)
+    proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "scale-admin"}, extra=["--log-level", "info"])
+    try:
+        assert ask(proxy.url).headers["x-dreamseed-backend"] == "code"  # started
+        httpx.post(f"http://127.0.0.1:{port}/sim/config", json={"tokens": 20, "token_delay": 0.1}).raise_for_status()
+        finished: dict[str, Any] = {}
+
+        def stream() -> None:
+            body = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "코드 설명"}]}
+            with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, timeout=30) as response:
+                finished["text"] = response.read().decode()
+            finished["at"] = time.time()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        wait_until(lambda: httpx.get(f"{proxy.url}/admin/backends", headers=ADMIN).json()["backends"]["code"]
+                   ["in_flight"] == 1, what="the stream to be in flight")
+        assert httpx.post(f"{proxy.url}/admin/backends/code/stop", headers=ADMIN).status_code == 202
+        reader.join(timeout=30)
+        assert finished["text"].rstrip().endswith("data: [DONE]") and finished["text"].count('"content"') >= 20
+        wait_until(lambda: calls(backend_dir, "stop") == 1, what="the stop after the drain")
+        stopped_at = float((backend_dir / "calls.log").read_text().splitlines()[-1].split()[1])
+        assert stopped_at >= finished["at"] - 0.05  # the stop came after the stream's last byte
+    finally:
+        proxy.stop()
+        stop_backend(backend_dir, port)
+
+
+def test_the_command_actuator_passes_arguments_literally_and_times_out(tmp_path: Path) -> None:
+    from proxy.actuators import ActuatorError, Commands
+    from proxy.policy import CommandActuator
+
+    marker = tmp_path / "x; touch injected"
+    script = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('ok')"
+
+    async def scenario() -> None:
+        literal = Commands(CommandActuator(start=[sys.executable, "-c", script, str(marker)], stop=["true"],
+                                           status=["false"]))
+        await literal.start()
+        assert await literal.running() is False  # status exits non-zero: not running, not an error
+        slow = Commands(CommandActuator(start=[sys.executable, "-c", "import time; time.sleep(30)"], stop=["true"],
+                                        timeout=0.5))
+        started = time.monotonic()
+        with pytest.raises(ActuatorError, match="did not finish within 0.5 s"):
+            await slow.start()
+        assert time.monotonic() - started < 5
+        with pytest.raises(ActuatorError, match="cannot run"):
+            await Commands(CommandActuator(start=[str(tmp_path / "missing")], stop=["true"])).start()
+
+    asyncio.run(scenario())
+    assert marker.read_text() == "ok"  # one file with that odd name: the ';' reached no shell
+    assert not (tmp_path / "injected").exists()

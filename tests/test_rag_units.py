@@ -138,3 +138,41 @@ def test_settings_layer_defaults_then_backend_then_rule(tmp_path: Path) -> None:
 def test_the_seed_policies_pass_with_their_rag_file() -> None:
     policies = load_policies(SEED_POLICIES)
     assert policies.rag.used
+
+
+def test_concurrent_queries_share_embedder_runs() -> None:
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    from proxy.rag.embedders import BatchingEmbedder
+
+    class Recording:
+        model, dim = "fake", 2
+
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+            self.gate = threading.Event()
+
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            self.gate.wait(5)  # the first run blocks while more queries arrive
+            self.batches.append(len(texts))
+            return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+
+        def count_tokens(self, texts):  # type: ignore[no-untyped-def]
+            return 0
+
+    async def scenario() -> list[list[float]]:
+        inner = Recording()
+        batching = BatchingEmbedder(inner, max_batch=64)
+        tasks = [asyncio.create_task(batching.embed_one("x" * (i + 1))) for i in range(20)]
+        await asyncio.sleep(0.05)
+        inner.gate.set()
+        vectors = await asyncio.gather(*tasks)
+        batching.close()
+        assert sum(inner.batches) == 20 and len(inner.batches) <= 3, inner.batches  # not 20 separate runs
+        return [v.tolist() for v in vectors]
+
+    vectors = asyncio.run(scenario())
+    assert [v[0] for v in vectors] == [float(i + 1) for i in range(20)]  # each caller gets its own row
