@@ -251,24 +251,37 @@ class LocalCoordinator(Coordinator):
         return None
 
 
-class _AdvisoryLock:
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key, self.conn = url, key, None
+class _ClusterLock:
+    """This process's lock for the backend, then Postgres's session-level advisory lock: one
+    proxy process at a time starts or stops it. The advisory lock is held for the whole start or
+    stop and goes with the connection if this process dies."""
+
+    def __init__(self, coordinator: PostgresCoordinator, name: str) -> None:
+        self.coordinator = coordinator
+        self.local = coordinator.local.lock(name)
+        self.key = f"dreamseed-scale:{name}"
+        self.conn: Any = None
 
     async def __aenter__(self) -> None:
         import psycopg
 
-        self.conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5)
-        # Session-level lock: held for the whole start or stop, released when we let go (or the
-        # connection dies with this process).
-        await self.conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (self.key,))
+        await self.local.acquire()
+        try:
+            await self.coordinator.ensure_schema()
+            self.conn = await psycopg.AsyncConnection.connect(self.coordinator.url, autocommit=True, connect_timeout=5)
+            await self.conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (self.key,))
+        except BaseException:
+            if self.conn is not None:
+                await self.conn.close()
+            self.local.release()
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self.conn is not None
         try:
             await self.conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (self.key,))
         finally:
             await self.conn.close()
+            self.local.release()
 
 
 class PostgresCoordinator(Coordinator):
@@ -277,10 +290,10 @@ class PostgresCoordinator(Coordinator):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._local = LocalCoordinator()
+        self.local = LocalCoordinator()
         self._ready = False
 
-    async def _ensure(self) -> None:
+    async def ensure_schema(self) -> None:
         if self._ready:
             return
         import psycopg
@@ -292,33 +305,14 @@ class PostgresCoordinator(Coordinator):
                                " backend text PRIMARY KEY, last_request timestamptz NOT NULL)")
         self._ready = True
 
-    def lock(self, name: str) -> Any:  # type: ignore[override]
-        coordinator = self
-
-        class Both:
-            async def __aenter__(self) -> None:
-                await coordinator._local.lock(name).acquire()
-                try:
-                    await coordinator._ensure()
-                    self.advisory = _AdvisoryLock(coordinator.url, f"dreamseed-scale:{name}")
-                    await self.advisory.__aenter__()
-                except BaseException:
-                    coordinator._local.lock(name).release()
-                    raise
-
-            async def __aexit__(self, *exc: object) -> None:
-                try:
-                    await self.advisory.__aexit__(*exc)
-                finally:
-                    coordinator._local.lock(name).release()
-
-        return Both()
+    def lock(self, name: str) -> _ClusterLock:  # type: ignore[override]
+        return _ClusterLock(self, name)
 
     async def touch(self, name: str) -> None:
         import psycopg
 
         try:
-            await self._ensure()
+            await self.ensure_schema()
             async with await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5) as conn:
                 await conn.execute(
                     "INSERT INTO dreamseed_backend_activity VALUES (%s, now()) ON CONFLICT (backend)"
@@ -329,7 +323,7 @@ class PostgresCoordinator(Coordinator):
     async def seconds_since_use(self, name: str) -> float | None:
         import psycopg
 
-        await self._ensure()
+        await self.ensure_schema()
         async with await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5) as conn:
             row = await (await conn.execute(
                 "SELECT extract(epoch FROM now() - last_request) FROM dreamseed_backend_activity WHERE backend = %s",
