@@ -466,3 +466,43 @@ def test_retrieval_turned_on_by_a_policy_reload_comes_up_without_a_restart(tmp_p
             proxy.stop()
     finally:
         sim.stop()
+
+
+def minimal_pdf(text: str) -> bytes:
+    """A one-page PDF whose text layer is `text` (ASCII), written by hand: no PDF writer needed."""
+    stream = f"BT /F1 12 Tf 72 712 Td ({text}) Tj ET".encode()
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+               b" /Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+
+
+def test_pdfs_are_ingested_and_unreadable_ones_reported(tmp_path: Path) -> None:
+    sim = start_sim("m")
+    try:
+        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True, "collection": "kb"}})
+    finally:
+        sim.stop()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "gpu.pdf").write_bytes(minimal_pdf("The RTX 5090 budget is 32 GB with five percent headroom."))
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a PDF")
+    (docs / "scan.pdf").write_bytes(minimal_pdf(""))
+    state = tmp_path / "state"
+    result = rag_cli("ingest", str(docs), "--collection", "kb", "--json", "--quiet", state=state, policies=policies)
+    assert result.returncode == 1  # something was skipped, and the exit status says so
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 1 and summary["added"] == 1
+    assert "broken.pdf: not a readable PDF" in result.stderr
+    assert "scan.pdf: the PDF has no text layer (a scan?)" in result.stderr
+    found = json.loads(rag_cli("search", "GPU memory budget", "--json", state=state, policies=policies).stdout)
+    assert found[0]["source"] == str(docs / "gpu.pdf") and "32 GB" in found[0]["content"]

@@ -212,7 +212,7 @@ def add_commands(commands: argparse._SubParsersAction, default_policies: str) ->
     setup.add_argument("--dir", help="target folder (default: <state>/models/<model>)")
     setup.set_defaults(func=cmd_setup_model)
 
-    ingest = parser("ingest", help="add .txt/.md files or folders to a collection (unchanged chunks are skipped)")
+    ingest = parser("ingest", help="add .txt/.md/.rst/.pdf files or folders to a collection (unchanged chunks are skipped)")
     ingest.add_argument("paths", nargs="+")
     ingest.add_argument("--collection", required=True)
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")

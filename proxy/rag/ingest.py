@@ -19,7 +19,7 @@ from .chunking import chunk_text
 from .embedders import BatchingEmbedder
 from .store import Chunk, DocumentStore
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".pdf"}
 
 
 class IngestError(Exception):
@@ -64,6 +64,8 @@ def find_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
+    if path.suffix.lower() == ".pdf":
+        return _pdf_text(path)
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -115,3 +117,22 @@ async def ingest_files(store: DocumentStore, embedder: BatchingEmbedder, collect
         bar.close()
     summary.errors = errors
     return summary
+
+
+def _pdf_text(path: Path) -> str:
+    """The text layer of a PDF, page by page (pypdf: pure Python). A scan without one is an
+    error, not an empty document."""
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted:
+            raise IngestError(f"{path}: the PDF is encrypted")
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except (PdfReadError, ValueError, KeyError, OSError) as exc:
+        raise IngestError(f"{path}: not a readable PDF ({exc})") from None
+    text = "\n\n".join(page.strip() for page in pages if page.strip())
+    if not text:
+        raise IngestError(f"{path}: the PDF has no text layer (a scan?); run OCR first")
+    return text
