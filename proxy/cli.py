@@ -32,6 +32,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{args.directory}: OK ({len(backends)} backends: {', '.join(backends)}; "
         f"{len(policies.routing.rules)} routing rules)"
     )
+    retrieving = [rule.name for rule in policies.routing.rules if policies.rag.settings(rule.name, rule.target).enabled]
+    print(f"  rag: retrieval for rules {', '.join(retrieving)}" if retrieving else "  rag: off")
+    if policies.scale.backends:
+        print("  scale: on demand " + ", ".join(
+            f"{name} ({settings.actuator.__struct_config__.tag}, cold start {settings.cold_start})"
+            for name, settings in policies.scale.backends.items()))
     return 0
 
 

@@ -41,6 +41,8 @@ def test_seed_policies_pass() -> None:
     result = check(SEED_POLICIES)
     assert result.returncode == 0, result.stderr
     assert "OK (4 backends: general, code, fast, general70; 4 routing rules)" in result.stdout
+    assert "  rag: retrieval for rules default\n" in result.stdout
+    assert "  scale: on demand code (docker, cold start fallback)\n" in result.stdout
 
 
 def test_seed_catalog_matches_the_roadmap() -> None:
