@@ -300,6 +300,8 @@ def create_app(
             )
         return _json({"object": "list", "data": data})
 
+    embedding_requests = {"pending": 0}
+
     @post("/v1/embeddings", status_code=200, summary="Create embeddings (OpenAI-compatible)")
     async def embeddings(request: Request) -> ASGIApp:
         keys.check(_authorization(request), "client")
@@ -321,6 +323,11 @@ def create_app(
                                   f"`dimensions` {wanted.dimensions} is not available", type="invalid_request_error",
                              code="invalid_dimensions", param="dimensions")
         texts = [wanted.input] if isinstance(wanted.input, str) else wanted.input
+        if embedding_requests["pending"] >= found.rag.embedder.max_pending:
+            raise ProxyError(429, f"{embedding_requests['pending']} embedding requests are already running "
+                                  "(rag.yaml embedder.max_pending); retry shortly", type="rate_limit_error",
+                             code="embeddings_busy", headers={"retry-after": "1"})
+        embedding_requests["pending"] += 1
         try:
             if len(texts) == 1:
                 vectors = [await embedder.embed_one(texts[0])]
@@ -331,6 +338,8 @@ def create_app(
             log.warning("embedding failed: %s", exc)
             raise ProxyError(503, f"the embedder failed: {exc}", type="server_error",
                              code="embeddings_unavailable") from None
+        finally:
+            embedding_requests["pending"] -= 1
         data = [{"object": "embedding", "index": index,
                  "embedding": base64.b64encode(vector.astype("<f4").tobytes()).decode()
                  if wanted.encoding_format == "base64" else vector.tolist()}

@@ -111,6 +111,7 @@ def openapi_document(models: list[str], embedding_model: str) -> dict[str, Any]:
                                     "EmbeddingRequest", {**_AUTH_ERRORS,
                                                          "404": _error("Not the configured embedding model"),
                                                          "413": _RELAY_ERRORS["413"],
+                                                         "429": _error("embedder.max_pending requests are running"),
                                                          "503": _error("The embedder is not up, or retrieval is off")}),
             "/admin/rag": _json_get("RAG status and collections (admin key)", admin_errors),
             "/admin/rag/ingest": _post("Add documents to a collection (admin key)", "IngestRequest",

@@ -188,6 +188,9 @@ class Embedder(Strict):
     api_key_env: EnvVar | None = None
     batch_size: Annotated[int, Meta(gt=0, le=1024)] = 32
     timeout: Seconds = 10.0
+    # POST /v1/embeddings requests embedding at once; more get 429, so a flood cannot queue
+    # unbounded work (retrieval for routed requests is bounded by `budget` instead).
+    max_pending: Annotated[int, Meta(ge=1, le=10000)] = 16
 
 
 class Chunking(Strict):

@@ -5,6 +5,7 @@ commands as processes, and the golden support set for quality."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -506,3 +507,24 @@ def test_pdfs_are_ingested_and_unreadable_ones_reported(tmp_path: Path) -> None:
     assert "scan.pdf: the PDF has no text layer (a scan?)" in result.stderr
     found = json.loads(rag_cli("search", "GPU memory budget", "--json", state=state, policies=policies).stdout)
     assert found[0]["source"] == str(docs / "gpu.pdf") and "32 GB" in found[0]["content"]
+
+
+def test_embedding_requests_beyond_max_pending_get_429_not_a_queue(tmp_path: Path) -> None:
+    sim = start_sim("m")
+    try:
+        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True}, "embedder": {"max_pending": 1}})
+        proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state")})
+        try:
+            big = {"model": MODEL, "input": [f"sentence number {i} about GPUs and queues" for i in range(1500)]}
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                responses = list(pool.map(lambda _: httpx.post(f"{proxy.url}/v1/embeddings", json=big, timeout=60),
+                                          range(4)))
+            statuses = sorted(r.status_code for r in responses)
+            assert statuses[0] == 200 and 429 in statuses, statuses
+            busy = next(r for r in responses if r.status_code == 429)
+            assert busy.json()["error"]["code"] == "embeddings_busy" and busy.headers["retry-after"] == "1"
+            assert httpx.post(f"{proxy.url}/v1/embeddings", json={"model": MODEL, "input": "x"}).status_code == 200
+        finally:
+            proxy.stop()
+    finally:
+        sim.stop()
