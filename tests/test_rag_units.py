@@ -176,3 +176,37 @@ def test_concurrent_queries_share_embedder_runs() -> None:
 
     vectors = asyncio.run(scenario())
     assert [v[0] for v in vectors] == [float(i + 1) for i in range(20)]  # each caller gets its own row
+
+
+def test_a_bulk_embedding_never_holds_up_a_query() -> None:
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    from proxy.rag.embedders import BatchingEmbedder
+
+    release = threading.Event()
+
+    class Slow:
+        model, dim = "fake", 1
+
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            if len(texts) > 1:
+                release.wait(5)  # a big /v1/embeddings or ingest batch, still running
+            return np.ones((len(texts), 1), dtype=np.float32)
+
+        def count_tokens(self, texts):  # type: ignore[no-untyped-def]
+            return 0
+
+    async def scenario() -> None:
+        batching = BatchingEmbedder(Slow())
+        bulk = asyncio.create_task(batching.embed_many(["a", "b", "c"]))
+        await asyncio.sleep(0.05)
+        query = await asyncio.wait_for(batching.embed_one("q"), 2)  # answered while the bulk run blocks
+        assert query.tolist() == [1.0] and not bulk.done()
+        release.set()
+        assert (await bulk).shape == (3, 1)
+        batching.close()
+
+    asyncio.run(scenario())

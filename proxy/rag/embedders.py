@@ -158,13 +158,17 @@ def load_embedder(policy: EmbedderPolicy, environ: Mapping[str, str] = os.enviro
 
 
 class BatchingEmbedder:
-    """Async front of a blocking embedder: one worker thread; queries that arrive while a
-    batch is running wait together and go in the next call (one ONNX run for many queries)."""
+    """Async front of a blocking embedder. Queries (retrieval for routed requests) run on one
+    worker thread; those that arrive while a batch is running wait together and go in the next
+    call (one ONNX run for many queries). Bulk work (/v1/embeddings, ingestion) runs on a thread
+    of its own, so a large batch never holds up the queries behind their time budget (ONNX
+    Runtime sessions may be run from several threads at once)."""
 
     def __init__(self, embedder: Embedder, max_batch: int = 64) -> None:
         self.embedder = embedder
         self.max_batch = max_batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-queries")
+        self._bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-bulk")
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._running = False
 
@@ -178,7 +182,7 @@ class BatchingEmbedder:
 
     async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.embedder.embed, list(texts))
+        return await loop.run_in_executor(self._bulk, self.embedder.embed, list(texts))
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -203,4 +207,5 @@ class BatchingEmbedder:
             self._running = False
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._bulk):
+            executor.shutdown(wait=False, cancel_futures=True)
