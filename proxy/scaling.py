@@ -534,6 +534,30 @@ class Scaler:
             for name, machine in self.machines.items():
                 if machine.idle_due(now, self.in_flight(name)):
                     self.request_stop(name, "idle")
+                elif machine.state == "ready" and name not in self._busy and self._circuit_open(name):
+                    self._busy[name] = self._spawn(self._check_exited(name))
+
+    def _circuit_open(self, name: str) -> bool:
+        circuit = getattr(self.upstream_of(name), "circuit", None)
+        return circuit is not None and circuit.state == "open"
+
+    async def _check_exited(self, name: str) -> None:
+        """A ready backend whose health checks fail: if its process or container is gone (vLLM
+        ran out of memory, say), it is stopped, and the next trigger starts it again."""
+        try:
+            running = await self.actuators[name].running()
+        except ActuatorError:
+            running = None
+        finally:
+            self._busy.pop(name, None)
+        machine = self.machines[name]
+        if running is False and machine.state == "ready":
+            machine.last_error = "exited on its own while ready"
+            machine.stop_finished(self.clock(), "exited on its own")
+            machine.stopped_at = None  # not our stop: no cooldown before the next start
+            self._set_health(name, False)
+            self._ready[name].clear()
+            self.on_event(name, "exited", "crash")
 
     # --- admin ------------------------------------------------------------------------------
 

@@ -336,3 +336,30 @@ def test_the_command_actuator_passes_arguments_literally_and_times_out(tmp_path:
     asyncio.run(scenario())
     assert marker.read_text() == "ok"  # one file with that odd name: the ';' reached no shell
     assert not (tmp_path / "injected").exists()
+
+
+def test_a_backend_that_dies_while_ready_is_noticed_and_started_again(tmp_path: Path, general: Any) -> None:
+    port, backend_dir = free_port(), tmp_path / "backend"
+    policies = on_demand_policies(tmp_path / "p", general.url, port, backend_dir, cold_start="wait", max_wait=25)
+    catalog = yaml.safe_load((policies / "backends.yaml").read_text())
+    catalog["backends"]["code"]["health"] = {"interval": 0.2, "timeout": 0.5, "unhealthy_threshold": 1, "cooldown": 60}
+    (policies / "backends.yaml").write_text(yaml.safe_dump(catalog))
+    proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "scale-admin"}, extra=["--log-level", "info"])
+    try:
+        assert ask(proxy.url).headers["x-dreamseed-backend"] == "code"
+        stop_backend(backend_dir, port)  # the process dies behind the proxy's back (an OOM, say)
+
+        def scaler_view() -> dict[str, Any]:
+            return httpx.get(f"{proxy.url}/admin/backends", headers=ADMIN).json()["backends"]["code"]["scaler"]
+
+        wait_until(lambda: scaler_view()["state"] == "stopped", what="the scaler to notice the exit")
+        assert scaler_view()["last_error"] == "exited on its own while ready"
+        response = ask(proxy.url)  # the next keyword request starts it again and waits for it
+        assert response.headers["x-dreamseed-backend"] == "code"
+        assert response.headers["x-dreamseed-cold-start"].startswith("waited ")
+        assert calls(backend_dir, "start") == 2
+        assert 'dreamseed_scaler_events_total{backend="code",event="exited",reason="crash"} 1.0' in \
+            httpx.get(f"{proxy.url}/metrics").text
+    finally:
+        proxy.stop()
+        stop_backend(backend_dir, port)
