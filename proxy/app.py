@@ -263,9 +263,8 @@ def create_app(
 
     async def retrieve_into(payload: dict[str, object], endpoint: Endpoint, settings: RagSettings,
                             exchange: Exchange) -> str:
-        """Retrieve for the request and add the context; returns the x-dreamseed-rag value."""
-        if not settings.enabled:
-            return "off"
+        """Retrieve for a request whose settings enable it and add the context; returns the
+        x-dreamseed-rag value."""
         query = query_of(payload, endpoint)
         found = retriever()
         if query is None or found is None:
