@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 import yaml
 
-from support import ROOT, Process, Sim, start_proxy, start_sim, write_policies, write_rag
+from support import ROOT, Process, Sim, free_port, start_proxy, start_sim, write_policies, write_rag
 
 GOLDEN = ROOT / "tests" / "data" / "golden_support"
 ADMIN = "rag-admin-key"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# For tests that only run `dreamseed rag ...` commands or a proxy that must fail to start: nothing listens.
+NO_BACKEND = f"http://127.0.0.1:{free_port()}"
 KOREAN_TEMPLATE = "다음 문서를 참고해 답하세요.\n{context}\n질문: {query}"
 
 
@@ -48,9 +50,9 @@ class RagStack:
         return httpx.post(f"{self.proxy.url}/v1/chat/completions", json=body, timeout=30)
 
 
-def rag_policies(directory: Path, sim: Sim, rag: dict[str, object]) -> Path:
-    # One simulated backend; the rules differ in their RAG settings, which is what is under test.
-    backends = {"general": {"url": sim.url, "model": "m", "context_length": 4096}}
+def rag_policies(directory: Path, backend_url: str, rag: dict[str, object]) -> Path:
+    # One backend; the rules differ in their RAG settings, which is what is under test.
+    backends = {"general": {"url": backend_url, "model": "m", "context_length": 4096}}
     routing = {"rules": [
         {"name": "code", "match": {"keywords": ["코드", "code"]}, "target": "general"},
         {"name": "fast", "match": {"keywords": ["빠른", "quick"]}, "target": "general"},
@@ -63,7 +65,7 @@ def rag_policies(directory: Path, sim: Sim, rag: dict[str, object]) -> Path:
 def rag_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RagStack]:
     sim = start_sim("m", tokens=2)
     state = tmp_path_factory.mktemp("state")
-    policies = rag_policies(tmp_path_factory.mktemp("policies"), sim, {
+    policies = rag_policies(tmp_path_factory.mktemp("policies"), sim.url, {
         "defaults": {"enabled": True, "collection": "support", "mode": "hybrid", "top_k": 3},
         "rules": {"fast": {"enabled": False}, "code": {"template": KOREAN_TEMPLATE, "top_k": 1}},
     })
@@ -223,12 +225,8 @@ def rag_cli(*args: str, state: Path, policies: Path, input: str | None = None) -
 
 
 def test_cli_ingest_dedupes_replaces_edits_searches_and_deletes(tmp_path: Path) -> None:
-    sim = start_sim("m")
-    try:
-        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True, "collection": "kb"},
+    policies = rag_policies(tmp_path / "p", NO_BACKEND, {"defaults": {"enabled": True, "collection": "kb"},
                                                      "chunking": {"size": 200, "overlap": 40}})
-    finally:
-        sim.stop()
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "gpu.md").write_text("# GPU\n\nThe RTX 5090 has 32 GB of memory.\n\nThe coder model starts on demand.\n",
@@ -272,7 +270,7 @@ def test_the_embedded_database_lives_in_the_state_directory_and_stops_with_the_p
     sim = start_sim("m")
     state = tmp_path / "state"
     try:
-        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True}})
+        policies = rag_policies(tmp_path / "p", sim.url, {"defaults": {"enabled": True}})
         proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(state)})
         try:
             assert httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
@@ -299,7 +297,7 @@ def test_database_url_points_the_same_code_at_another_server(tmp_path: Path) -> 
     sim = start_sim("m")
     state = tmp_path / "state"
     try:
-        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True, "collection": "ext"},
+        policies = rag_policies(tmp_path / "p", sim.url, {"defaults": {"enabled": True, "collection": "ext"},
                                                      "store": {"table": "kb_minilm"}})
         proxy = start_proxy(policies, env={"DATABASE_URL": server.get_uri(), "DREAMSEED_STATE_DIR": str(state),
                                            "DREAMSEED_ADMIN_KEY": ADMIN})
@@ -329,7 +327,7 @@ def test_a_table_built_for_another_model_stops_the_start_with_a_clear_error(tmp_
         with psycopg.connect(server.get_uri(), autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
             conn.execute("CREATE TABLE documents (id bigserial PRIMARY KEY, embedding vector(768))")
-        policies = rag_policies(tmp_path / "p", start_sim("m"), {"defaults": {"enabled": True}})
+        policies = rag_policies(tmp_path / "p", NO_BACKEND, {"defaults": {"enabled": True}})
         result = subprocess.run(
             [sys.executable, "-m", "proxy.cli", "serve", "--policies", str(policies), "--port", "0"],
             capture_output=True, text=True, cwd=ROOT, timeout=60,
@@ -365,7 +363,7 @@ def test_a_table_built_for_another_model_stops_the_start_with_a_clear_error(tmp_
 def test_retrieval_over_budget_degrades_instead_of_failing(tmp_path: Path) -> None:
     sim = start_sim("m")
     try:
-        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True}, "budget": 0.0001})
+        policies = rag_policies(tmp_path / "p", sim.url, {"defaults": {"enabled": True}, "budget": 0.0001})
         proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state")})
         try:
             response = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
@@ -392,11 +390,7 @@ QUALITY_FLOORS = {
 
 
 def test_retrieval_quality_on_the_golden_set_stays_at_its_measured_level(tmp_path: Path) -> None:
-    sim = start_sim("m")
-    try:
-        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True}})
-    finally:
-        sim.stop()
+    policies = rag_policies(tmp_path / "p", NO_BACKEND, {"defaults": {"enabled": True}})
     result = rag_cli("eval", str(GOLDEN), "--json", state=tmp_path / "state", policies=policies)
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
@@ -424,7 +418,7 @@ def test_text_postgres_cannot_store_is_a_400_and_never_breaks_retrieval(rag_stac
 def test_an_openai_compatible_embedding_server_can_be_the_embedder(rag_stack: RagStack, tmp_path: Path) -> None:
     """Embedder kind `openai` against a real OpenAI-compatible /v1/embeddings: the RAG stack's own
     proxy stands in for the seed's vLLM embedding container on :8003."""
-    policies = rag_policies(tmp_path / "p", rag_stack.sim, {
+    policies = rag_policies(tmp_path / "p", rag_stack.sim.url, {
         "embedder": {"kind": "openai", "model": MODEL, "dim": 384, "url_env": "EMBEDDINGS_URL"},
         "defaults": {"enabled": True, "collection": "remote-kb", "mode": "vector"}})
     proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state"), "DREAMSEED_ADMIN_KEY": ADMIN,
@@ -447,7 +441,7 @@ def test_an_openai_compatible_embedding_server_can_be_the_embedder(rag_stack: Ra
 def test_retrieval_turned_on_by_a_policy_reload_comes_up_without_a_restart(tmp_path: Path) -> None:
     sim = start_sim("m")
     try:
-        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": False}})
+        policies = rag_policies(tmp_path / "p", sim.url, {"defaults": {"enabled": False}})
         proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state"), "DREAMSEED_ADMIN_KEY": ADMIN})
         try:
             assert httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
@@ -488,11 +482,7 @@ def minimal_pdf(text: str) -> bytes:
 
 
 def test_pdfs_are_ingested_and_unreadable_ones_reported(tmp_path: Path) -> None:
-    sim = start_sim("m")
-    try:
-        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True, "collection": "kb"}})
-    finally:
-        sim.stop()
+    policies = rag_policies(tmp_path / "p", NO_BACKEND, {"defaults": {"enabled": True, "collection": "kb"}})
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "gpu.pdf").write_bytes(minimal_pdf("The RTX 5090 budget is 32 GB with five percent headroom."))
@@ -512,7 +502,7 @@ def test_pdfs_are_ingested_and_unreadable_ones_reported(tmp_path: Path) -> None:
 def test_embedding_requests_beyond_max_pending_get_429_not_a_queue(tmp_path: Path) -> None:
     sim = start_sim("m")
     try:
-        policies = rag_policies(tmp_path / "p", sim, {"defaults": {"enabled": True}, "embedder": {"max_pending": 1}})
+        policies = rag_policies(tmp_path / "p", sim.url, {"defaults": {"enabled": True}, "embedder": {"max_pending": 1}})
         proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state")})
         try:
             big = {"model": MODEL, "input": [f"sentence number {i} about GPUs and queues" for i in range(1500)]}
