@@ -130,6 +130,15 @@ def openapi_document(models: list[str], embedding_model: str) -> dict[str, Any]:
                                  {"503": {"description": "Not ready",
                                           "content": {"application/json": {"schema": {"type": "object"}}}}}),
             "/admin/backends": _json_get("Backend states (admin key)", admin_errors),
+            "/admin/backends/{name}/{action}": {"post": {
+                "summary": "Start or stop an on-demand backend (admin key)",
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                               {"name": "action", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": ["start", "stop"]}}],
+                "responses": {"202": {"description": "Accepted: the backend's new scaler state",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}},
+                              "404": _error("Unknown backend or action"),
+                              "409": _error("Not an on-demand backend, or mid-transition"), **admin_errors}}},
             "/admin/policies": _json_get("The policy in force and the last reload (admin key)", admin_errors),
             "/admin/policies/reload": {"post": {"summary": "Validate the policy files and swap them in (admin key)",
                                                 "responses": {
