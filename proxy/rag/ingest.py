@@ -82,8 +82,11 @@ async def ingest_texts(store: DocumentStore, embedder: BatchingEmbedder, collect
     for source, text, metadata in documents:
         pieces = chunk_text(text, chunking.size, chunking.overlap)
         chunks = [Chunk(source, index, content, metadata) for index, content in enumerate(pieces)]
-        # The same passage twice in one file is stored once.
-        unique = list({chunk.sha256: chunk for chunk in reversed(chunks)}.values())[::-1]
+        # The same passage twice in one file is stored once (its first occurrence).
+        first: dict[str, Chunk] = {}
+        for chunk in chunks:
+            first.setdefault(chunk.sha256, chunk)
+        unique = list(first.values())
         known = await store.existing_hashes(collection, [chunk.sha256 for chunk in unique])
         new = [chunk for chunk in unique if chunk.sha256 not in known]
         vectors = await embedder.embed_many([chunk.content for chunk in new]) if new else None

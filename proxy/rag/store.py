@@ -44,10 +44,10 @@ class Chunk:
     index: int
     content: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    sha256: str = field(init=False)  # the dedupe key, hashed once
 
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.content.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha256", hashlib.sha256(self.content.encode()).hexdigest())
 
 
 @dataclass(frozen=True, slots=True)
