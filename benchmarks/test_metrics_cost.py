@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from proxy.metrics import Exchange, ProxyMetrics, log_exchange
+from dreamseed.metrics import Exchange, ProxyMetrics, log_exchange
 
 
 @pytest.fixture

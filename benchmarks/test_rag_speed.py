@@ -27,10 +27,10 @@ import psycopg
 import pytest
 
 from conftest import MODE
-from proxy.policy import Embedder, VectorStore
-from proxy.rag.database import open_database
-from proxy.rag.embedders import FastEmbedder
-from proxy.rag.store import DocumentStore, ensure_schema, open_pool
+from dreamseed.policy import Embedder, VectorStore
+from dreamseed.rag.database import open_database
+from dreamseed.rag.embedders import FastEmbedder
+from dreamseed.rag.store import DocumentStore, ensure_schema, open_pool
 from support import rag_model_dir
 
 SUBJECTS = ["the proxy", "a vLLM backend", "the coder model", "Postgres", "the router", "an operator", "the 70B host",

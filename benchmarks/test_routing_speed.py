@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.policy import load_policies
-from proxy.routing import Prompt, Router
+from dreamseed.policy import load_policies
+from dreamseed.routing import Prompt, Router
 
 SEED = Path(__file__).resolve().parent.parent / "policies"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pulumi
 
-from proxy.policy import Policies, PolicyError, load_policies
+from dreamseed.policy import Policies, PolicyError, load_policies
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from typing import Any
 import pulumi
 import pulumi_docker as docker
 
-from proxy.policy import Backend, DockerActuator, MemoryPlan, Policies, memory_plan
+from dreamseed.policy import Backend, DockerActuator, MemoryPlan, Policies, memory_plan
 
 from .components.embeddings import EmbeddingServer, EmbeddingServerArgs
 from .components.monitoring import Monitoring, MonitoringArgs

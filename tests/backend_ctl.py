@@ -49,7 +49,7 @@ def main() -> int:
         if pid is not None and alive(pid):
             return 0
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.simulated_vllm", "--port", args.port, "--model", args.model,
+            [sys.executable, "-m", "dreamseed.simulated_vllm", "--port", args.port, "--model", args.model,
              "--ttft", args.ttft],
             stdout=(args.dir / "backend.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True,
             cwd=Path(__file__).resolve().parent.parent)

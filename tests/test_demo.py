@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from proxy.simulation import is_reachable
+from dreamseed.simulation import is_reachable
 import yaml
 
 from support import SEED_POLICIES, free_port, seed_catalog, start_proxy, start_sim, write_policies, write_rag

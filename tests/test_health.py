@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.health import Circuit
-from proxy.policy import HealthCheck
+from dreamseed.health import Circuit
+from dreamseed.policy import HealthCheck
 
 
 class Clock:

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import Stack
 from infra.monitoring import PANELS, RATE, alert_rules, prometheus_config, write_all
-from proxy.policy import load_policies
+from dreamseed.policy import load_policies
 from support import SEED_POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from proxy.policy import PolicyError, load_policies
+from dreamseed.policy import PolicyError, load_policies
 from support import SEED_POLICIES
 
 
 def check(directory: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy.cli", "policies", "check", str(directory)],
+    return subprocess.run([sys.executable, "-m", "dreamseed.cli", "policies", "check", str(directory)],
                           capture_output=True, text=True)
 
 

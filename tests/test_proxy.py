@@ -317,7 +317,7 @@ def test_proxy_refuses_to_start_on_invalid_policies(tmp_path) -> None:  # type: 
     policies = write_policies(tmp_path / "p", {"general": {"url": "http://127.0.0.1:1", "model": "m", "context_length": 1}},
                               {"rules": [{"name": "default", "target": "nowhere"}]})
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--policies", str(policies), "--port", "0"],
+    result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "serve", "--policies", str(policies), "--port", "0"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "routing.yaml:" in result.stderr and "unknown backend 'nowhere'" in result.stderr

@@ -219,7 +219,7 @@ def test_admin_rag_endpoints_need_the_admin_key_and_work(rag_stack: RagStack) ->
 
 
 def rag_cli(*args: str, state: Path, policies: Path, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy.cli", "rag", *args, "--policies", str(policies)],
+    return subprocess.run([sys.executable, "-m", "dreamseed.cli", "rag", *args, "--policies", str(policies)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "DREAMSEED_STATE_DIR": str(state)})
 
@@ -329,7 +329,7 @@ def test_a_table_built_for_another_model_stops_the_start_with_a_clear_error(tmp_
             conn.execute("CREATE TABLE documents (id bigserial PRIMARY KEY, embedding vector(768))")
         policies = rag_policies(tmp_path / "p", NO_BACKEND, {"defaults": {"enabled": True}})
         result = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "serve", "--policies", str(policies), "--port", "0"],
+            [sys.executable, "-m", "dreamseed.cli", "serve", "--policies", str(policies), "--port", "0"],
             capture_output=True, text=True, cwd=ROOT, timeout=60,
             env={**os.environ, "DATABASE_URL": server.get_uri(), "DREAMSEED_STATE_DIR": str(tmp_path / "s")})
         assert result.returncode != 0
@@ -339,8 +339,8 @@ def test_a_table_built_for_another_model_stops_the_start_with_a_clear_error(tmp_
         # Same dimension, another model: just as incomparable, and just as refused.
         import asyncio
 
-        from proxy.policy import VectorStore
-        from proxy.rag.store import ensure_schema
+        from dreamseed.policy import VectorStore
+        from dreamseed.rag.store import ensure_schema
 
         async def filled_by_another_model() -> None:
             async with await psycopg.AsyncConnection.connect(server.get_uri()) as conn:
@@ -350,7 +350,7 @@ def test_a_table_built_for_another_model_stops_the_start_with_a_clear_error(tmp_
         rag = yaml.safe_load((policies / "rag.yaml").read_text())
         (policies / "rag.yaml").write_text(yaml.safe_dump({**rag, "store": {"table": "kb"}}))
         result = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "serve", "--policies", str(policies), "--port", "0"],
+            [sys.executable, "-m", "dreamseed.cli", "serve", "--policies", str(policies), "--port", "0"],
             capture_output=True, text=True, cwd=ROOT, timeout=60,
             env={**os.environ, "DATABASE_URL": server.get_uri(), "DREAMSEED_STATE_DIR": str(tmp_path / "s")})
         assert result.returncode != 0

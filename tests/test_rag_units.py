@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.policy import PolicyError, load_policies
-from proxy.rag.augment import format_context
-from proxy.rag.chunking import chunk_text
-from proxy.rag.evaluation import EvalSetError, language, load_eval_set, mrr_at, ndcg_at, recall_at
-from proxy.rag.store import Hit
+from dreamseed.policy import PolicyError, load_policies
+from dreamseed.rag.augment import format_context
+from dreamseed.rag.chunking import chunk_text
+from dreamseed.rag.evaluation import EvalSetError, language, load_eval_set, mrr_at, ndcg_at, recall_at
+from dreamseed.rag.store import Hit
 from support import ROOT, SEED_POLICIES
 
 
@@ -146,7 +146,7 @@ def test_concurrent_queries_share_embedder_runs() -> None:
 
     import numpy as np
 
-    from proxy.rag.embedders import BatchingEmbedder
+    from dreamseed.rag.embedders import BatchingEmbedder
 
     class Recording:
         model, dim = "fake", 2
@@ -184,7 +184,7 @@ def test_a_bulk_embedding_never_holds_up_a_query() -> None:
 
     import numpy as np
 
-    from proxy.rag.embedders import BatchingEmbedder
+    from dreamseed.rag.embedders import BatchingEmbedder
 
     release = threading.Event()
 

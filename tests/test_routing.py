@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from proxy.policy import Catalog, Routing, load_policies
-from proxy.routing import Prompt, Router, ScopedText, UnknownModel, estimate_tokens, keyword_check
+from dreamseed.policy import Catalog, Routing, load_policies
+from dreamseed.routing import Prompt, Router, ScopedText, UnknownModel, estimate_tokens, keyword_check
 from support import SEED_POLICIES
 
 
@@ -153,17 +153,17 @@ def test_keyword_check_reports_the_keyword_found() -> None:
 
 
 def test_route_command_explains_the_decision() -> None:
-    result = subprocess.run([sys.executable, "-m", "proxy.cli", "route", "파이썬 함수 좀 짜줘", "--policies", str(SEED_POLICIES)],
+    result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "route", "파이썬 함수 좀 짜줘", "--policies", str(SEED_POLICIES)],
                             capture_output=True, text=True, check=True)
     out = result.stdout
     assert "skip  long-prompt" in out and "MATCH code: keyword '함수'" in out
     assert "backend: code (fallback: general)" in out
     assert "model: Qwen/Qwen2.5-Coder-7B-Instruct" in out
 
-    long = subprocess.run([sys.executable, "-m", "proxy.cli", "route", "-", "--policies", str(SEED_POLICIES)],
+    long = subprocess.run([sys.executable, "-m", "dreamseed.cli", "route", "-", "--policies", str(SEED_POLICIES)],
                           input="z" * 2001, capture_output=True, text=True, check=True).stdout
     assert "rule: long-prompt" in long and "2001 characters > 2000" in long
 
-    unknown = subprocess.run([sys.executable, "-m", "proxy.cli", "route", "x", "--model", "gpt-4", "--policies",
+    unknown = subprocess.run([sys.executable, "-m", "dreamseed.cli", "route", "x", "--model", "gpt-4", "--policies",
                               str(SEED_POLICIES)], capture_output=True, text=True)
     assert unknown.returncode == 1 and "unknown model 'gpt-4'" in unknown.stderr

@@ -10,9 +10,9 @@ import httpx
 import msgspec
 import pytest
 
-from proxy.health import Circuit
-from proxy.policy import Catalog, HealthCheck, OnDemand, Scale
-from proxy.scaling import BackendScaler, Scaler, Verdict, plan_start
+from dreamseed.health import Circuit
+from dreamseed.policy import Catalog, HealthCheck, OnDemand, Scale
+from dreamseed.scaling import BackendScaler, Scaler, Verdict, plan_start
 
 T = 1800.0  # the seed's idle stop: 30 minutes
 
@@ -170,7 +170,7 @@ class FakeActuator:
         self.calls.append("start")
         await asyncio.sleep(self.delay)
         if self.fail:
-            from proxy.actuators import ActuatorError
+            from dreamseed.actuators import ActuatorError
 
             raise ActuatorError("no GPU")
         self.backend["up"] = True
@@ -254,7 +254,7 @@ def test_an_admin_stop_drains_and_stops_through_the_actuator() -> None:
 def test_scale_policy_mistakes_are_reported(tmp_path: Any, bad: str) -> None:
     import shutil
 
-    from proxy.policy import PolicyError, load_policies
+    from dreamseed.policy import PolicyError, load_policies
     from support import SEED_POLICIES
 
     shutil.copytree(SEED_POLICIES, tmp_path / "p")

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
-from proxy.transport import PooledTransport, Timeouts
+from dreamseed.transport import PooledTransport, Timeouts
 from support import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 import pulumi
 import pulumi_docker as docker
 
-from proxy.policy import Backend
+from dreamseed.policy import Backend
 
 
 def python_healthcheck(url: str, start_period: str = "30s") -> docker.ContainerHealthcheckArgs:

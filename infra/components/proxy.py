@@ -8,7 +8,7 @@ from pathlib import Path
 import pulumi
 import pulumi_docker as docker
 
-from proxy import __version__
+from dreamseed import __version__
 
 from .common import python_healthcheck, secret_env
 

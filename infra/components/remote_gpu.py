@@ -16,7 +16,7 @@ from pathlib import Path
 import pulumi
 import pulumi_command as command
 
-from proxy.policy import Backend
+from dreamseed.policy import Backend
 
 from .vllm import HF_CACHE, vllm_command
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_docker as docker
 
-from proxy.policy import Backend
+from dreamseed.policy import Backend
 
 from .common import backend_port, pulled, python_healthcheck, secret_env
 

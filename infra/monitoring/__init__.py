@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from proxy.policy import Policies
+from dreamseed.policy import Policies
 
 WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
 ERROR_BUDGET = 0.01
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     from pathlib import Path
 
-    from proxy.policy import load_policies
+    from dreamseed.policy import load_policies
 
     parser = argparse.ArgumentParser(prog="python -m infra.monitoring", description=__doc__.split("\n\n")[0])
     parser.add_argument("out")

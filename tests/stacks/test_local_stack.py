@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from infra import images
-from proxy.policy import load_policies
+from dreamseed.policy import load_policies
 
 from .conftest import INSTANCE, SECRETS, RecordingMocks, Runner, plain_occurrences, secret_occurrences
 

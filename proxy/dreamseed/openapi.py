@@ -1,6 +1,6 @@
 """The proxy's OpenAPI document, served at /openapi.json.
 
-Built from the same msgspec Structs that check request bodies (proxy/openai_api.py), so the
+Built from the same msgspec Structs that check request bodies (proxy/dreamseed/openai_api.py), so the
 document cannot drift from what the proxy accepts. (The relay handlers take the raw request to
 avoid decoding bodies twice, which leaves Litestar's generator nothing to describe.) The
 `model` enum lists what the running policy serves, like GET /v1/models.

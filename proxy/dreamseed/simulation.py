@@ -45,7 +45,7 @@ def is_reachable(url: str, timeout: float = 0.5) -> bool:
 
 def start_simulated(name: str, model: str, max_model_len: int, port: int = 0, extra: tuple[str, ...] = DEMO_KNOBS) -> SimulatedBackend:
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy.simulated_vllm", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "dreamseed.simulated_vllm", "--host", "127.0.0.1", "--port", str(port),
          "--model", model, "--max-model-len", str(max_model_len), *extra],
         stdout=subprocess.PIPE,
         text=True,

@@ -26,7 +26,7 @@ PositiveInt = Annotated[int, Meta(gt=0)]
 Seconds = Annotated[float, Meta(gt=0, le=3600)]
 Fraction = Annotated[float, Meta(gt=0, le=1)]
 
-# Histogram buckets of the proxy's latency metrics (proxy/metrics.py). A backend's latency target
+# Histogram buckets of the proxy's latency metrics (proxy/dreamseed/metrics.py). A backend's latency target
 # must be one of them, so that SLO queries can use its `le` bucket exactly.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 

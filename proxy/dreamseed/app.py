@@ -492,7 +492,7 @@ def create_app(
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },
-        openapi_config=None,  # proxy/openapi.py builds the document from the request Structs
+        openapi_config=None,  # proxy/dreamseed/openapi.py builds the document from the request Structs
         request_max_body_size=MAX_BODY_BYTES,
         logging_config=None,
         debug=False,
