@@ -101,7 +101,7 @@ async def run_load(url: str, request: bytes, *, concurrency: int, total: int, ti
                     result.first_bytes.append(first)
                 else:
                     result.errors += 1
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
                 result.errors += 1
                 if writer is not None:
                     writer.close()

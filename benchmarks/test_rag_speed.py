@@ -141,7 +141,7 @@ def measure(bench: RagBench, store: VectorStore) -> dict[str, Any]:
 
     latencies, found = asyncio.run(run())
     truth = exact_top10(bench.url, store.table, bench.embedder.embed(bench.queries))
-    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
     ms = np.array(latencies) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "recall_at_10": recall, "queries": len(ms), "ef_search": store.ef_search}

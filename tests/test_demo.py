@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 
 import httpx
-
-from dreamseed.simulation import is_reachable
 import yaml
 
+from dreamseed.simulation import is_reachable
 from support import SEED_POLICIES, free_port, seed_catalog, start_proxy, start_sim, write_policies, write_rag
 
 

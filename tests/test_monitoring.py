@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from conftest import Stack
-from infra.monitoring import PANELS, RATE, alert_rules, prometheus_config, write_all
 from dreamseed.policy import load_policies
+from infra.monitoring import PANELS, RATE, alert_rules, prometheus_config, write_all
 from support import SEED_POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent

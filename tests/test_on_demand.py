@@ -179,8 +179,9 @@ def test_two_proxy_processes_sharing_a_database_start_the_backend_once(tmp_path:
     try:
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             responses = list(pool.map(lambda i: ask(proxies[i % 2].url), range(12)))
-        assert all(r.status_code == 200 and r.headers["x-dreamseed-backend"] == "code" for r in responses), \
-            [(r.status_code, r.headers.get("x-dreamseed-backend"), r.headers.get("x-dreamseed-fallback"), r.text[:150]) for r in responses if r.headers.get("x-dreamseed-backend") != "code"]
+        elsewhere = [(r.status_code, r.headers.get("x-dreamseed-backend"), r.headers.get("x-dreamseed-fallback"), r.text[:150])
+                     for r in responses if r.headers.get("x-dreamseed-backend") != "code"]
+        assert all(r.status_code == 200 for r in responses) and not elsewhere, elsewhere
         assert calls(backend_dir, "start") == 1, (backend_dir / "calls.log").read_text()
         for proxy in proxies:
             assert httpx.post(f"{proxy.url}/admin/backends/code/stop", headers=ADMIN).status_code == 202
@@ -211,7 +212,7 @@ class EngineAPI(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         type(self).seen.append(("POST", self.path))
         if self.path == "/v1.43/containers/dreamseed-vllm-code/start":
             self._send(304 if type(self).running else 204)
@@ -222,7 +223,7 @@ class EngineAPI(BaseHTTPRequestHandler):
         else:
             self._send(404, {"message": f"No such container: {self.path.split('/')[3]}"})
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         type(self).seen.append(("GET", self.path))
         if self.path == "/v1.43/containers/dreamseed-vllm-code/json":
             self._send(200, {"Name": "/dreamseed-vllm-code", "State": {"Running": type(self).running}})

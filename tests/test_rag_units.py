@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import unicodedata
 from pathlib import Path
@@ -29,7 +30,7 @@ def test_paragraphs_that_fit_stay_whole_and_chunks_respect_the_size() -> None:
 def test_consecutive_chunks_overlap_on_sentence_boundaries() -> None:
     sentences = [f"Sentence {i} says something distinct." for i in range(30)]
     chunks = chunk_text(" ".join(sentences), size=150, overlap=60)
-    for before, after in zip(chunks, chunks[1:]):
+    for before, after in itertools.pairwise(chunks):
         last = before.split(". ")[-1].rstrip(".") + "."
         assert after.startswith(last), (before, after)  # the tail sentence is carried over whole
     assert all(any(s in chunk for chunk in chunks) for s in sentences)  # nothing is lost

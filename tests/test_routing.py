@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dreamseed.policy import Catalog, Routing, load_policies
-from dreamseed.routing import Prompt, Router, ScopedText, UnknownModel, estimate_tokens, keyword_check
+from dreamseed.routing import Prompt, Router, ScopedText, UnknownModelError, estimate_tokens, keyword_check
 from support import SEED_POLICIES
 
 
@@ -104,7 +104,7 @@ def test_direct_model_by_backend_name_or_model_id(router: Router) -> None:
 
 
 def test_unknown_model_lists_available(router: Router) -> None:
-    with pytest.raises(UnknownModel) as caught:
+    with pytest.raises(UnknownModelError) as caught:
         router.route("gpt-4o", Prompt.of_text("hi"))
     assert {"auto", "general", "code", "fast", "general70", "Qwen/Qwen2.5-Coder-7B-Instruct"} <= set(caught.value.available)
 
@@ -132,7 +132,7 @@ def test_regex_model_alias_token_and_scope_matchers() -> None:
     assert router.route("auto", Prompt(messages=long_last)).rule == "default"  # only the last user message counts
     assert router.route("auto", Prompt(messages=long_last[::-1])).rule == "tokens"
     assert router.route("auto", Prompt.of_text("hey")).rule == "short"
-    with pytest.raises(UnknownModel):
+    with pytest.raises(UnknownModelError):
         router.route("gpt-3.5", Prompt.of_text("x"))
 
 
@@ -153,8 +153,9 @@ def test_keyword_check_reports_the_keyword_found() -> None:
 
 
 def test_route_command_explains_the_decision() -> None:
-    result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "route", "파이썬 함수 좀 짜줘", "--policies", str(SEED_POLICIES)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dreamseed.cli", "route", "파이썬 함수 좀 짜줘", "--policies", str(SEED_POLICIES)],
+        capture_output=True, text=True, check=True)
     out = result.stdout
     assert "skip  long-prompt" in out and "MATCH code: keyword '함수'" in out
     assert "backend: code (fallback: general)" in out

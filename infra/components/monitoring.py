@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_docker as docker
+
 from infra import images
 from infra.monitoring import dashboard_json, grafana_dashboard_provider, grafana_datasource, prometheus_config
 

@@ -104,7 +104,8 @@ class RemoteGpuHost(pulumi.ComponentResource):
             ),
             create=bootstrap_script(args.name, backend),
             delete=f"docker rm -f dreamseed-{args.name} || true",
-            stdin=pulumi.Output.secret(pulumi.Output.concat(args.hf_token, "\n", args.vllm_api_key, "\n")),
+            stdin=pulumi.Output.concat(pulumi.Output.secret(args.hf_token), "\n",
+                                        pulumi.Output.secret(args.vllm_api_key), "\n"),
             # A new image, model or vLLM argument re-runs the bootstrap.
             triggers=[backend.image, *vllm_command(backend, VLLM_PORT), self.instance_id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance], delete_before_replace=True),

@@ -230,7 +230,7 @@ def dashboard_json() -> str:
     )
     for title, unit, queries in PANELS:
         panel = Panel().title(title).unit(unit).datasource(source).height(8).span(12)
-        for ref, (expr, legend) in zip("ABCDEFGH", queries):
+        for ref, (expr, legend) in zip("ABCDEFGH", queries, strict=False):
             panel = panel.with_target(Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(source))
         builder = builder.with_panel(panel)
     return JSONEncoder(sort_keys=True, indent=2).encode(builder.build())

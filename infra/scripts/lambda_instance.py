@@ -41,13 +41,15 @@ def api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str,
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read() or b"{}")
+            answer: dict[str, Any] = json.loads(response.read() or b"{}")
+            return answer
     except urllib.error.HTTPError as exc:
         try:
             error = json.loads(exc.read()).get("error", {})
         except ValueError:
             error = {}
-        raise LambdaError(f"{method} {path}: HTTP {exc.code} {error.get('code', '')} {error.get('message', '')}".strip()) from None
+        detail = f"{error.get('code', '')} {error.get('message', '')}"
+        raise LambdaError(f"{method} {path}: HTTP {exc.code} {detail}".strip()) from None
     except urllib.error.URLError as exc:
         raise LambdaError(f"{method} {path}: {exc.reason}") from None
 

@@ -49,7 +49,7 @@ class DockerEngine:
             transport=transport or httpx.AsyncHTTPTransport(uds=spec.socket),
             base_url=f"http://docker/v{spec.api_version}", timeout=httpx.Timeout(10.0, read=spec.stop_grace + 30.0))
 
-    async def _call(self, method: str, path: str, ok: tuple[int, ...], **params: object) -> httpx.Response:
+    async def _call(self, method: str, path: str, ok: tuple[int, ...], **params: str | int) -> httpx.Response:
         try:
             response = await self._client.request(method, path, params=params or None)
         except httpx.HTTPError as exc:
@@ -90,7 +90,7 @@ class Commands:
             raise ActuatorError(f"cannot run {argv[0]!r}: {exc}") from exc
         try:
             output, _ = await asyncio.wait_for(process.communicate(), self.spec.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             process.kill()
             await process.wait()
             raise ActuatorError(f"{argv[0]!r} did not finish within {self.spec.timeout:g} s") from None

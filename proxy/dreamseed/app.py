@@ -13,14 +13,15 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import Metric
 from litestar import Litestar, Request, delete, get, post
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Receive
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import Metric
 
 from . import __version__
 from .auth import KeyRing
@@ -34,7 +35,6 @@ from .errors import (
 )
 from .forwarding import FORWARDED_REQUEST_HEADERS, BufferedResponse, forward, raw_headers
 from .metrics import Exchange, ProxyMetrics, log_exchange, state_metrics
-from .openapi import openapi_document
 from .openai_api import (
     EmbeddingRequest,
     Endpoint,
@@ -45,13 +45,15 @@ from .openai_api import (
     request_id,
     storable,
 )
+from .openapi import openapi_document
 from .policy import AUTO_MODEL, Policies, RagSettings
 from .rag.augment import augment, query_of
 from .rag.retriever import Retriever
-from .routing import Decision
-from .scaling import LocalCoordinator, PostgresCoordinator, Scaler
-from .routing import UnknownModel
+from .routing import Decision, UnknownModelError
 from .runtime import Generation, Runtime
+from .scaling import LocalCoordinator, PostgresCoordinator, Scaler
+
+AnyRequest = Request[Any, Any, Any]
 
 log = logging.getLogger("dreamseed.app")
 
@@ -83,7 +85,7 @@ async def read_body(receive: Receive, declared_length: int) -> bytes:
         if message["type"] == "http.disconnect":
             raise ProxyError(400, "the client disconnected while sending the request", type="invalid_request_error",
                              code="client_disconnected")
-        chunk = message.get("body", b"")
+        chunk: bytes = message.get("body", b"")  # type: ignore[assignment]  # litestar types it loosely
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise _too_large()
@@ -205,7 +207,7 @@ def create_app(
             return decision
         return Decision(decision.rule, tuple(kept), decision.reason, decision.keyword)
 
-    async def relay(request: Request, endpoint: Endpoint, path: str) -> ASGIApp:
+    async def relay(request: AnyRequest, endpoint: Endpoint, path: str) -> ASGIApp:
         # One pass over the raw ASGI headers: cheaper than building a Headers object.
         supplied_id: bytes | None = None
         authorization: bytes | None = None
@@ -230,7 +232,7 @@ def create_app(
             payload, prompt, stream = parse_request(body, endpoint)
             try:
                 decision = generation.router.route(payload["model"], prompt)
-            except UnknownModel as exc:
+            except UnknownModelError as exc:
                 raise ProxyError(
                     404,
                     f"The model {exc.model!r} does not exist. Available models: {', '.join(exc.available)}",
@@ -277,15 +279,15 @@ def create_app(
         return f"hits={exchange.rag_hits}"
 
     @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
-    async def chat_completions(request: Request) -> ASGIApp:
+    async def chat_completions(request: AnyRequest) -> ASGIApp:
         return await relay(request, "chat", "/v1/chat/completions")
 
     @post("/v1/completions", status_code=200, summary="Create a text completion (OpenAI-compatible)")
-    async def completions(request: Request) -> ASGIApp:
+    async def completions(request: AnyRequest) -> ASGIApp:
         return await relay(request, "completions", "/v1/completions")
 
     @get("/v1/models", summary="List the models (backends) and 'auto'")
-    async def list_models(request: Request) -> ASGIApp:
+    async def list_models(request: AnyRequest) -> ASGIApp:
         keys.check(_authorization(request), "client")
         catalog = runtime().current.policies.catalog
         data: list[dict[str, object]] = [
@@ -302,7 +304,7 @@ def create_app(
     embedding_requests = {"pending": 0}
 
     @post("/v1/embeddings", status_code=200, summary="Create embeddings (OpenAI-compatible)")
-    async def embeddings(request: Request) -> ASGIApp:
+    async def embeddings(request: AnyRequest) -> ASGIApp:
         keys.check(_authorization(request), "client")
         body = await read_body(request.receive, -1)
         wanted = decode_struct(body, EmbeddingRequest)
@@ -357,7 +359,7 @@ def create_app(
         return found
 
     @get("/admin/rag", summary="RAG status and collections (admin key)")
-    async def admin_rag(request: Request) -> ASGIApp:
+    async def admin_rag(request: AnyRequest) -> ASGIApp:
         keys.check(_authorization(request), "admin")
         found = retriever()
         if found is None:
@@ -366,12 +368,12 @@ def create_app(
         if found.ready and found.store is not None:
             try:  # bounded: the admin view must answer while the database is down
                 status["collections"] = await asyncio.wait_for(found.store.collections(), ADMIN_QUERY_TIMEOUT_S)
-            except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - the database went away: say so
+            except (TimeoutError, Exception) as exc:  # noqa: BLE001 - the database went away: say so
                 status["problem"] = f"{type(exc).__name__}: {exc}"
         return _json(status)
 
     @post("/admin/rag/ingest", status_code=200, summary="Add documents to a collection (admin key)")
-    async def admin_rag_ingest(request: Request) -> ASGIApp:
+    async def admin_rag_ingest(request: AnyRequest) -> ASGIApp:
         from .rag.ingest import ingest_texts
 
         keys.check(_authorization(request), "admin")
@@ -388,7 +390,7 @@ def create_app(
         return _json(summary.as_dict())
 
     @post("/admin/rag/search", status_code=200, summary="What retrieval finds for a query (admin key)")
-    async def admin_rag_search(request: Request) -> ASGIApp:
+    async def admin_rag_search(request: AnyRequest) -> ASGIApp:
         from .rag.store import hits_as_dicts
 
         keys.check(_authorization(request), "admin")
@@ -403,7 +405,7 @@ def create_app(
         return _json({"collection": settings.collection, "mode": settings.mode, "hits": hits_as_dicts(hits)})
 
     @delete("/admin/rag/documents", status_code=200, summary="Delete a collection or a source (admin key)")
-    async def admin_rag_delete(request: Request, collection: str | None = None, source: str | None = None) -> ASGIApp:
+    async def admin_rag_delete(request: AnyRequest, collection: str | None = None, source: str | None = None) -> ASGIApp:
         keys.check(_authorization(request), "admin")
         if not collection and not source:
             raise ProxyError(400, "name a `collection`, a `source`, or both (query parameters)",
@@ -444,13 +446,13 @@ def create_app(
         return _json({"ready": ready, "backends": backends}, status=200 if ready else 503)
 
     @get("/admin/backends", summary="Backend states: health, circuit, in-flight and queued requests")
-    async def admin_backends(request: Request) -> ASGIApp:
+    async def admin_backends(request: AnyRequest) -> ASGIApp:
         keys.check(_authorization(request), "admin")
         return _json({"backends": backend_states(runtime().current.upstreams, scaling.get("scaler"))})
 
     @post("/admin/backends/{name:str}/{action:str}", status_code=202,
           summary="Start or stop an on-demand backend (admin key)")
-    async def admin_backend_action(request: Request, name: str, action: str) -> ASGIApp:
+    async def admin_backend_action(request: AnyRequest, name: str, action: str) -> ASGIApp:
         keys.check(_authorization(request), "admin")
         scaler = scaling.get("scaler")
         if action not in ("start", "stop"):
@@ -467,7 +469,7 @@ def create_app(
         return _json(body, status=202 if ok else 409)
 
     @get("/admin/policies", summary="The policy in force and the last reload attempt")
-    async def admin_policies(request: Request) -> ASGIApp:
+    async def admin_policies(request: AnyRequest) -> ASGIApp:
         keys.check(_authorization(request), "admin")
         rt = runtime()
         return _json({"directory": str(rt.directory), "policy_hash": rt.current.policy_hash,
@@ -475,7 +477,7 @@ def create_app(
                       "last_attempt": rt.last_attempt, "last_error": rt.last_error})
 
     @post("/admin/policies/reload", status_code=200, summary="Validate the policy files and swap them in")
-    async def admin_reload(request: Request) -> ASGIApp:
+    async def admin_reload(request: AnyRequest) -> ASGIApp:
         keys.check(_authorization(request), "admin")
         outcome = await runtime().reload("admin API")
         body = {"ok": outcome.ok, "changed": outcome.changed, "policy_hash": outcome.policy_hash,
@@ -499,7 +501,7 @@ def create_app(
     )
 
 
-def _authorization(request: Request) -> bytes | None:
+def _authorization(request: AnyRequest) -> bytes | None:
     for name, value in request.scope["headers"]:
         if name == b"authorization":
             return value

@@ -78,7 +78,7 @@ def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str]) -
 
 
 def resolved_url(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str]) -> str | None:
-    return url_overrides.get(name) or backend.resolve_url(environ)  # type: ignore[arg-type]
+    return url_overrides.get(name) or backend.resolve_url(environ)
 
 
 def make_upstream(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str]) -> Upstream:

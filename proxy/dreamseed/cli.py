@@ -9,13 +9,13 @@ import socket
 import sys
 from pathlib import Path
 
-from .policy import AUTO_MODEL, PolicyError, load_policies
-from .routing import Prompt, Router, UnknownModel
+from .policy import AUTO_MODEL, Policies, PolicyError, load_policies
+from .routing import Prompt, Router, UnknownModelError
 
 DEFAULT_POLICIES = os.environ.get("DREAMSEED_POLICIES", "policies")
 
 
-def _load_or_exit(directory: str):  # type: ignore[no-untyped-def]
+def _load_or_exit(directory: str) -> Policies:
     try:
         return load_policies(directory)
     except PolicyError as exc:
@@ -48,7 +48,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     prompt = Prompt(prompt=text) if args.completion else Prompt.of_text(text)
     try:
         decision, trace = router.explain(args.model, prompt)
-    except UnknownModel as exc:
+    except UnknownModelError as exc:
         print(f"dreamseed: unknown model {exc.model!r}; available: {', '.join(exc.available)}", file=sys.stderr)
         return 1
     for step in trace:
@@ -65,9 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
-    from .simulation import simulate_missing, stop_all
-
     from .auth import KeyRing
+    from .simulation import simulate_missing, stop_all
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1") and KeyRing.from_environment(os.environ).clients_open \

@@ -7,6 +7,7 @@ so the proxy never answers with a bare string or a framework's own error page.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import msgspec
 from litestar import Request, Response
@@ -65,7 +66,7 @@ _HTTP_CODES = {
 }
 
 
-def handle_proxy_error(_: Request, exc: ProxyError) -> Response[bytes]:
+def handle_proxy_error(_: Request[Any, Any, Any], exc: ProxyError) -> Response[bytes]:
     return error_response(exc)
 
 
@@ -76,11 +77,11 @@ def from_http_exception(exc: HTTPException) -> ProxyError:
     return ProxyError(exc.status_code, str(exc.detail), type=kind, code=code, headers=dict(exc.headers or {}))
 
 
-def handle_http_exception(_: Request, exc: HTTPException) -> Response[bytes]:
+def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     return error_response(from_http_exception(exc))
 
 
-def handle_unexpected(_: Request, exc: Exception) -> Response[bytes]:
+def handle_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error", exc_info=exc)
     return Response(
         error_body("internal error in the proxy", type="server_error", code="internal_error"),

@@ -20,10 +20,10 @@ import msgspec
 from litestar.types import Receive, Scope, Send
 
 from .backends import Upstreams
-from .transport import QueueFull, UpstreamResponse
 from .errors import ProxyError, error_body
 from .metrics import Exchange, usage_of
 from .routing import Decision
+from .transport import QueueFull, UpstreamResponse
 
 log = logging.getLogger("dreamseed.forwarding")
 

@@ -38,7 +38,8 @@ class CompletionRequest(Struct):
 class EmbeddingRequest(Struct):
     model: Annotated[str, Meta(min_length=1)]
     # Text only: token-id arrays, which OpenAI also accepts, mean nothing to another tokenizer.
-    input: Annotated[str, Meta(min_length=1)] | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=2048)]
+    input: (Annotated[str, Meta(min_length=1)]
+            | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=2048)])
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Meta(gt=0)] | None = None
     user: str | None = None

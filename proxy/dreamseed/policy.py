@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -43,20 +44,23 @@ T = TypeVar("T")
 
 
 class Strict(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """Base for policy structs: a misspelt field is an error, never silently ignored."""
+    """Base for policy structs: a misspelt field is an error, never silently ignored.
+
+    Subclasses restate ``frozen=True``: msgspec inherits it at run time, but type checkers
+    (dataclass_transform) only see it where it is written."""
 
 
 # --- backends.yaml ---------------------------------------------------------------------
 
 
-class Timeouts(Strict):
+class Timeouts(Strict, frozen=True):
     connect: Seconds = 5.0
     read: Seconds = 60.0
     write: Seconds = 30.0
     pool: Seconds = 10.0
 
 
-class HealthCheck(Strict):
+class HealthCheck(Strict, frozen=True):
     """Active probes of the backend's /health plus passive counting of failed requests.
     `unhealthy_threshold` consecutive failures open the circuit (routing skips the backend);
     after `cooldown` a half-open probe runs, and `healthy_threshold` successes close it."""
@@ -68,14 +72,14 @@ class HealthCheck(Strict):
     cooldown: Seconds = 10.0
 
 
-class GpuHost(Strict):
+class GpuHost(Strict, frozen=True):
     gpu_memory_gb: Annotated[float, Meta(gt=0)]
     gpu_count: PositiveInt = 1
     headroom: Annotated[float, Meta(ge=0, lt=1)] = 0.05
     description: str = ""
 
 
-class Backend(Strict):
+class Backend(Strict, frozen=True):
     model: Annotated[str, Meta(min_length=1)]
     context_length: PositiveInt
     url: str | None = None
@@ -101,14 +105,14 @@ class Backend(Strict):
     args: list[str] = []
     description: str = ""
 
-    def resolve_url(self, environ: os._Environ[str] | dict[str, str] = os.environ) -> str | None:
+    def resolve_url(self, environ: Mapping[str, str] = os.environ) -> str | None:
         """The base URL to use now: ``url_env`` when set in the environment, else ``url``."""
         if self.url_env and environ.get(self.url_env):
             return environ[self.url_env].rstrip("/")
         return self.url.rstrip("/") if self.url else None
 
 
-class Catalog(Strict):
+class Catalog(Strict, frozen=True):
     backends: dict[Name, Backend]
     hosts: dict[Name, GpuHost] = {}
 
@@ -118,7 +122,7 @@ class Catalog(Strict):
 Scope = Literal["user", "last_user", "all"]
 
 
-class Match(Strict):
+class Match(Strict, frozen=True):
     chars_over: Annotated[int, Meta(ge=0)] | None = None
     chars_under: PositiveInt | None = None
     tokens_over: Annotated[int, Meta(ge=0)] | None = None
@@ -143,7 +147,7 @@ class Match(Strict):
         )
 
 
-class Rule(Strict):
+class Rule(Strict, frozen=True):
     name: Name
     target: Name
     match: Match | None = None
@@ -156,7 +160,7 @@ class Rule(Strict):
         return (self.target, *self.fallback)
 
 
-class Routing(Strict):
+class Routing(Strict, frozen=True):
     rules: Annotated[list[Rule], Meta(min_length=1)]
 
 
@@ -168,7 +172,7 @@ DEFAULT_TEMPLATE = "Context:\n{context}\nQuery: {query}"
 TEMPLATE_FIELDS = frozenset({"context", "query"})
 
 
-class Embedder(Strict):
+class Embedder(Strict, frozen=True):
     """How text becomes vectors. `fastembed` runs the ONNX model in-process; `openai` calls an
     OpenAI-compatible /v1/embeddings server (the seed's vLLM embedding container on :8003)."""
 
@@ -193,7 +197,7 @@ class Embedder(Strict):
     max_pending: Annotated[int, Meta(ge=1, le=10000)] = 16
 
 
-class Chunking(Strict):
+class Chunking(Strict, frozen=True):
     """Ingestion splits text into chunks of at most `size` characters on paragraph, then
     sentence boundaries; consecutive chunks share about `overlap` characters."""
 
@@ -201,7 +205,7 @@ class Chunking(Strict):
     overlap: Annotated[int, Meta(ge=0)] = 100
 
 
-class VectorStore(Strict):
+class VectorStore(Strict, frozen=True):
     table: SqlName = "documents"
     hnsw_m: Annotated[int, Meta(ge=2, le=100)] = 16
     hnsw_ef_construction: Annotated[int, Meta(ge=4, le=1000)] = 64
@@ -211,7 +215,7 @@ class VectorStore(Strict):
     iterative_scan: Literal["off", "relaxed_order", "strict_order"] = "relaxed_order"
 
 
-class Augmentation(Strict):
+class Augmentation(Strict, frozen=True):
     """Retrieval settings for a request. Every field is optional here; `defaults` fills the
     gaps, then `backends.<target>`, then `rules.<rule>` (the most specific wins)."""
 
@@ -246,7 +250,7 @@ RAG_DEFAULTS = RagSettings(enabled=False, collection="default", mode="hybrid", t
                            min_word_similarity=0.2, max_context_chars=4000, template=DEFAULT_TEMPLATE)
 
 
-class Rag(Strict):
+class Rag(Strict, frozen=True):
     embedder: Embedder = Embedder()
     chunking: Chunking = Chunking()
     store: VectorStore = VectorStore()
@@ -265,7 +269,7 @@ class Rag(Strict):
                 value = getattr(layer, field)
                 if value is not None:
                     merged[field] = value
-        return RagSettings(**merged)  # type: ignore[arg-type]
+        return RagSettings(**merged)
 
     @property
     def used(self) -> bool:
@@ -279,7 +283,7 @@ class Rag(Strict):
 LongSeconds = Annotated[float, Meta(gt=0, le=86400)]
 
 
-class DockerActuator(Strict, tag_field="kind", tag="docker"):
+class DockerActuator(Strict, frozen=True, tag_field="kind", tag="docker"):
     """Start/stop a container `infra/` declared, through the Docker Engine API on its unix socket."""
 
     container: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")]
@@ -289,7 +293,7 @@ class DockerActuator(Strict, tag_field="kind", tag="docker"):
     stop_grace: Annotated[int, Meta(ge=0, le=600)] = 30
 
 
-class CommandActuator(Strict, tag_field="kind", tag="command"):
+class CommandActuator(Strict, frozen=True, tag_field="kind", tag="command"):
     """Start/stop with commands, run as argument lists (no shell, so nothing in them is
     interpreted). `status` exits 0 while the backend runs."""
 
@@ -299,20 +303,20 @@ class CommandActuator(Strict, tag_field="kind", tag="command"):
     timeout: Seconds = 60.0
 
 
-class VolumeTrigger(Strict):
+class VolumeTrigger(Strict, frozen=True):
     """Start once `requests` requests that would have gone to the backend arrive within `window` seconds."""
 
     requests: PositiveInt = 10
     window: LongSeconds = 600.0
 
 
-class Triggers(Strict):
+class Triggers(Strict, frozen=True):
     # A request routed here by a rule that matched on keywords starts the backend at once.
     keywords: bool = True
     volume: VolumeTrigger | None = VolumeTrigger()
 
 
-class OnDemand(Strict):
+class OnDemand(Strict, frozen=True):
     actuator: DockerActuator | CommandActuator
     triggers: Triggers = Triggers()
     idle_stop: LongSeconds = 1800.0  # stop after this long without requests (seed: 30 minutes)
@@ -331,7 +335,7 @@ class OnDemand(Strict):
     backoff_max: LongSeconds = 1800.0
 
 
-class Scale(Strict):
+class Scale(Strict, frozen=True):
     backends: dict[Name, OnDemand] = {}
 
 
@@ -510,7 +514,8 @@ def _check_catalog(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
                 )
         if backend.model in model_owner:
             problems.append(
-                _problem(source, (*at, "model"), f"model id {backend.model!r} is already served by {model_owner[backend.model]!r}")
+                _problem(source, (*at, "model"),
+                         f"model id {backend.model!r} is already served by {model_owner[backend.model]!r}")
             )
         model_owner.setdefault(backend.model, name)
         if backend.model in catalog.backends and backend.model != name:
@@ -520,8 +525,9 @@ def _check_catalog(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
                 _problem(source, (*at, "host"), f"unknown host {backend.host!r} (known: {_known(catalog.hosts)})")
             )
         if backend.latency_target not in LATENCY_BUCKETS:
+            buckets = ", ".join(f"{b:g}" for b in LATENCY_BUCKETS)
             problems.append(_problem(source, (*at, "latency_target"),
-                                     f"must be one of the latency histogram's buckets: {', '.join(f'{b:g}' for b in LATENCY_BUCKETS)}"))
+                                     f"must be one of the latency histogram's buckets: {buckets}"))
         if (backend.host is None) != (backend.gpu_memory_utilization is None):
             problems.append(_problem(source, at, "`host` and `gpu_memory_utilization` go together"))
     problems += _check_gpu_budget(source, catalog)
@@ -677,7 +683,8 @@ def _check_rag(source: YamlSource, rag: Rag, catalog: Catalog | None, routing: R
     if catalog is not None:
         for name in rag.backends:
             if name not in catalog.backends:
-                problems.append(_problem(source, ("backends", name), f"unknown backend {name!r} (known: {_known(catalog.backends)})"))
+                problems.append(_problem(source, ("backends", name),
+                                         f"unknown backend {name!r} (known: {_known(catalog.backends)})"))
     if routing is not None:
         rule_names = {rule.name: None for rule in routing.rules} | {DIRECT_RULE: None}
         for name in rag.rules:
@@ -723,5 +730,5 @@ def _template_problem(template: str) -> str | None:
     return None
 
 
-def _known(names: dict[str, object]) -> str:
+def _known(names: Mapping[str, object]) -> str:
     return ", ".join(sorted(names)) or "none"

@@ -37,7 +37,7 @@ class RuleTrace:
     detail: str
 
 
-class UnknownModel(Exception):
+class UnknownModelError(Exception):
     def __init__(self, model: str, available: list[str]) -> None:
         super().__init__(model)
         self.model = model
@@ -256,13 +256,13 @@ class Router:
         if backend is not None:
             return Decision(DIRECT_RULE, (backend,), f"model {model!r} names backend {backend!r}")
         if model != AUTO_MODEL and model not in self.aliases:
-            raise UnknownModel(model, self.available_models())
+            raise UnknownModelError(model, self.available_models())
         for rule in self.rules:
             why = rule.evaluate(model, prompt)
             if why is not None:
                 return Decision(rule.name, rule.chain, why, rule.keywords)
         # The policy check guarantees a catch-all rule; this is reached only if that was bypassed.
-        raise UnknownModel(model, self.available_models())
+        raise UnknownModelError(model, self.available_models())
 
     def explain(self, model: str, prompt: Prompt) -> tuple[Decision, list[RuleTrace]]:
         """Like :meth:`route`, plus what each rule before the winner said, for ``dreamseed route``."""

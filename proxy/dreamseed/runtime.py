@@ -18,12 +18,15 @@ import hashlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from .backends import Upstream, Upstreams, make_upstream, resolved_url
-from .health import HealthMonitor
+from .health import Circuit, HealthMonitor
 from .policy import Policies, PolicyError, load_policies
 from .routing import Router
 
@@ -97,13 +100,13 @@ class Runtime:
         except (NotImplementedError, RuntimeError, ValueError):  # not on the main thread, or no signals here
             pass
 
-    def _spawn(self, coroutine) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    def _probe_targets(upstreams: Upstreams):  # type: ignore[no-untyped-def]
+    def _probe_targets(upstreams: Upstreams) -> list[tuple[Circuit, httpx.AsyncClient]]:
         return [(u.circuit, u.client) for u in upstreams if u.circuit is not None and u.client is not None]
 
     async def reload(self, reason: str) -> ReloadOutcome:

@@ -27,8 +27,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .actuators import ActuatorError, is_ready, make_actuator
 from .policy import Catalog, OnDemand, Scale, memory_plan
@@ -200,7 +201,10 @@ def plan_start(name: str, machines: Mapping[str, BackendScaler], catalog: Catalo
     on_host = {n for n, b in catalog.backends.items() if b.host == backend.host and b.on_demand}
     running = {n for n in on_host if n != name and machines.get(n) is not None
                and machines[n].state in ("starting", "ready", "draining")}
-    share = lambda n: catalog.backends[n].gpu_memory_utilization or 0.0  # noqa: E731
+
+    def share(n: str) -> float:
+        return catalog.backends[n].gpu_memory_utilization or 0.0
+
     used = plan.always_on_share + sum(share(n) for n in running)
     need = share(name)
     if used + need <= plan.budget + 1e-9:
@@ -223,10 +227,10 @@ def plan_start(name: str, machines: Mapping[str, BackendScaler], catalog: Catalo
         f"on-demand ones ({busy}); none of those is idle with a lower priority"))
 
 
-class Coordinator:
+class Coordinator(Protocol):
     """Mutual exclusion of starts and stops across proxy processes, and shared last use."""
 
-    async def lock(self, name: str) -> Any: ...
+    def lock(self, name: str) -> AbstractAsyncContextManager[Any]: ...
 
     async def touch(self, name: str) -> None: ...
 
@@ -235,13 +239,13 @@ class Coordinator:
     async def aclose(self) -> None: ...
 
 
-class LocalCoordinator(Coordinator):
+class LocalCoordinator:
     """One proxy process: an asyncio lock per backend, no shared activity."""
 
     def __init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def lock(self, name: str) -> asyncio.Lock:  # type: ignore[override]
+    def lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
     async def touch(self, name: str) -> None:
@@ -249,6 +253,9 @@ class LocalCoordinator(Coordinator):
 
     async def seconds_since_use(self, name: str) -> float | None:
         return None
+
+    async def aclose(self) -> None:
+        pass
 
 
 class _ClusterLock:
@@ -284,7 +291,7 @@ class _ClusterLock:
             self.local.release()
 
 
-class PostgresCoordinator(Coordinator):
+class PostgresCoordinator:
     """Proxy processes sharing a database: only one starts or stops a backend at a time (the
     next one finds it running, or stopped), and idle stops honour every process's traffic."""
 
@@ -305,7 +312,10 @@ class PostgresCoordinator(Coordinator):
                                " backend text PRIMARY KEY, last_request timestamptz NOT NULL)")
         self._ready = True
 
-    def lock(self, name: str) -> _ClusterLock:  # type: ignore[override]
+    async def aclose(self) -> None:
+        pass  # every query above opens and closes its own connection
+
+    def lock(self, name: str) -> _ClusterLock:
         return _ClusterLock(self, name)
 
     async def touch(self, name: str) -> None:
@@ -377,7 +387,7 @@ class Scaler:
         # cannot hold up the start; they are then found by their first start instead).
         try:
             await asyncio.wait_for(asyncio.gather(*(self._discover(name) for name in self.machines)), DISCOVER_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("finding out which on-demand backends run took longer than %g s", DISCOVER_S)
         self._spawn(self._tick())
 
@@ -414,7 +424,7 @@ class Scaler:
         machine.waiting += 1
         try:
             await asyncio.wait_for(self._ready[name].wait(), self.machines[name].settings.max_wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Verdict("fallback", "start_timeout" if machine.state == "starting" else machine.state), \
                 self.clock() - now
         finally:

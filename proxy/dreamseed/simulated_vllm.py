@@ -226,7 +226,7 @@ class SimulatedVLLM:
             if knobs.crash_after is not None and i >= knobs.crash_after:
                 self.stats.crashed += 1
                 # Dropping the connection without ending the chunked body is what a dying server looks like.
-                raise SimulatedCrash(f"simulated crash after {i} tokens")
+                raise SimulatedCrashError(f"simulated crash after {i} tokens")
             if chat:
                 delta: dict[str, Any] = {"content": token}
                 if i == 0:
@@ -270,7 +270,7 @@ class SimulatedVLLM:
         ])
 
 
-class SimulatedCrash(Exception):
+class SimulatedCrashError(Exception):
     pass
 
 

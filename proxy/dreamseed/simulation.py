@@ -43,7 +43,8 @@ def is_reachable(url: str, timeout: float = 0.5) -> bool:
         return False
 
 
-def start_simulated(name: str, model: str, max_model_len: int, port: int = 0, extra: tuple[str, ...] = DEMO_KNOBS) -> SimulatedBackend:
+def start_simulated(name: str, model: str, max_model_len: int, port: int = 0,
+                    extra: tuple[str, ...] = DEMO_KNOBS) -> SimulatedBackend:
     process = subprocess.Popen(
         [sys.executable, "-m", "dreamseed.simulated_vllm", "--host", "127.0.0.1", "--port", str(port),
          "--model", model, "--max-model-len", str(max_model_len), *extra],
@@ -64,7 +65,7 @@ def simulate_missing(catalog: Catalog, environ: Mapping[str, str]) -> list[Simul
     started: list[SimulatedBackend] = []
     try:
         for name, backend in catalog.backends.items():
-            url = backend.resolve_url(environ)  # type: ignore[arg-type]
+            url = backend.resolve_url(environ)
             if url is not None and is_reachable(url):
                 continue
             parts = urlsplit(url) if url else None

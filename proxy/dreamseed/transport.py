@@ -126,7 +126,7 @@ class _Connection(asyncio.Protocol):
                 await self._waiter
             else:
                 await asyncio.wait_for(self._waiter, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpx.ReadTimeout("backend sent nothing within the read timeout") from None
         finally:
             self._waiter = None
@@ -138,7 +138,7 @@ class _Connection(asyncio.Protocol):
             self._drain_waiter = self.loop.create_future()
             try:
                 await asyncio.wait_for(self._drain_waiter, timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise httpx.WriteTimeout("backend did not accept the request within the write timeout") from None
             finally:
                 self._drain_waiter = None
@@ -298,7 +298,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self.waiting += 1
         try:
             await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpx.PoolTimeout(f"all {self._max} connections stayed busy for the pool timeout") from None
         except BaseException:
             if waiter.done() and not waiter.cancelled():
@@ -341,7 +341,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
                                        ssl=self._ssl_context if self.tls else None),
                 timeout,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpx.ConnectTimeout(f"could not connect to {self.authority} in time") from None
         except OSError as exc:
             raise httpx.ConnectError(f"could not connect to {self.authority}: {exc.strerror or exc}") from None

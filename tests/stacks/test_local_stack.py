@@ -9,8 +9,8 @@ import pulumi
 import pytest
 import yaml
 
-from infra import images
 from dreamseed.policy import load_policies
+from infra import images
 
 from .conftest import INSTANCE, SECRETS, RecordingMocks, Runner, plain_occurrences, secret_occurrences
 
@@ -87,7 +87,8 @@ def test_on_demand_coder_is_created_stopped_for_the_scaler(local) -> None:
         assert inputs.get("start", True) is True and inputs["restart"] == "unless-stopped"
     assert outputs["onDemandContainers"] == (["dreamseed-code"], False)
     # The scaler drives Docker through its socket.
-    assert {"hostPath": "/var/run/docker.sock", "containerPath": "/var/run/docker.sock"} in containers(mocks)["dreamseed-proxy"]["volumes"]
+    socket = {"hostPath": "/var/run/docker.sock", "containerPath": "/var/run/docker.sock"}
+    assert socket in containers(mocks)["dreamseed-proxy"]["volumes"]
 
 
 def test_only_the_proxy_is_published_beyond_localhost(local) -> None:

@@ -107,7 +107,7 @@ class FakeLambda(BaseHTTPRequestHandler):
             return False
         return True
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if not self._authorised():
             return
         instances = self.state["instances"]
@@ -125,7 +125,7 @@ class FakeLambda(BaseHTTPRequestHandler):
                 instance.update(status="active", ip="203.0.113.50")
         self._reply(200, {"data": instance})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if not self._authorised():
             return
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))

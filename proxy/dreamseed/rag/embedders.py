@@ -200,7 +200,7 @@ class BatchingEmbedder:
                         if not future.done():
                             future.set_exception(exc if isinstance(exc, EmbedderError) else EmbedderError(str(exc)))
                     continue
-                for (_, future), vector in zip(live, vectors):
+                for (_, future), vector in zip(live, vectors, strict=True):
                     if not future.done():
                         future.set_result(vector)
         finally:

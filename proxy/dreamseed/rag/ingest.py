@@ -75,7 +75,7 @@ def read_text(path: Path) -> str:
 
 async def ingest_texts(store: DocumentStore, embedder: BatchingEmbedder, collection: str,
                        documents: Sequence[tuple[str, str, dict[str, Any]]], chunking: Chunking,
-                       progress: Callable[[int], None] | None = None) -> IngestSummary:
+                       progress: Callable[[int], object] | None = None) -> IngestSummary:
     """Synchronise each (source, text, metadata) into ``collection``."""
     summary = IngestSummary()
     started = time.perf_counter()

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from ..policy import Rag, RagSettings
 from .database import Database, open_database
 from .embedders import BatchingEmbedder, Embedder, EmbedderError, load_embedder
-from .store import DocumentStore, Hit, StoreMismatch, ensure_schema, open_pool
+from .store import DocumentStore, Hit, StoreMismatchError, ensure_schema, open_pool
 
 log = logging.getLogger("dreamseed.rag")
 
@@ -38,7 +38,7 @@ class Retrieval:
     error: str | None = None
 
 
-class RagUnavailable(Exception):
+class RagUnavailableError(Exception):
     """The store or the embedder is not up (yet)."""
 
 
@@ -58,11 +58,11 @@ class Retriever:
         return self.store is not None and self.embedder is not None
 
     async def start(self) -> None:
-        """Bring up embedder and store. A model mismatch raises StoreMismatch; anything else is
+        """Bring up embedder and store. A model mismatch raises StoreMismatchError; anything else is
         reported and retried in the background."""
         try:
             await self.bring_up()
-        except StoreMismatch:
+        except StoreMismatchError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure here means: degraded for now, retry
             self.problem = str(exc)
@@ -92,7 +92,7 @@ class Retriever:
             await asyncio.sleep(RETRY_INTERVAL_S)
             try:
                 await self.bring_up()
-            except StoreMismatch as exc:
+            except StoreMismatchError as exc:
                 self.problem = str(exc)
                 log.error("RAG disabled: %s", exc)
                 return
@@ -102,7 +102,7 @@ class Retriever:
     async def search(self, settings: RagSettings, query: str, *, top_k: int | None = None,
                      min_similarity: float | None = None) -> list[Hit]:
         if self.store is None or self.embedder is None:
-            raise RagUnavailable(self.problem or "RAG is not ready")
+            raise RagUnavailableError(self.problem or "RAG is not ready")
         vector = None
         if settings.mode != "lexical":
             vector = await self.embedder.embed_one(query)
@@ -116,9 +116,9 @@ class Retriever:
         started = time.perf_counter()
         try:
             hits = await asyncio.wait_for(self.search(settings, query), self.rag.budget)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             error = f"retrieval took longer than its {self.rag.budget * 1e3:.0f} ms budget"
-        except (RagUnavailable, EmbedderError, psycopg.Error, OSError) as exc:
+        except (RagUnavailableError, EmbedderError, psycopg.Error, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001 - pool timeouts and the like: still never a 500
             error = f"{type(exc).__name__}: {exc}"

@@ -34,7 +34,7 @@ TEXT_SEARCH_CONFIG = "english"
 SCHEMA_LOCK = 0x445353  # pg_advisory lock key: two processes creating the schema at once
 
 
-class StoreMismatch(Exception):
+class StoreMismatchError(Exception):
     """The table exists but was built for another model or dimension."""
 
 
@@ -89,11 +89,11 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any], store: VectorStore, 
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
             " WHERE attrelid = to_regclass(%s) AND attname = 'embedding'", (store.table,))).fetchone()
         if column is not None and column[0] != f"vector({dim})":
-            raise StoreMismatch(
+            raise StoreMismatchError(
                 f"table {store.table!r} holds {column[0]} embeddings, but the configured model {model} makes "
                 f"vector({dim}): set store.table in rag.yaml to a new table, or delete and re-ingest")
         if row is not None and (row[0] != model or row[1] != dim):
-            raise StoreMismatch(
+            raise StoreMismatchError(
                 f"table {store.table!r} was filled by {row[0]} ({row[1]}-d vectors); the configured model is {model} "
                 f"({dim}-d): vectors of two models cannot be compared. Set store.table in rag.yaml to a new table, "
                 "or delete the collection and re-ingest")
@@ -177,7 +177,7 @@ class DocumentStore:
                         " RETURNING id").format(**self._names),
                         [(collection, chunk.source, chunk.index, chunk.content, chunk.sha256,
                           json.dumps(chunk.metadata, ensure_ascii=False), vector)
-                         for chunk, vector in zip(chunks, vectors)], returning=True)
+                         for chunk, vector in zip(chunks, vectors, strict=True)], returning=True)
                     while True:
                         added += len(await cursor.fetchall())
                         if not cursor.nextset():
