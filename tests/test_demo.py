@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -21,18 +22,33 @@ def test_serve_simulates_every_unreachable_backend_and_says_so(tmp_path: Path) -
             catalog["backends"][name]["url"] = f"http://127.0.0.1:{free_port()}"
         policies = write_policies(tmp_path / "policies", catalog["backends"], hosts=catalog["hosts"])
         write_rag(policies, yaml.safe_load((SEED_POLICIES / "rag.yaml").read_text(encoding="utf-8")))
-        # The seed's scale.yaml drives the coder through Docker, which this machine lacks: the scaler finds
-        # the simulated coder answering and treats it as running.
+        # The seed's scale.yaml drives the coder through Docker, which this machine lacks: serve gives it a
+        # command actuator that starts a simulated coder, so the scaler really starts and stops it.
         (policies / "scale.yaml").write_text((SEED_POLICIES / "scale.yaml").read_text(encoding="utf-8"), encoding="utf-8")
         # general70 has no URL in the environment: it is simulated on a free local port. RAG runs on
         # the embedded PostgreSQL in the state directory, as it does for the README's command.
-        proxy = start_proxy(policies, env={"DREAMSEED_GENERAL70_URL": "", "DREAMSEED_STATE_DIR": str(tmp_path / "state")},
+        proxy = start_proxy(policies, env={"DREAMSEED_GENERAL70_URL": "", "DREAMSEED_STATE_DIR": str(tmp_path / "state"),
+                                           "DREAMSEED_ADMIN_KEY": "demo-admin"},
                             extra=["--simulate-missing"])
+        admin = {"authorization": "Bearer demo-admin"}
         try:
             announced = "".join(proxy.lines)
             assert "SIMULATED backend 'general'" not in announced
-            for name in ("code", "fast", "general70"):
+            for name in ("fast", "general70"):
                 assert f"SIMULATED backend '{name}'" in announced
+            assert re.search(r"SIMULATED backend 'code' .* on demand", announced), announced
+            code_url = re.findall(r"SIMULATED backend 'code' \(.*?\) at (\S+)", announced)[0]
+            assert not is_reachable(code_url)  # not started up front
+            # The first coding prompt starts the coder (seed: cold_start fallback, so general answers it).
+            first = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30,
+                               json={"model": "auto", "messages": [{"role": "user", "content": "함수를 짜줘"}]})
+            assert first.status_code == 200 and first.headers["x-dreamseed-backend"] == "general"
+            assert first.headers["x-dreamseed-fallback"] == "code:starting"
+            deadline = time.monotonic() + 30
+            backends = f"{proxy.url}/admin/backends"
+            while httpx.get(backends, headers=admin).json()["backends"]["code"]["scaler"]["state"] != "ready":
+                assert time.monotonic() < deadline, "the on-demand coder did not start"
+                time.sleep(0.2)
             # The seed's rag.yaml retrieves for the default rule only (nothing ingested yet: no hits).
             expectations = {"함수를 짜줘": ("code", "off"), "빠른 답": ("fast", "off"), "x" * 2001: ("general70", "off"),
                             "hello": ("general", "hits=0")}
@@ -43,8 +59,14 @@ def test_serve_simulates_every_unreachable_backend_and_says_so(tmp_path: Path) -
                 assert response.headers["x-dreamseed-backend"] == backend
                 assert response.headers["x-dreamseed-rag"] == rag
                 assert "x-dreamseed-fallback" not in response.headers
-            assert real.stats()["finished"] == 1
+            assert real.stats()["finished"] == 2
             assert httpx.get(f"{proxy.url}/readyz").json()["ready"] is True
+            # An operator's stop works (there is no Docker engine here to fail it).
+            assert httpx.post(f"{proxy.url}/admin/backends/code/stop", headers=admin).status_code == 202
+            deadline = time.monotonic() + 30
+            while is_reachable(code_url):
+                assert time.monotonic() < deadline, "the on-demand coder did not stop"
+                time.sleep(0.2)
         finally:
             proxy.stop()
         # Stopping the proxy (SIGTERM) stops the simulators it started: none is left listening.

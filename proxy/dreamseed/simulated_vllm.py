@@ -141,6 +141,10 @@ class SimulatedVLLM:
             await _respond_json(send, 400, _error("invalid JSON", "BadRequestError", 400))
             return
         self.stats.last_body = request
+        problem = _invalid(request, knobs.max_model_len)
+        if problem is not None:
+            await _respond_json(send, 400, _error(problem, "BadRequestError", 400))
+            return
         if request.get("model") != knobs.model:
             await _respond_json(send, 404, _error(f"The model `{request.get('model')}` does not exist.", "NotFoundError", 404))
             return
@@ -177,29 +181,49 @@ class SimulatedVLLM:
             return limit, "length"
         return count, "stop"
 
-    async def complete(self, send: Any, request: dict[str, Any], chat: bool, disconnected: asyncio.Event) -> None:
+    def _answer(self, request: dict[str, Any]) -> tuple[list[str], str]:
+        """The tokens to send and the finish reason: cut at max_tokens, or before the first stop
+        string the text would contain (which is then not sent, as in vLLM)."""
         count, finish = self._budget(request)
+        tokens = self._tokens(count)
+        stops = request.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else [s for s in stops if isinstance(s, str) and s]
+        text = ""
+        for i, token in enumerate(tokens):
+            found = [at for at in ((text + token).find(s) for s in stops) if at >= 0]
+            if found:
+                kept = (text + token)[:min(found)][len(text):]
+                return tokens[:i] + ([kept] if kept else []), "stop"
+            text += token
+        return tokens, finish
+
+    async def complete(self, send: Any, request: dict[str, Any], chat: bool, disconnected: asyncio.Event) -> None:
+        tokens, finish = self._answer(request)
+        count, n = len(tokens), _choices(request)
         delay = self.knobs.ttft + self.knobs.token_delay * max(count - 1, 0)
         if delay and await _sleep_or_disconnect(delay, disconnected):
             self.stats.cancelled += 1
             return
-        text = "".join(self._tokens(count))
+        text = "".join(tokens)
         prompt_tokens = _prompt_tokens(request)
         created, ident = int(time.time()), uuid.uuid4().hex
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count * n, "total_tokens": prompt_tokens + count * n}
+        logprobs = _logprobs(request, tokens, chat)
         if chat:
             body = {"id": f"chatcmpl-{ident}", "object": "chat.completion", "created": created, "model": self.knobs.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                                 "finish_reason": finish}], "usage": usage}
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                                 "finish_reason": finish} for i in range(n)], "usage": usage}
         else:
             body = {"id": f"cmpl-{ident}", "object": "text_completion", "created": created, "model": self.knobs.model,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": usage}
-        self._account(prompt_tokens, count)
+                    "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish} for i in range(n)],
+                    "usage": usage}
+        self._account(prompt_tokens, count * n)
         await _respond_json(send, 200, body)
 
     async def stream(self, send: Any, request: dict[str, Any], chat: bool, disconnected: asyncio.Event) -> None:
         knobs = self.knobs
-        count, finish = self._budget(request)
+        tokens, finish = self._answer(request)
+        count, n = len(tokens), _choices(request)
         created, model = int(time.time()), knobs.model
         ident = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -216,7 +240,11 @@ class SimulatedVLLM:
         if knobs.ttft and await _sleep_or_disconnect(knobs.ttft, disconnected):
             self.stats.cancelled += 1
             return
-        for i, token in enumerate(self._tokens(count)):
+        if chat:  # vLLM's first chunk, sent with the first token, only names the role
+            await send({"type": "http.response.body", "more_body": True, "body": b"".join(
+                event({"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+                for c in range(n))})
+        for i, token in enumerate(tokens):
             if i and knobs.token_delay and await _sleep_or_disconnect(knobs.token_delay, disconnected):
                 self.stats.cancelled += 1
                 return
@@ -227,23 +255,21 @@ class SimulatedVLLM:
                 self.stats.crashed += 1
                 # Dropping the connection without ending the chunked body is what a dying server looks like.
                 raise SimulatedCrashError(f"simulated crash after {i} tokens")
+            logprobs = _logprobs(request, [token], chat)
             if chat:
-                delta: dict[str, Any] = {"content": token}
-                if i == 0:
-                    delta = {"role": "assistant", "content": token}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+                choices = [{"index": c, "delta": {"content": token}, "logprobs": logprobs, "finish_reason": None}
+                           for c in range(n)]
             else:
-                choice = {"index": 0, "text": token, "logprobs": None, "finish_reason": None}
-            await send({"type": "http.response.body", "body": event(choice), "more_body": True})
-        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish} if chat else {
-            "index": 0, "text": "", "logprobs": None, "finish_reason": finish}
-        tail = event(last)
+                choices = [{"index": c, "text": token, "logprobs": logprobs, "finish_reason": None} for c in range(n)]
+            await send({"type": "http.response.body", "body": b"".join(event(c) for c in choices), "more_body": True})
+        tail = b"".join(event({"index": c, "delta": {}, "logprobs": None, "finish_reason": finish} if chat else {
+            "index": c, "text": "", "logprobs": None, "finish_reason": finish}) for c in range(n))
         prompt_tokens = _prompt_tokens(request)
         if (request.get("stream_options") or {}).get("include_usage"):
-            tail += event({}, {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                               "total_tokens": prompt_tokens + count})
+            tail += event({}, {"prompt_tokens": prompt_tokens, "completion_tokens": count * n,
+                               "total_tokens": prompt_tokens + count * n})
         await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
-        self._account(prompt_tokens, count)
+        self._account(prompt_tokens, count * n)
 
     def _account(self, prompt_tokens: int, generated: int) -> None:
         self.stats.finished += 1
@@ -276,6 +302,52 @@ class SimulatedCrashError(Exception):
 
 def _error(message: str, kind: str, code: int) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _invalid(request: dict[str, Any], max_model_len: int) -> str | None:
+    """What vLLM answers 400 for, among the fields the simulator reads; None when fine."""
+    options = request.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+        return "stream_options: must be an object with a boolean include_usage"
+    if options is not None and not request.get("stream"):
+        return "Stream options can only be defined when `stream=True`."
+    n = request.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return "n: must be a positive integer"
+    prompt = _prompt_tokens(request)
+    limit = request.get("max_tokens") or request.get("max_completion_tokens") or 0
+    if not isinstance(limit, int):
+        return "max_tokens: must be an integer"
+    if prompt + limit > max_model_len or prompt >= max_model_len:
+        return (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{prompt + limit} tokens ({prompt} in the messages, {limit} in the completion). "
+                "Please reduce the length of the messages or completion.")
+    return None
+
+
+def _choices(request: dict[str, Any]) -> int:
+    n: int = request.get("n") or 1
+    return n
+
+
+def _logprobs(request: dict[str, Any], tokens: list[str], chat: bool) -> dict[str, Any] | None:
+    """Logprobs in the shape asked for: chat's `logprobs: true` (+ `top_logprobs`), or the
+    legacy completions' `logprobs: N`. Values are made up but well formed."""
+    if chat:
+        if not request.get("logprobs"):
+            return None
+        top = int(request.get("top_logprobs") or 0)
+
+        def item(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        return {"content": [{**item(t, -0.5), "top_logprobs": [item(t, -0.5 - k) for k in range(top)]} for t in tokens]}
+    top = request.get("logprobs")
+    if top is None or top is False:
+        return None
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [-0.5] * len(tokens), "text_offset": offsets,
+            "top_logprobs": [{t: -0.5} for t in tokens]}
 
 
 def _prompt_tokens(request: dict[str, Any]) -> int:
