@@ -256,6 +256,7 @@ class SimulatedVLLM:
                 # Dropping the connection without ending the chunked body is what a dying server looks like.
                 raise SimulatedCrashError(f"simulated crash after {i} tokens")
             logprobs = _logprobs(request, [token], chat)
+            choices: list[dict[str, Any]]
             if chat:
                 choices = [{"index": c, "delta": {"content": token}, "logprobs": logprobs, "finish_reason": None}
                            for c in range(n)]
@@ -342,8 +343,7 @@ def _logprobs(request: dict[str, Any], tokens: list[str], chat: bool) -> dict[st
             return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
         return {"content": [{**item(t, -0.5), "top_logprobs": [item(t, -0.5 - k) for k in range(top)]} for t in tokens]}
-    top = request.get("logprobs")
-    if top is None or top is False:
+    if request.get("logprobs") in (None, False):
         return None
     offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     return {"tokens": tokens, "token_logprobs": [-0.5] * len(tokens), "text_offset": offsets,
