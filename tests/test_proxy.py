@@ -124,7 +124,7 @@ def test_stream_passes_through_chunk_by_chunk(fresh: Stack) -> None:
         assert msgspec.json.decode(first[6:])["choices"][0]["delta"]["role"] == "assistant"
         rest = sse_events(list(lines))
     assert rest[-1] == "[DONE]"
-    assert len(rest) == 3 + 1 + 1  # three more tokens, the finish chunk, [DONE]
+    assert len(rest) == 4 + 1 + 1  # every token (the first chunk only named the role), the finish chunk, [DONE]
     assert sim.stats()["finished"] == 1
 
 
@@ -162,10 +162,10 @@ def test_backend_crash_mid_stream_ends_with_an_error_event(fresh: Stack) -> None
     ) as response:
         events = sse_events(list(response.iter_lines()))
     assert response.status_code == 200
-    assert len(events) == 4  # two tokens, the error, [DONE]
-    error = msgspec.json.decode(events[2])["error"]
+    assert len(events) == 5  # the role, two tokens, the error, [DONE]
+    error = msgspec.json.decode(events[3])["error"]
     assert error["code"] == "upstream_disconnected" and error["type"] == "server_error"
-    assert events[3] == "[DONE]"
+    assert events[4] == "[DONE]"
 
 
 def test_connect_failure_is_a_502_in_openai_shape(fresh: Stack) -> None:

@@ -24,7 +24,7 @@ def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections(tmp_
             first = next(line for line in lines if line.startswith("data: "))
             proxy.popen.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line.startswith("data: ")]
-        assert first and rest[-1] == "data: [DONE]" and len(rest) == 9 + 1 + 1
+        assert first and rest[-1] == "data: [DONE]" and len(rest) == 10 + 1 + 1  # every token after the role chunk
         assert proxy.popen.wait(timeout=10) is not None
         parts = urlsplit(proxy.url)
         with socket.socket() as s:
