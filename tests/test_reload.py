@@ -122,7 +122,7 @@ def test_in_flight_requests_finish_on_the_policy_they_started_with(proxy_on: Any
             assert swapped["changed"] is True
             rest = [line for line in lines if line.startswith("data: ")]
         assert response.headers["x-dreamseed-backend"] == "fast"
-        assert rest[-1] == "data: [DONE]" and len(rest) == 8 + 1 + 1  # every token (the first chunk named the role), finish, [DONE]
+        assert rest[-1] == "data: [DONE]" and len(rest) == 8 + 1 + 1  # all tokens after the role chunk
         assert not any('"error"' in line for line in rest)
         assert ask(proxy).headers["x-dreamseed-backend"] == "general"  # new requests: the new policy
     finally:

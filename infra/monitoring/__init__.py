@@ -192,9 +192,12 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     ("Tokens per second", "short",
      ((f"sum by (backend) (rate(dreamseed_completion_tokens_total[{RATE}]))", "completion {{backend}}"),
       (f"sum by (backend) (rate(dreamseed_prompt_tokens_total[{RATE}]))", "prompt {{backend}}"))),
-    ("vLLM engine load", "short",
-     (("sum by (backend) (vllm:num_requests_running)", "running {{backend}}"),
-      ("sum by (backend) (vllm:num_requests_waiting)", "waiting {{backend}}"))),
+    # vLLM's series, or llama.cpp's where a backend runs llama-server (`serve --local-model`, tests).
+    ("Inference engine load", "short",
+     (("sum by (backend) (vllm:num_requests_running) or sum by (backend) (llamacpp:requests_processing)",
+       "running {{backend}}"),
+      ("sum by (backend) (vllm:num_requests_waiting) or sum by (backend) (llamacpp:requests_deferred)",
+       "waiting {{backend}}"))),
     ("vLLM KV cache usage", "percentunit",
      (("max by (backend) (vllm:kv_cache_usage_perc)", "{{backend}}"),)),
     ("RAG retrieval P50 / P95", "s", tuple(
