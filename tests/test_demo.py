@@ -75,3 +75,41 @@ def test_serve_simulates_every_unreachable_backend_and_says_so(tmp_path: Path) -
         assert not any(is_reachable(url) for url in simulated_urls)
     finally:
         real.stop()
+
+
+def test_serve_local_model_answers_with_a_real_model_and_starts_the_coder_on_demand(tmp_path: Path) -> None:
+    """`dreamseed serve --local-model`: llama-server with SmolLM2 for the missing backends, the
+    on-demand coder started as one when a coding prompt arrives (the README's second command)."""
+    from real_server import STATE, real_model
+
+    real_model()  # the one-time build, before the proxy's start-up clock
+    catalog = seed_catalog()
+    for name in ("general", "code", "fast"):
+        catalog["backends"][name]["url"] = f"http://127.0.0.1:{free_port()}"
+    policies = write_policies(tmp_path / "policies", catalog["backends"], hosts=catalog["hosts"])
+    (policies / "scale.yaml").write_text((SEED_POLICIES / "scale.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    scale = yaml.safe_load((policies / "scale.yaml").read_text(encoding="utf-8"))
+    scale["backends"]["code"]["cold_start"] = "wait"  # so the first coding prompt is answered by the coder
+    (policies / "scale.yaml").write_text(yaml.safe_dump(scale), encoding="utf-8")
+    proxy = start_proxy(policies, env={"DREAMSEED_GENERAL70_URL": "", "DREAMSEED_STATE_DIR": str(STATE)},
+                        extra=["--local-model"])
+    try:
+        announced = "".join(proxy.lines)
+        for name in ("general", "fast", "general70"):
+            assert f"LOCAL MODEL backend '{name}'" in announced
+        code_url = re.findall(r"LOCAL MODEL backend 'code' \(.*?\) at (\S+) on demand", announced)[0]
+        assert not is_reachable(code_url)
+        for prompt, backend in (("hello there", "general"), ("빠른 답변 부탁해요", "fast"), ("함수를 짜줘", "code")):
+            response = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=90, json={
+                "model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": prompt}]})
+            assert response.status_code == 200, response.text
+            assert response.headers["x-dreamseed-backend"] == backend
+            body = response.json()
+            # llama.cpp's own `timings` field: real tokens from the real model, under the catalog's model id.
+            assert body["choices"][0]["message"]["content"] and "timings" in body
+            assert body["model"] == catalog["backends"][backend]["model"]
+        assert is_reachable(code_url)
+    finally:
+        proxy.stop()
+    urls = re.findall(r"LOCAL MODEL backend '\w+' \(.*?\) at (\S+)", announced)
+    assert len(urls) == 4 and not any(is_reachable(url) for url in urls)

@@ -116,9 +116,9 @@ def test_crash_mid_stream_ends_with_an_error_event_and_done(stack: Faults) -> No
     stack.sims["primary"].configure(tokens=10, crash_after=3)
     status, headers, events = ask(stack, stream=True)
     assert status == 200 and headers["x-dreamseed-backend"] == "primary"
-    assert len(events) == 3 + 2
-    assert msgspec.json.decode(events[3])["error"]["code"] == "upstream_disconnected"
-    assert events[4] == "[DONE]"
+    assert len(events) == 1 + 3 + 2  # the role chunk, three tokens, the error, [DONE]
+    assert msgspec.json.decode(events[4])["error"]["code"] == "upstream_disconnected"
+    assert events[5] == "[DONE]"
     settled(stack.sims["primary"])
 
 
