@@ -32,9 +32,11 @@ def compare(stack: BenchStack, *, stream: bool, concurrency: int, requests: int,
     run(stack.proxy.url, proxy_request, concurrency=concurrency, total=warm)
     direct: list[LoadResult] = []
     proxied: list[LoadResult] = []
-    proxy_cpu = 0.0
+    proxy_cpu = backend_cpu = 0.0
     for _ in range(rounds):
+        before = cpu_seconds(stack.sim.popen.pid)
         direct.append(run(stack.sim.url, direct_request, concurrency=concurrency, total=requests))
+        backend_cpu += cpu_seconds(stack.sim.popen.pid) - before
         before = cpu_seconds(stack.proxy.popen.pid)
         proxied.append(run(stack.proxy.url, proxy_request, concurrency=concurrency, total=requests))
         proxy_cpu += cpu_seconds(stack.proxy.popen.pid) - before
@@ -57,6 +59,12 @@ def compare(stack: BenchStack, *, stream: bool, concurrency: int, requests: int,
     out["errors"] = sum(r.errors for r in direct + proxied)
     # CPU the proxy process spent per request: far steadier than tail latency on a shared machine.
     out["proxy_cpu_us_per_request"] = proxy_cpu / max(1, sum(r.count + r.errors for r in proxied)) * 1e6
+    # The same for the simulated backend (also a Python ASGI server) answering the direct requests:
+    # the ratio of the two cancels the machine's speed, which moves the absolute figure twofold
+    # between CI machines.
+    backend_us = backend_cpu / max(1, sum(r.count + r.errors for r in direct)) * 1e6
+    out["backend_cpu_us_per_request"] = backend_us
+    out["proxy_cpu_per_backend_cpu"] = out["proxy_cpu_us_per_request"] / max(backend_us, 1.0)
     return out
 
 
