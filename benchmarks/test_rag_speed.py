@@ -27,7 +27,7 @@ import psycopg
 import pytest
 
 from conftest import MODE
-from dreamseed.policy import Embedder, VectorStore
+from dreamseed.policy import EmbedderPolicy, VectorStore
 from dreamseed.rag.database import open_database
 from dreamseed.rag.embedders import FastEmbedder
 from dreamseed.rag.store import DocumentStore, ensure_schema, open_pool
@@ -59,7 +59,7 @@ class RagBench:
 
 @pytest.fixture(scope="module")
 def rag_bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RagBench]:
-    embedder = FastEmbedder(Embedder(model_path=str(rag_model_dir())), {})
+    embedder = FastEmbedder(EmbedderPolicy(model_path=str(rag_model_dir())), {})
     rng = random.Random(20261124)
     base_count = 10_000 if MODE == "full" else 2_000
     base = embedder.embed([sentence(rng, i) for i in range(base_count)])

@@ -243,8 +243,8 @@ class UnixHTTPServer(HTTPServer):
 
 
 def test_the_docker_actuator_speaks_the_engine_api_on_a_unix_socket(tmp_path: Path) -> None:
-    from dreamseed.actuators import ActuatorError, DockerEngine
     from dreamseed.policy import DockerActuator
+    from dreamseed.scaling import ActuatorError, DockerEngine
 
     path = str(tmp_path / "docker.sock")
     server = UnixHTTPServer(path, EngineAPI)
@@ -314,8 +314,8 @@ def test_a_stop_lets_the_stream_in_flight_finish_first(tmp_path: Path, general: 
 
 
 def test_the_command_actuator_passes_arguments_literally_and_times_out(tmp_path: Path) -> None:
-    from dreamseed.actuators import ActuatorError, Commands
     from dreamseed.policy import CommandActuator
+    from dreamseed.scaling import ActuatorError, Commands
 
     marker = tmp_path / "x; touch injected"
     script = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('ok')"

@@ -170,7 +170,7 @@ class FakeActuator:
         self.calls.append("start")
         await asyncio.sleep(self.delay)
         if self.fail:
-            from dreamseed.actuators import ActuatorError
+            from dreamseed.scaling import ActuatorError
 
             raise ActuatorError("no GPU")
         self.backend["up"] = True

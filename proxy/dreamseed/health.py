@@ -25,7 +25,7 @@ from .policy import HealthCheck
 
 log = logging.getLogger("dreamseed.health")
 
-State = Literal["closed", "open", "half_open"]
+CircuitState = Literal["closed", "open", "half_open"]
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Circuit:
     name: str
     settings: HealthCheck
     clock: Callable[[], float] = time.monotonic
-    state: State = "closed"
+    state: CircuitState = "closed"
     failures: int = 0
     successes: int = 0
     opened_at: float = 0.0
@@ -42,7 +42,7 @@ class Circuit:
     # An on-demand backend the scaler has stopped: no probes (they would only fail), and the
     # scaler, not the circuit, says whether it can take requests.
     paused: bool = False
-    transitions: list[tuple[State, State, str]] = field(default_factory=list)
+    transitions: list[tuple[CircuitState, CircuitState, str]] = field(default_factory=list)
 
     def allows_requests(self) -> bool:
         if self.state == "open" and self.clock() - self.opened_at >= self.settings.cooldown:
@@ -89,7 +89,7 @@ class Circuit:
         if self.failures >= self.settings.unhealthy_threshold:
             self._move("open", f"{self.failures} consecutive failures, last: {why}")
 
-    def _move(self, state: State, why: str) -> None:
+    def _move(self, state: CircuitState, why: str) -> None:
         previous, self.state = self.state, state
         if state == "open":
             self.opened_at = self.clock()

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..policy import Embedder as EmbedderPolicy
+from ..policy import EmbedderPolicy
 from .database import state_directory
 
 log = logging.getLogger("dreamseed.rag")

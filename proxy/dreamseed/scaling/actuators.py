@@ -20,7 +20,7 @@ from typing import Protocol
 
 import httpx
 
-from .policy import CommandActuator, DockerActuator
+from ..policy import CommandActuator, DockerActuator
 
 log = logging.getLogger("dreamseed.scaling")
 
@@ -39,6 +39,8 @@ class Actuator(Protocol):
     async def running(self) -> bool | None:
         """Whether the backend's process/container runs; None when the actuator cannot tell."""
         ...
+
+    async def aclose(self) -> None: ...
 
 
 class DockerEngine:
@@ -114,7 +116,7 @@ class Commands:
         pass
 
 
-def make_actuator(spec: DockerActuator | CommandActuator) -> DockerEngine | Commands:
+def make_actuator(spec: DockerActuator | CommandActuator) -> Actuator:
     return DockerEngine(spec) if isinstance(spec, DockerActuator) else Commands(spec)
 
 
