@@ -73,18 +73,14 @@ class KeyRing:
         if kind == "client" and self.clients_open:
             return
         if kind == "admin" and not self.admin:
-            raise ProxyError(403, "the admin API is disabled: set DREAMSEED_ADMIN_KEY to enable it",
-                             type="permission_error", code="admin_disabled")
+            raise ProxyError("admin_disabled", "the admin API is disabled: set DREAMSEED_ADMIN_KEY to enable it")
         if not authorization or not authorization[:7].lower() == b"bearer ":
-            raise ProxyError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                             type="invalid_request_error", code="missing_api_key",
+            raise ProxyError("missing_api_key", "missing API key: send the header 'Authorization: Bearer <key>'",
                              headers={"www-authenticate": "Bearer"})
         digest = _digest(authorization[7:].strip())
         if self._matches(digest, self.admin if kind == "admin" else self.client):
             return
         if self._matches(digest, self.client if kind == "admin" else self.admin):
             wanted = "an admin key" if kind == "admin" else "a client key"
-            raise ProxyError(403, f"this key is valid but this endpoint needs {wanted}",
-                             type="permission_error", code="wrong_key_kind")
-        raise ProxyError(401, "invalid API key", type="invalid_request_error", code="invalid_api_key",
-                         headers={"www-authenticate": "Bearer"})
+            raise ProxyError("wrong_key_kind", f"this key is valid but this endpoint needs {wanted}")
+        raise ProxyError("invalid_api_key", "invalid API key", headers={"www-authenticate": "Bearer"})

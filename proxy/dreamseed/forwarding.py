@@ -20,7 +20,7 @@ import msgspec
 from litestar.types import Receive, Scope, Send
 
 from .backends import Upstreams
-from .errors import ProxyError, error_body
+from .errors import ERRORS, ProxyError, error_body
 from .metrics import Exchange, usage_of
 from .routing import Decision
 from .transport import QueueFull, UpstreamResponse
@@ -37,7 +37,7 @@ SSE_DONE = b"data: [DONE]\n\n"
 def sse_error(message: str, code: str) -> bytes:
     """A final stream event in the shape vLLM uses for errors after streaming began; OpenAI
     SDKs raise it as an APIError. It is followed by [DONE] so every parser ends cleanly."""
-    return b"data: " + error_body(message, type="server_error", code=code) + b"\n\n" + SSE_DONE
+    return b"data: " + error_body(message, type=ERRORS[code].type, code=code) + b"\n\n" + SSE_DONE
 
 
 def raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -235,23 +235,23 @@ async def forward(
             except httpx.PoolTimeout as exc:
                 queued = "the wait queue is full" if isinstance(exc, QueueFull) else "no slot freed up in time"
                 raise ProxyError(
-                    429,
+                    "backend_busy",
                     f"backend {name!r} is at its limit of {upstream.backend.max_concurrency} concurrent requests "
                     f"and {queued}; retry shortly",
-                    type="rate_limit_error",
-                    code="backend_busy",
                     headers={**headers, "x-dreamseed-backend": name, "retry-after": "1"},
                 ) from None
             except httpx.TimeoutException:
                 circuit.record_failure("read timeout")
                 raise ProxyError(
-                    504, f"backend {name!r} did not answer in time", type="server_error", code="backend_timeout",
+                    "backend_timeout",
+                    f"backend {name!r} did not answer in time",
                     headers={**headers, "x-dreamseed-backend": name},
                 ) from None
             except httpx.HTTPError as exc:
                 circuit.record_failure(type(exc).__name__)
                 raise ProxyError(
-                    502, f"backend {name!r} failed: {type(exc).__name__}", type="server_error", code="backend_error",
+                    "backend_error",
+                    f"backend {name!r} failed: {type(exc).__name__}",
                     headers={**headers, "x-dreamseed-backend": name},
                 ) from None
             if response.status in RETRYABLE_STATUS:
@@ -286,18 +286,14 @@ async def forward(
 
     if retry_after is not None and all(s.endswith(":circuit_open") for s in skipped):
         raise ProxyError(
-            503,
+            "no_healthy_backend",
             f"no healthy backend for rule {decision.rule!r} (tried: {', '.join(skipped)})",
-            type="server_error",
-            code="no_healthy_backend",
             headers={**headers, "x-dreamseed-fallback": ", ".join(skipped),
                      "retry-after": str(max(1, round(retry_after)))},
         )
     raise ProxyError(
-        504 if last_timeout else 502,
+        "backend_timeout" if last_timeout else "backend_unreachable",
         f"no backend for rule {decision.rule!r} could be reached (tried: {', '.join(skipped)})",
-        type="server_error",
-        code="backend_timeout" if last_timeout else "backend_unreachable",
         headers={**headers, "x-dreamseed-fallback": ", ".join(skipped)},
     )
 
@@ -308,13 +304,15 @@ async def _buffered(name: str, response: UpstreamResponse, headers: dict[str, st
         body = await response.aread()
     except httpx.TimeoutException:
         raise ProxyError(
-            504, f"backend {name!r} did not finish its answer in time", type="server_error", code="backend_timeout",
+            "backend_timeout",
+            f"backend {name!r} did not finish its answer in time",
             headers=headers,
         ) from None
     except httpx.HTTPError as exc:
         raise ProxyError(
-            502, f"backend {name!r} broke off its answer: {type(exc).__name__}", type="server_error",
-            code="backend_error", headers=headers,
+            "backend_error",
+            f"backend {name!r} broke off its answer: {type(exc).__name__}",
+            headers=headers,
         ) from None
     finally:
         await response.aclose()

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from . import __version__
+from .errors import ERRORS
 from .openai_api import ChatRequest, CompletionRequest, EmbeddingRequest, IngestRequest, SearchRequest
 
 
@@ -32,19 +33,25 @@ def _error(description: str) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 
 
+def errors(*codes: str) -> dict[str, Any]:
+    """Error responses for these codes (errors.ERRORS), grouped by status, each described by its
+    codes and when they happen."""
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(ERRORS[code].status, []).append(code)
+    return {str(status): _error("; ".join(f"`{code}`: {ERRORS[code].when}" for code in found))
+            for status, found in sorted(by_status.items())}
+
+
+_AUTH = ("missing_api_key", "invalid_api_key", "wrong_key_kind")
+_ADMIN = (*_AUTH, "admin_disabled")
+_BODY = ("invalid_json", "invalid_request", "request_too_large", "client_disconnected")
+_RAG_ADMIN = (*_ADMIN, "rag_disabled", "rag_unavailable")
 _RELAY_ERRORS = {
-    "400": _error("Bad request: the body is not JSON, not an object, or a field is missing or of the wrong type"),
-    "401": _error("Missing or invalid API key"),
-    "403": _error("A valid key of the wrong kind"),
-    "404": _error("Unknown model; the message lists the available ones"),
-    "413": _error("Request body over 10 MiB"),
-    "429": _error("The backend's concurrency limit and wait queue are full (Retry-After is set)"),
-    "500": _error("The backend's own error, passed through"),
-    "502": _error("No backend in the chain could be reached, or one broke the connection"),
-    "503": _error("No backend in the chain is healthy (circuits open), or the backend's own 503"),
-    "504": _error("The backend accepted the request but did not answer within its read timeout"),
+    **errors(*_AUTH, *_BODY, "model_not_found", "backend_busy", "backend_unreachable", "backend_error",
+             "backend_not_running", "no_healthy_backend", "backend_timeout"),
+    "default": _error("A backend's own error, passed through unchanged (e.g. vLLM's 400 for a prompt over its context)"),
 }
-_AUTH_ERRORS = {"401": _RELAY_ERRORS["401"], "403": _RELAY_ERRORS["403"]}
 
 
 def _relay(summary: str, schema: str) -> dict[str, Any]:
@@ -75,14 +82,7 @@ def _post(summary: str, schema: str, errors: dict[str, Any]) -> dict[str, Any]:
         "requestBody": {"required": True,
                         "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
         "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
-                      "400": _error("Bad request: not JSON, or a field is missing or of the wrong type"),
                       **errors}}}
-
-
-_RAG_ADMIN_ERRORS = {
-    "409": _error("Retrieval is off: no policy enables it"),
-    "503": _error("The RAG store or embedder is not up (yet)"),
-}
 
 
 def openapi_document(models: list[str], embedding_model: str) -> dict[str, Any]:
@@ -93,8 +93,8 @@ def openapi_document(models: list[str], embedding_model: str) -> dict[str, Any]:
     for name in ("ChatRequest", "CompletionRequest"):
         components[name]["properties"]["model"]["enum"] = models
     components["EmbeddingRequest"]["properties"]["model"]["enum"] = [embedding_model]
-    admin_errors = {**_AUTH_ERRORS}
-    rag_admin_errors = {**_AUTH_ERRORS, **_RAG_ADMIN_ERRORS}
+    admin_errors = errors(*_ADMIN)
+    rag_admin_errors = errors(*_RAG_ADMIN, *_BODY)
     return {
         "openapi": "3.1.0",
         "info": {"title": "DreamSeed proxy", "version": __version__,
@@ -106,26 +106,24 @@ def openapi_document(models: list[str], embedding_model: str) -> dict[str, Any]:
         "paths": {
             "/v1/chat/completions": _relay("Create a chat completion", "ChatRequest"),
             "/v1/completions": _relay("Create a text completion", "CompletionRequest"),
-            "/v1/models": _json_get("List the models: auto and each backend", _AUTH_ERRORS),
-            "/v1/embeddings": _post("Create embeddings (OpenAI-compatible), from rag.yaml's embedder",
-                                    "EmbeddingRequest", {**_AUTH_ERRORS,
-                                                         "404": _error("Not the configured embedding model"),
-                                                         "413": _RELAY_ERRORS["413"],
-                                                         "429": _error("embedder.max_pending requests are running"),
-                                                         "503": _error("The embedder is not up, or retrieval is off")}),
+            "/v1/models": _json_get("List the models: auto and each backend", errors(*_AUTH)),
+            "/v1/embeddings": _post("Create embeddings (OpenAI-compatible), from rag.yaml's embedder", "EmbeddingRequest",
+                                    errors(*_AUTH, *_BODY, "invalid_dimensions", "model_not_found", "embeddings_busy",
+                                           "embeddings_unavailable")),
             "/admin/rag": _json_get("RAG status and collections (admin key)", admin_errors),
-            "/admin/rag/ingest": _post("Add documents to a collection (admin key)", "IngestRequest",
-                                       {**rag_admin_errors, "413": _RELAY_ERRORS["413"]}),
-            "/admin/rag/search": _post("What retrieval finds for a query (admin key)", "SearchRequest",
-                                       {**rag_admin_errors, "413": _RELAY_ERRORS["413"]}),
+            "/admin/rag/ingest": _post("Add documents to a collection (admin key)", "IngestRequest", rag_admin_errors),
+            "/admin/rag/search": _post("What retrieval finds for a query (admin key)", "SearchRequest", rag_admin_errors),
             "/admin/rag/documents": {"delete": {
                 "summary": "Delete a collection, a source, or a source within a collection (admin key)",
                 "parameters": [{"name": "collection", "in": "query", "required": False, "schema": {"type": "string"}},
                                {"name": "source", "in": "query", "required": False, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "How many chunks were deleted",
                                       "content": {"application/json": {"schema": {"type": "object"}}}},
-                              "400": _error("Neither collection nor source given"), **rag_admin_errors}}},
+                              **errors(*_RAG_ADMIN, "invalid_request")}}},
             "/healthz": _json_get("Liveness"),
+            "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format)", "responses": {
+                "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": _json_get("This document"),
             "/readyz": _json_get("Readiness: a backend of the catch-all rule is up",
                                  {"503": {"description": "Not ready",
                                           "content": {"application/json": {"schema": {"type": "object"}}}}}),
@@ -137,8 +135,7 @@ def openapi_document(models: list[str], embedding_model: str) -> dict[str, Any]:
                                 "schema": {"type": "string", "enum": ["start", "stop"]}}],
                 "responses": {"202": {"description": "Accepted: the backend's new scaler state",
                                       "content": {"application/json": {"schema": {"type": "object"}}}},
-                              "404": _error("Unknown backend or action"),
-                              "409": _error("Not an on-demand backend, or mid-transition"), **admin_errors}}},
+                              **errors(*_ADMIN, "backend_not_found", "not_found", "not_on_demand")}}},
             "/admin/policies": _json_get("The policy in force and the last reload (admin key)", admin_errors),
             "/admin/policies/reload": {"post": {"summary": "Validate the policy files and swap them in (admin key)",
                                                 "responses": {
