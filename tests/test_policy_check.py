@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dreamseed.policy import PolicyError, load_policies
-from support import SEED_POLICIES
+from support import ROOT, SEED_POLICIES
 
 
 def check(directory: Path) -> subprocess.CompletedProcess[str]:
@@ -179,3 +179,30 @@ def test_top_level_must_be_a_mapping(policies: Path) -> None:
     (policies / "routing.yaml").write_text("- just\n- a list\n", encoding="utf-8")
     result = check(policies)
     assert f"{policies / 'routing.yaml'}:1: expected a mapping at the top level" in result.stderr
+
+
+def test_generated_schema_and_reference_are_current_and_the_shipped_files_use_them() -> None:
+    """docs/schema/*.schema.json and docs/policy-reference.md are generated from the Structs:
+    a schema change without `dreamseed policies docs --write` fails here."""
+    from dreamseed.docs import generated
+    from dreamseed.policy.reference import FILES, schema_name
+
+    stale = [str(path) for path, content in generated(ROOT).items()
+             if not path.exists() or path.read_text(encoding="utf-8") != content]
+    assert not stale, f"regenerate with `dreamseed docs --write`: {stale}"
+    for policy_file in FILES:
+        first = (SEED_POLICIES / policy_file).read_text(encoding="utf-8").splitlines()[0]
+        assert first == f"# yaml-language-server: $schema=../docs/schema/{schema_name(policy_file)}"
+        assert (SEED_POLICIES / first.split("=", 1)[1]).resolve().is_file()
+
+
+def test_docs_command_reports_stale_files(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "docs", "--root", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "stale: " in result.stdout and "policy-reference.md" in result.stdout
+    written = subprocess.run([sys.executable, "-m", "dreamseed.cli", "docs", "--root", str(tmp_path), "--write"],
+                             capture_output=True, text=True)
+    assert written.returncode == 0 and (tmp_path / "docs" / "schema" / "scale.schema.json").is_file()
+    again = subprocess.run([sys.executable, "-m", "dreamseed.cli", "docs", "--root", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout == ""
