@@ -14,8 +14,9 @@ from typing import Any
 import pulumi
 import pulumi_docker as docker
 
-from dreamseed.policy import Backend, DockerActuator, MemoryPlan, Policies, memory_plan
+from dreamseed.policy import DockerActuator, MemoryPlan, Policies, memory_plan
 
+from .components.common import backends_on, container_name
 from .components.embeddings import EmbeddingServer, EmbeddingServerArgs
 from .components.monitoring import Monitoring, MonitoringArgs
 from .components.proxy import ProxyService, ProxyServiceArgs
@@ -49,8 +50,6 @@ def plan_summary(plan: MemoryPlan) -> dict[str, Any]:
     }
 
 
-def backends_on(policies: Policies, host: str) -> dict[str, Backend]:
-    return {name: b for name, b in policies.catalog.backends.items() if b.host == host}
 
 
 def build_local(config: LocalConfig) -> dict[str, Any]:
@@ -81,7 +80,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
     # would start nothing (caught at preview, not at the first coding request).
     for name, on_demand in policies.scale.backends.items():
         actuator = on_demand.actuator
-        if isinstance(actuator, DockerActuator) and name in vllm and actuator.container != f"dreamseed-{name}":
+        if isinstance(actuator, DockerActuator) and name in vllm and actuator.container != container_name(name):
             raise pulumi.RunError(
                 f"policies/scale.yaml: backends.{name}.actuator.container is {actuator.container!r}, but the container "
                 f"this stack declares for {name!r} is 'dreamseed-{name}'"
@@ -154,7 +153,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         "proxyUrl": f"http://{config.proxy_bind_address}:{config.proxy_port}",
         "grafanaUrl": f"http://127.0.0.1:{config.grafana_port}",
         "gpuMemoryPlan": plan_summary(plan),
-        "onDemandContainers": [f"dreamseed-{n}" for n, b in backends_on(policies, config.gpu_host).items() if b.on_demand],
+        "onDemandContainers": [container_name(n) for n, b in backends_on(policies, config.gpu_host).items() if b.on_demand],
         "databaseUrl": database.url,
     }
 

@@ -58,3 +58,15 @@ def test_a_failed_half_open_probe_reopens_for_a_full_cooldown() -> None:
     clock.now += 4.9
     assert c.state == "open" and not c.allows_requests()
     assert [t[:2] for t in c.transitions] == [("closed", "open"), ("open", "half_open"), ("half_open", "open")]
+
+
+def test_a_flapping_backend_keeps_a_bounded_history() -> None:
+    from dreamseed.health import HISTORY
+
+    c, clock = circuit(unhealthy_threshold=1, cooldown=1)
+    for _ in range(500):
+        c.record_failure("down")
+        clock.now += 1
+        c.allows_requests()  # half-open
+        c.record_success()
+    assert len(c.transitions) == HISTORY and c.transitions[-1][1] == "closed"

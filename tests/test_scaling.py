@@ -303,3 +303,16 @@ def test_the_driver_refuses_a_start_beyond_the_budget_at_once_with_the_reason() 
         await scaler.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_transition_history_is_bounded() -> None:
+    from dreamseed.scaling.machine import HISTORY
+
+    machine = BackendScaler("code", settings())
+    for day in range(200):  # started and stopped daily for 200 days
+        now = day * 86400.0
+        ready_at(machine, now)
+        machine.begin_stop(now + 1, "admin")
+        machine.stop_finished(now + 2)
+    assert len(machine.history) == HISTORY
+    assert machine.history[-1][2] == "stopped" and machine.history[-1][0] == 199 * 86400.0 + 2

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 import pulumi
 import pulumi_docker as docker
 
-from dreamseed.policy import Backend
+from dreamseed.policy import Backend, Policies
 
 
 def python_healthcheck(url: str, start_period: str = "30s") -> docker.ContainerHealthcheckArgs:
@@ -22,6 +22,17 @@ def python_healthcheck(url: str, start_period: str = "30s") -> docker.ContainerH
 def secret_env(name: str, value: pulumi.Input[str]) -> pulumi.Output[str]:
     """NAME=value for a container's env, kept secret."""
     return pulumi.Output.secret(pulumi.Output.concat(name, "=", value))
+
+
+def container_name(backend_name: str) -> str:
+    """The Docker container (and network alias) of a backend's server: what scale.yaml's docker
+    actuator names and Prometheus scrapes."""
+    return f"dreamseed-{backend_name}"
+
+
+def backends_on(policies: Policies, host: str) -> dict[str, Backend]:
+    """The catalog's backends placed on one GPU host."""
+    return {name: b for name, b in policies.catalog.backends.items() if b.host == host}
 
 
 def backend_port(backend: Backend, default: int = 8000) -> int:

@@ -18,6 +18,7 @@ import pulumi_command as command
 
 from dreamseed.policy import Backend
 
+from .common import container_name
 from .vllm import HF_CACHE, vllm_command
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "lambda_instance.py"
@@ -29,7 +30,7 @@ def bootstrap_script(name: str, backend: Backend, port: int = VLLM_PORT) -> str:
     """Shell run on the GPU host. Secrets arrive on standard input (HF token, then the API
     key), so they never appear in this text, in Pulumi's state or in the process list."""
     assert backend.image is not None
-    container = f"dreamseed-{name}"
+    container = container_name(name)
     args = " ".join(shlex.quote(a) for a in vllm_command(backend, port))
     tries = HEALTH_WAIT_S // 10
     return f"""set -eu

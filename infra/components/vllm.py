@@ -9,7 +9,7 @@ import pulumi_docker as docker
 
 from dreamseed.policy import Backend
 
-from .common import backend_port, pulled, python_healthcheck, secret_env
+from .common import backend_port, container_name, pulled, python_healthcheck, secret_env
 
 HF_CACHE = "/root/.cache/huggingface"
 
@@ -50,7 +50,7 @@ class VllmBackend(pulumi.ComponentResource):
         if backend.image is None:
             raise pulumi.RunError(f"backend {args.name!r} has no `image` in the catalog; infra needs a pinned vLLM image")
         port = backend_port(backend)
-        name = f"dreamseed-{args.name}"
+        name = container_name(args.name)
         image = pulled(f"{resource_name}-image", backend.image, self)
         always_on = not backend.on_demand
         self.container = docker.Container(

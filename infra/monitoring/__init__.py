@@ -32,7 +32,9 @@ BURN_ALERTS = (
 
 
 def local_backends(policies: Policies, gpu_host: str) -> dict[str, Any]:
-    return {name: b for name, b in policies.catalog.backends.items() if b.host == gpu_host}
+    from infra.components.common import backends_on
+
+    return backends_on(policies, gpu_host)
 
 
 def remote_backends(policies: Policies, gpu_host: str) -> list[str]:
@@ -242,11 +244,11 @@ def dashboard_json() -> str:
 def write_all(directory: Any, policies: Policies, gpu_host: str, proxy_target: str = "dreamseed-proxy:8080") -> None:
     from pathlib import Path
 
-    from infra.components.common import backend_port
+    from infra.components.common import backend_port, container_name
 
     out = Path(directory)
     (out / "grafana").mkdir(parents=True, exist_ok=True)
-    targets = {name: (f"dreamseed-{name}:{backend_port(b)}", b.on_demand)
+    targets = {name: (f"{container_name(name)}:{backend_port(b)}", b.on_demand)
                for name, b in local_backends(policies, gpu_host).items()}
     (out / "prometheus.yml").write_text(prometheus_config(proxy_target, targets), encoding="utf-8")
     (out / "rules.yml").write_text(alert_rules(policies, gpu_host), encoding="utf-8")

@@ -1,5 +1,10 @@
 """The Litestar application: OpenAI-compatible endpoints wired to routing and forwarding.
 
+:class:`Proxy` holds what the process runs on (the policy generation in force, the retriever,
+the scaler, the metrics) and is kept on ``app.state.proxy``; :meth:`Proxy.relay` is the
+request path of every routed request, in one method. The route handlers below are thin: they
+find the Proxy and call it. Admin routes live under one ``/admin`` router with one guard.
+
 Handlers take the raw request and return ASGI responses directly: the body is decoded
 once by msgspec, and the backend's answer is relayed without re-encoding.
 """
@@ -16,8 +21,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, delete, get, post
+from litestar import Litestar, Request, Router, delete, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath, FromQuery
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Receive
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,7 +34,7 @@ from prometheus_client.core import Metric
 
 from . import __version__
 from .auth import KeyRing
-from .backends import Upstreams
+from .backends import BackendState, backend_states
 from .errors import (
     ProxyError,
     error_body,
@@ -48,10 +57,12 @@ from .openai_api import (
 from .openapi import openapi_document
 from .policy import AUTO_MODEL, Policies, RagSettings
 from .rag.augment import augment, query_of
+from .rag.ingest import ingest_texts
 from .rag.retriever import Retriever
-from .routing import Decision, UnknownModelError
+from .rag.store import hits_as_dicts
+from .routing import UnknownModelError
 from .runtime import Generation, Runtime
-from .scaling import LocalCoordinator, PostgresCoordinator, Scaler
+from .scaling import Coordinator, LocalCoordinator, PostgresCoordinator, Scaler
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -83,8 +94,7 @@ async def read_body(receive: Receive, declared_length: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ProxyError(400, "the client disconnected while sending the request", type="invalid_request_error",
-                             code="client_disconnected")
+            raise ProxyError("client_disconnected", "the client disconnected while sending the request")
         chunk: bytes = message.get("body", b"")  # type: ignore[assignment]  # litestar types it loosely
         size += len(chunk)
         if size > MAX_BODY_BYTES:
@@ -95,119 +105,89 @@ async def read_body(receive: Receive, declared_length: int) -> bytes:
 
 
 def _too_large() -> ProxyError:
-    return ProxyError(413, f"the request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB",
-                      type="invalid_request_error", code="request_too_large")
+    return ProxyError("request_too_large", f"the request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB")
 
 
-def create_app(
-    policies: Policies,
-    *,
-    environ: Mapping[str, str] | None = None,
-    url_overrides: Mapping[str, str] | None = None,
-    on_shutdown: Sequence[Callable[[], object]] = (),
-    watch_policies: bool = True,
-    log_prompts: bool = False,
-) -> Litestar:
-    environ = os.environ if environ is None else environ
-    keys = KeyRing.from_environment(environ)
-    holder: dict[str, Runtime] = {}
-    # The retriever (RAG store + embedder) exists once some policy turns retrieval on; its
-    # embedder and store settings are those of that moment (changing them needs a restart).
-    rag: dict[str, Retriever] = {}
-    # On-demand backends (scale.yaml), set up at start like the retriever.
-    scaling: dict[str, Scaler] = {}
-    starting: set[asyncio.Task[None]] = set()  # keeps background start-ups referenced
+class Proxy:
+    """The proxy's runtime: built by create_app, started and stopped by the app's lifespan."""
 
-    def runtime() -> Runtime:
-        return holder["runtime"]
+    def __init__(self, policies: Policies, environ: Mapping[str, str], url_overrides: Mapping[str, str],
+                 log_prompts: bool) -> None:
+        self.initial = policies
+        self.environ = environ
+        self.url_overrides = url_overrides
+        self.log_prompts = log_prompts
+        self.keys = KeyRing.from_environment(environ)
+        self.metrics = ProxyMetrics(self._state_metrics)
+        self._runtime: Runtime | None = None
+        # The retriever (RAG store + embedder) exists once some policy turns retrieval on; its
+        # embedder and store settings are those of that moment (changing them needs a restart).
+        self._retriever: Retriever | None = None
+        self.scaler: Scaler | None = None  # on-demand backends (scale.yaml), set up at start
+        self._starting: set[asyncio.Task[None]] = set()  # keeps background start-ups referenced
+        self.embeddings_pending = 0
+        self._rag_settings: dict[tuple[str, str, str], RagSettings] = {}
+        self._openapi: dict[str, bytes] = {}
 
-    def retriever() -> Retriever | None:
-        found = rag.get("retriever")
-        if found is None and runtime().current.policies.rag.used:
-            # Turned on by a reload: come up in the background; requests degrade until ready.
-            found = rag["retriever"] = Retriever(runtime().current.policies.rag, environ)
-            starting.add(asyncio.get_running_loop().create_task(found.start()))
-        return found
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None, "the proxy has not started"
+        return self._runtime
 
-    def current_state() -> Iterator[Metric]:
-        if "runtime" not in holder:
-            return iter(())
-        rt = holder["runtime"]
-        return state_metrics(backend_states(rt.current.upstreams, scaling.get("scaler")), rt.current.policy_hash)
-
-    metrics = ProxyMetrics(current_state)
-
-    def finished(exchange: Exchange) -> None:
-        metrics.record(exchange)
-        log_exchange(exchange)
-
-    @asynccontextmanager
-    async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        holder["runtime"] = Runtime(policies, environ, url_overrides or {}, on_reload=metrics.count_reload)
-        await holder["runtime"].start(watch=watch_policies)
+    async def start(self, watch_policies: bool) -> None:
+        policies = self.initial
+        self._runtime = Runtime(policies, self.environ, self.url_overrides, on_reload=self.metrics.count_reload)
+        await self._runtime.start(watch=watch_policies)
         if policies.rag.used:
-            rag["retriever"] = Retriever(policies.rag, environ)
-            await rag["retriever"].start()  # a table built for another model stops the start here
+            self._retriever = Retriever(policies.rag, self.environ)
+            await self._retriever.start()  # a table built for another model stops the start here
         if policies.scale.backends:
-            scaling["scaler"] = make_scaler(policies)
-            await scaling["scaler"].start()
-        try:
-            yield
-        finally:
-            if "scaler" in scaling:
-                await scaling["scaler"].aclose()
-            await holder["runtime"].aclose()
-            if "retriever" in rag:
-                await rag["retriever"].aclose()
-            for hook in on_shutdown:
-                hook()
+            self.scaler = self._make_scaler(policies)
+            await self.scaler.start()
 
-    def make_scaler(policies: Policies) -> Scaler:
+    async def aclose(self) -> None:
+        if self.scaler is not None:
+            await self.scaler.aclose()
+        if self._runtime is not None:
+            await self._runtime.aclose()
+        if self._retriever is not None:
+            await self._retriever.aclose()
+
+    def _make_scaler(self, policies: Policies) -> Scaler:
         # Proxy processes that share a database coordinate starts and stops through it.
-        found = rag.get("retriever")
-        url = environ.get("DATABASE_URL") or (found.database.url if found and found.database else None)
-        coordinator = PostgresCoordinator(url) if url else LocalCoordinator()
+        found = self._retriever
+        url = self.environ.get("DATABASE_URL") or (found.database.url if found and found.database else None)
+        coordinator: Coordinator = PostgresCoordinator(url) if url else LocalCoordinator()
         if url is None:
             log.info("on-demand backends: no database, so no coordination with other proxy processes")
-        return Scaler(policies.scale, policies.catalog, lambda name: runtime().current.upstreams.get(name),
-                      coordinator, on_event=metrics.count_scaler_event)
+        return Scaler(policies.scale, policies.catalog, lambda name: self.runtime.current.upstreams.get(name),
+                      coordinator, on_event=self.metrics.count_scaler_event)
 
-    async def cold_start(decision: Decision, headers: dict[str, str], exchange: Exchange) -> Decision:
-        """On-demand backends in the chain: forward when ready; otherwise hold the request while
-        its start runs (`wait`) or skip to the fallback (`fallback`), saying which in the headers."""
-        scaler = scaling.get("scaler")
-        if scaler is None:
-            return decision
-        kept: list[str] = []
-        refused: str | None = None
-        for position, name in enumerate(decision.chain):
-            if not scaler.manages(name):
-                kept.append(name)
-                continue
-            if position == 0:
-                verdict, waited = await scaler.admit(name, keyword=decision.keyword)
-                if verdict.action == "forward":
-                    if waited:
-                        headers["x-dreamseed-cold-start"] = f"waited {waited:.2f}s"
-                    kept.append(name)
-                    continue
-                headers["x-dreamseed-cold-start"] = "fallback"
-                exchange.fallbacks.append(f"{name}:{verdict.reason}")
-                refused = refused or scaler.machines[name].last_error
-            elif scaler.machines[name].state == "ready":
-                kept.append(name)
-            else:
-                exchange.fallbacks.append(f"{name}:{scaler.machines[name].state}")
-        if not kept:
-            skipped = ", ".join(exchange.fallbacks)
-            raise ProxyError(503, f"no backend can take the request now ({skipped})" + (f": {refused}" if refused else ""),
-                             type="server_error", code="backend_not_running",
-                             headers={**headers, "x-dreamseed-fallback": skipped, "retry-after": "10"})
-        if len(kept) == len(decision.chain):
-            return decision
-        return Decision(decision.rule, tuple(kept), decision.reason, decision.keyword)
+    def retriever(self) -> Retriever | None:
+        found = self._retriever
+        if found is None and self.runtime.current.policies.rag.used:
+            # Turned on by a reload: come up in the background; requests degrade until ready.
+            found = self._retriever = Retriever(self.runtime.current.policies.rag, self.environ)
+            self._starting.add(asyncio.get_running_loop().create_task(found.start()))
+        return found
 
-    async def relay(request: AnyRequest, endpoint: Endpoint, path: str) -> ASGIApp:
+    def backend_states(self) -> dict[str, BackendState]:
+        return backend_states(self.runtime.current.upstreams, self.scaler)
+
+    def _state_metrics(self) -> Iterator[Metric]:
+        if self._runtime is None:
+            return iter(())
+        return state_metrics(self.backend_states(), self._runtime.current.policy_hash)
+
+    def finished(self, exchange: Exchange) -> None:
+        self.metrics.record(exchange)
+        log_exchange(exchange)
+
+    # --- the request path -------------------------------------------------------------
+
+    async def relay(self, request: AnyRequest, endpoint: Endpoint, path: str) -> ASGIApp:
+        """Every routed request: authenticate, read and check the body, route, let the scaler
+        prune the chain, retrieve context, forward along the chain."""
         # One pass over the raw ASGI headers: cheaper than building a Headers object.
         supplied_id: bytes | None = None
         authorization: bytes | None = None
@@ -223,52 +203,48 @@ def create_app(
             elif name in FORWARDED_REQUEST_HEADERS:
                 passed_on.append((name, value))
         headers = {"x-request-id": request_id(supplied_id.decode("latin-1") if supplied_id is not None else None)}
-        exchange = Exchange(headers["x-request-id"], endpoint, on_finish=finished)
+        exchange = Exchange(headers["x-request-id"], endpoint, on_finish=self.finished)
         # The generation in force when the request arrived serves it to the end, reloads or not.
-        generation = runtime().current
+        generation = self.runtime.current
         try:
-            keys.check(authorization, "client")
+            self.keys.check(authorization, "client")
             body = await read_body(request.receive, declared_length)
             payload, prompt, stream = parse_request(body, endpoint)
             try:
                 decision = generation.router.route(payload["model"], prompt)
             except UnknownModelError as exc:
                 raise ProxyError(
-                    404,
+                    "model_not_found",
                     f"The model {exc.model!r} does not exist. Available models: {', '.join(exc.available)}",
-                    type="invalid_request_error",
-                    code="model_not_found",
                     param="model",
                 ) from None
             headers["x-dreamseed-rule"] = exchange.rule = decision.rule
-            if log_prompts:
+            if self.log_prompts:
                 exchange.prompt = prompt.text("all")
-            if scaling:  # no awaits on the hot path for features that are off
-                decision = await cold_start(decision, headers, exchange)
-            settings = rag_settings(generation, decision.rule, decision.backend)
-            headers["x-dreamseed-rag"] = await retrieve_into(payload, endpoint, settings, exchange) \
+            if self.scaler is not None:  # no awaits on the hot path for features that are off
+                decision = await self.scaler.prune_chain(decision, headers, exchange)
+            settings = self.rag_settings(generation, decision.rule, decision.backend)
+            headers["x-dreamseed-rag"] = await self.retrieve_into(payload, endpoint, settings, exchange) \
                 if settings.enabled else "off"
             return await forward(generation.upstreams, decision, path, payload, stream, headers, passed_on, exchange)
         except ProxyError as exc:
             return _error(exc, headers, exchange)
 
-    settings_cache: dict[tuple[str, str, str], RagSettings] = {}
-
-    def rag_settings(generation: Generation, rule: str, backend: str) -> RagSettings:
+    def rag_settings(self, generation: Generation, rule: str, backend: str) -> RagSettings:
         key = (generation.policy_hash, rule, backend)
-        found = settings_cache.get(key)
+        found = self._rag_settings.get(key)
         if found is None:
-            if len(settings_cache) > 1024:  # old generations' entries
-                settings_cache.clear()
-            found = settings_cache[key] = generation.policies.rag.settings(rule, backend)
+            if len(self._rag_settings) > 1024:  # old generations' entries
+                self._rag_settings.clear()
+            found = self._rag_settings[key] = generation.policies.rag.settings(rule, backend)
         return found
 
-    async def retrieve_into(payload: dict[str, object], endpoint: Endpoint, settings: RagSettings,
+    async def retrieve_into(self, payload: dict[str, object], endpoint: Endpoint, settings: RagSettings,
                             exchange: Exchange) -> str:
         """Retrieve for a request whose settings enable it and add the context; returns the
         x-dreamseed-rag value."""
         query = query_of(payload, endpoint)
-        found = retriever()
+        found = self.retriever()
         if query is None or found is None:
             return "off"
         retrieval = await found.retrieve(settings, query)
@@ -278,57 +254,31 @@ def create_app(
         exchange.rag_hits = augment(payload, endpoint, settings, query, retrieval.hits)
         return f"hits={exchange.rag_hits}"
 
-    @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
-    async def chat_completions(request: AnyRequest) -> ASGIApp:
-        return await relay(request, "chat", "/v1/chat/completions")
+    # --- the other endpoints' work ------------------------------------------------------
 
-    @post("/v1/completions", status_code=200, summary="Create a text completion (OpenAI-compatible)")
-    async def completions(request: AnyRequest) -> ASGIApp:
-        return await relay(request, "completions", "/v1/completions")
-
-    @get("/v1/models", summary="List the models (backends) and 'auto'")
-    async def list_models(request: AnyRequest) -> ASGIApp:
-        keys.check(_authorization(request), "client")
-        catalog = runtime().current.policies.catalog
-        data: list[dict[str, object]] = [
-            {"id": AUTO_MODEL, "object": "model", "created": 0, "owned_by": "dreamseed",
-             "description": "routed by policies/routing.yaml"}
-        ]
-        for name, backend in catalog.backends.items():
-            data.append(
-                {"id": name, "object": "model", "created": 0, "owned_by": "dreamseed", "root": backend.model,
-                 "max_model_len": backend.context_length, "on_demand": backend.on_demand}
-            )
-        return _json({"object": "list", "data": data})
-
-    embedding_requests = {"pending": 0}
-
-    @post("/v1/embeddings", status_code=200, summary="Create embeddings (OpenAI-compatible)")
-    async def embeddings(request: AnyRequest) -> ASGIApp:
-        keys.check(_authorization(request), "client")
+    async def embeddings(self, request: AnyRequest) -> ASGIApp:
+        self.keys.check(_authorization(request), "client")
         body = await read_body(request.receive, -1)
         wanted = decode_struct(body, EmbeddingRequest)
         storable(wanted.input, "input")
-        found = retriever()
-        configured = runtime().current.policies.rag.embedder.model if found is None else found.rag.embedder.model
+        found = self.retriever()
+        configured = self.runtime.current.policies.rag.embedder.model if found is None else found.rag.embedder.model
         if wanted.model != configured:
-            raise ProxyError(404, f"The embedding model {wanted.model!r} does not exist. Available models: {configured}",
-                             type="invalid_request_error", code="model_not_found", param="model")
+            raise ProxyError("model_not_found",
+                             f"The embedding model {wanted.model!r} does not exist. Available models: {configured}",
+                             param="model")
         if found is None or found.embedder is None:
             problem = "retrieval is off in rag.yaml" if found is None else found.problem
-            raise ProxyError(503, f"embeddings are unavailable: {problem}", type="server_error",
-                             code="embeddings_unavailable")
+            raise ProxyError("embeddings_unavailable", f"embeddings are unavailable: {problem}")
         embedder = found.embedder
         if wanted.dimensions is not None and wanted.dimensions != embedder.embedder.dim:
-            raise ProxyError(400, f"{configured} makes {embedder.embedder.dim}-dimensional vectors; "
-                                  f"`dimensions` {wanted.dimensions} is not available", type="invalid_request_error",
-                             code="invalid_dimensions", param="dimensions")
+            raise ProxyError("invalid_dimensions", f"{configured} makes {embedder.embedder.dim}-dimensional vectors; "
+                             f"`dimensions` {wanted.dimensions} is not available", param="dimensions")
         texts = [wanted.input] if isinstance(wanted.input, str) else wanted.input
-        if embedding_requests["pending"] >= found.rag.embedder.max_pending:
-            raise ProxyError(429, f"{embedding_requests['pending']} embedding requests are already running "
-                                  "(rag.yaml embedder.max_pending); retry shortly", type="rate_limit_error",
-                             code="embeddings_busy", headers={"retry-after": "1"})
-        embedding_requests["pending"] += 1
+        if self.embeddings_pending >= found.rag.embedder.max_pending:
+            raise ProxyError("embeddings_busy", f"{self.embeddings_pending} embedding requests are already running "
+                             "(rag.yaml embedder.max_pending); retry shortly", headers={"retry-after": "1"})
+        self.embeddings_pending += 1
         try:
             if len(texts) == 1:
                 vectors = [await embedder.embed_one(texts[0])]
@@ -337,10 +287,9 @@ def create_app(
             tokens = await asyncio.get_running_loop().run_in_executor(None, embedder.embedder.count_tokens, texts)
         except Exception as exc:  # noqa: BLE001 - the embedder's failure is a 503, not a 500
             log.warning("embedding failed: %s", exc)
-            raise ProxyError(503, f"the embedder failed: {exc}", type="server_error",
-                             code="embeddings_unavailable") from None
+            raise ProxyError("embeddings_unavailable", f"the embedder failed: {exc}") from None
         finally:
-            embedding_requests["pending"] -= 1
+            self.embeddings_pending -= 1
         data = [{"object": "embedding", "index": index,
                  "embedding": base64.b64encode(vector.astype("<f4").tobytes()).decode()
                  if wanted.encoding_format == "base64" else vector.tolist()}
@@ -348,146 +297,218 @@ def create_app(
         return _json({"object": "list", "data": data, "model": configured,
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    def ready_retriever() -> Retriever:
-        found = retriever()
+    def ready_retriever(self) -> Retriever:
+        found = self.retriever()
         if found is None:
-            raise ProxyError(409, "retrieval is off: no rule, backend or default in rag.yaml enables it",
-                             type="invalid_request_error", code="rag_disabled")
+            raise ProxyError("rag_disabled", "retrieval is off: no rule, backend or default in rag.yaml enables it")
         if not found.ready:
-            raise ProxyError(503, f"the RAG store is unavailable: {found.problem}", type="server_error",
-                             code="rag_unavailable")
+            raise ProxyError("rag_unavailable", f"the RAG store is unavailable: {found.problem}")
         return found
 
-    @get("/admin/rag", summary="RAG status and collections (admin key)")
-    async def admin_rag(request: AnyRequest) -> ASGIApp:
-        keys.check(_authorization(request), "admin")
-        found = retriever()
-        if found is None:
-            return _json({"enabled": False})
-        status = {"enabled": True, **found.status()}
-        if found.ready and found.store is not None:
-            try:  # bounded: the admin view must answer while the database is down
-                status["collections"] = await asyncio.wait_for(found.store.collections(), ADMIN_QUERY_TIMEOUT_S)
-            except (TimeoutError, Exception) as exc:  # noqa: BLE001 - the database went away: say so
-                status["problem"] = f"{type(exc).__name__}: {exc}"
-        return _json(status)
-
-    @post("/admin/rag/ingest", status_code=200, summary="Add documents to a collection (admin key)")
-    async def admin_rag_ingest(request: AnyRequest) -> ASGIApp:
-        from .rag.ingest import ingest_texts
-
-        keys.check(_authorization(request), "admin")
-        wanted = decode_struct(await read_body(request.receive, -1), IngestRequest)
-        storable(wanted.collection, "collection")
-        for index, document in enumerate(wanted.documents):
-            storable(document.source, f"documents[{index}].source")
-            storable(document.text, f"documents[{index}].text")
-            storable(document.metadata, f"documents[{index}].metadata")
-        found = ready_retriever()
-        assert found.store is not None and found.embedder is not None
-        documents = [(d.source, d.text, d.metadata) for d in wanted.documents]
-        summary = await ingest_texts(found.store, found.embedder, wanted.collection, documents, found.rag.chunking)
-        return _json(summary.as_dict())
-
-    @post("/admin/rag/search", status_code=200, summary="What retrieval finds for a query (admin key)")
-    async def admin_rag_search(request: AnyRequest) -> ASGIApp:
-        from .rag.store import hits_as_dicts
-
-        keys.check(_authorization(request), "admin")
-        wanted = decode_struct(await read_body(request.receive, -1), SearchRequest)
-        storable(wanted.query, "query")
-        storable(wanted.collection, "collection")
-        found = ready_retriever()
-        base = runtime().current.policies.rag.settings(wanted.rule or "", wanted.backend or "")
-        settings = dataclasses.replace(base, collection=wanted.collection or base.collection,
-                                       mode=wanted.mode or base.mode)
-        hits = await found.search(settings, wanted.query, top_k=wanted.k)
-        return _json({"collection": settings.collection, "mode": settings.mode, "hits": hits_as_dicts(hits)})
-
-    @delete("/admin/rag/documents", status_code=200, summary="Delete a collection or a source (admin key)")
-    async def admin_rag_delete(request: AnyRequest, collection: str | None = None, source: str | None = None) -> ASGIApp:
-        keys.check(_authorization(request), "admin")
-        if not collection and not source:
-            raise ProxyError(400, "name a `collection`, a `source`, or both (query parameters)",
-                             type="invalid_request_error", code="invalid_request", param="collection")
-        storable(collection, "collection")
-        storable(source, "source")
-        found = ready_retriever()
-        assert found.store is not None
-        return _json({"deleted": await found.store.delete(collection or None, source or None)})
-
-    documents: dict[str, bytes] = {}
-
-    @get("/openapi.json", summary="This API's OpenAPI document", include_in_schema=False)
-    async def openapi_json() -> ASGIApp:
-        generation = runtime().current
-        document = documents.get(generation.policy_hash)
+    def openapi(self) -> bytes:
+        generation = self.runtime.current
+        document = self._openapi.get(generation.policy_hash)
         if document is None:
-            documents.clear()
-            document = documents[generation.policy_hash] = msgspec.json.encode(
+            self._openapi.clear()
+            document = self._openapi[generation.policy_hash] = msgspec.json.encode(
                 openapi_document(generation.router.available_models(), generation.policies.rag.embedder.model))
-        return BufferedResponse(200, [(b"content-type", b"application/json")], document)
+        return document
 
-    @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-    async def metrics_endpoint() -> ASGIApp:
-        return BufferedResponse(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())],
-                                generate_latest(metrics.registry))
 
-    @get("/healthz", summary="Liveness: the proxy process is serving")
-    async def healthz() -> ASGIApp:
-        return _json({"status": "ok", "version": __version__})
+def proxy_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Proxy:
+    proxy: Proxy = connection.app.state.proxy
+    return proxy
 
-    @get("/readyz", summary="Readiness: a backend for the catch-all route is up")
-    async def readyz() -> ASGIApp:
-        generation = runtime().current
-        backends = backend_states(generation.upstreams, scaling.get("scaler"))
-        # Ready when the catch-all rule (what "auto" traffic falls through to) can be served.
-        ready = any(backends[name]["state"] == "up" for name in generation.router.rules[-1].chain)
-        return _json({"ready": ready, "backends": backends}, status=200 if ready else 503)
 
-    @get("/admin/backends", summary="Backend states: health, circuit, in-flight and queued requests")
-    async def admin_backends(request: AnyRequest) -> ASGIApp:
-        keys.check(_authorization(request), "admin")
-        return _json({"backends": backend_states(runtime().current.upstreams, scaling.get("scaler"))})
+# --- routes ------------------------------------------------------------------------------
 
-    @post("/admin/backends/{name:str}/{action:str}", status_code=202,
-          summary="Start or stop an on-demand backend (admin key)")
-    async def admin_backend_action(request: AnyRequest, name: str, action: str) -> ASGIApp:
-        keys.check(_authorization(request), "admin")
-        scaler = scaling.get("scaler")
-        if action not in ("start", "stop"):
-            raise ProxyError(404, f"unknown action {action!r}: use start or stop", type="invalid_request_error",
-                             code="not_found")
-        if name not in runtime().current.policies.catalog.backends:
-            raise ProxyError(404, f"unknown backend {name!r}", type="invalid_request_error", code="backend_not_found")
-        if scaler is None or not scaler.manages(name):
-            raise ProxyError(409, f"backend {name!r} is not on-demand (scale.yaml): it is not started or stopped "
-                                  "by the proxy", type="invalid_request_error", code="not_on_demand")
-        log.info("admin API: %s %s", action, name)
-        ok, detail = scaler.admin_start(name) if action == "start" else scaler.admin_stop(name)
-        body = {"backend": name, "action": action, "accepted": ok, "detail": detail, **scaler.status(name)}
-        return _json(body, status=202 if ok else 409)
 
-    @get("/admin/policies", summary="The policy in force and the last reload attempt")
-    async def admin_policies(request: AnyRequest) -> ASGIApp:
-        keys.check(_authorization(request), "admin")
-        rt = runtime()
-        return _json({"directory": str(rt.directory), "policy_hash": rt.current.policy_hash,
-                      "loaded_at": rt.current.loaded_at, "reloads": rt.reloads,
-                      "last_attempt": rt.last_attempt, "last_error": rt.last_error})
+@post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
+async def chat_completions(request: AnyRequest) -> ASGIApp:
+    return await proxy_of(request).relay(request, "chat", "/v1/chat/completions")
 
-    @post("/admin/policies/reload", status_code=200, summary="Validate the policy files and swap them in")
-    async def admin_reload(request: AnyRequest) -> ASGIApp:
-        keys.check(_authorization(request), "admin")
-        outcome = await runtime().reload("admin API")
-        body = {"ok": outcome.ok, "changed": outcome.changed, "policy_hash": outcome.policy_hash,
-                "error": outcome.error}
-        return _json(body, status=200 if outcome.ok else 422)
+
+@post("/v1/completions", status_code=200, summary="Create a text completion (OpenAI-compatible)")
+async def completions(request: AnyRequest) -> ASGIApp:
+    return await proxy_of(request).relay(request, "completions", "/v1/completions")
+
+
+@get("/v1/models", summary="List the models (backends) and 'auto'")
+async def list_models(request: AnyRequest) -> ASGIApp:
+    proxy = proxy_of(request)
+    proxy.keys.check(_authorization(request), "client")
+    catalog = proxy.runtime.current.policies.catalog
+    data: list[dict[str, object]] = [
+        {"id": AUTO_MODEL, "object": "model", "created": 0, "owned_by": "dreamseed",
+         "description": "routed by policies/routing.yaml"}
+    ]
+    for name, backend in catalog.backends.items():
+        data.append(
+            {"id": name, "object": "model", "created": 0, "owned_by": "dreamseed", "root": backend.model,
+             "max_model_len": backend.context_length, "on_demand": backend.on_demand}
+        )
+    return _json({"object": "list", "data": data})
+
+
+@post("/v1/embeddings", status_code=200, summary="Create embeddings (OpenAI-compatible)")
+async def embeddings(request: AnyRequest) -> ASGIApp:
+    return await proxy_of(request).embeddings(request)
+
+
+@get("/openapi.json", summary="This API's OpenAPI document", include_in_schema=False)
+async def openapi_json(request: AnyRequest) -> ASGIApp:
+    return BufferedResponse(200, [(b"content-type", b"application/json")], proxy_of(request).openapi())
+
+
+@get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics_endpoint(request: AnyRequest) -> ASGIApp:
+    return BufferedResponse(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+                            generate_latest(proxy_of(request).metrics.registry))
+
+
+@get("/healthz", summary="Liveness: the proxy process is serving")
+async def healthz() -> ASGIApp:
+    return _json({"status": "ok", "version": __version__})
+
+
+@get("/readyz", summary="Readiness: a backend for the catch-all route is up")
+async def readyz(request: AnyRequest) -> ASGIApp:
+    proxy = proxy_of(request)
+    backends = proxy.backend_states()
+    # Ready when the catch-all rule (what "auto" traffic falls through to) can be served.
+    ready = any(backends[name].state == "up" for name in proxy.runtime.current.router.rules[-1].chain)
+    return _json({"ready": ready, "backends": backends}, status=200 if ready else 503)
+
+
+# --- admin routes (one guard: the admin key) ------------------------------------------------
+
+
+def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    proxy_of(connection).keys.check(_authorization(connection), "admin")
+
+
+@get("/backends", summary="Backend states: health, circuit, in-flight and queued requests")
+async def admin_backends(request: AnyRequest) -> ASGIApp:
+    return _json({"backends": proxy_of(request).backend_states()})
+
+
+@post("/backends/{name:str}/{action:str}", status_code=202, summary="Start or stop an on-demand backend (admin key)")
+async def admin_backend_action(request: AnyRequest, name: FromPath[str], action: FromPath[str]) -> ASGIApp:
+    proxy = proxy_of(request)
+    scaler = proxy.scaler
+    if action not in ("start", "stop"):
+        raise ProxyError("not_found", f"unknown action {action!r}: use start or stop")
+    if name not in proxy.runtime.current.policies.catalog.backends:
+        raise ProxyError("backend_not_found", f"unknown backend {name!r}")
+    if scaler is None or not scaler.manages(name):
+        raise ProxyError("not_on_demand", f"backend {name!r} is not on-demand (scale.yaml): it is not started or "
+                         "stopped by the proxy")
+    log.info("admin API: %s %s", action, name)
+    ok, detail = scaler.admin_start(name) if action == "start" else scaler.admin_stop(name)
+    body = {"backend": name, "action": action, "accepted": ok, "detail": detail, **scaler.status(name)}
+    return _json(body, status=202 if ok else 409)
+
+
+@get("/policies", summary="The policy in force and the last reload attempt")
+async def admin_policies(request: AnyRequest) -> ASGIApp:
+    rt = proxy_of(request).runtime
+    return _json({"directory": str(rt.directory), "policy_hash": rt.current.policy_hash,
+                  "loaded_at": rt.current.loaded_at, "reloads": rt.reloads,
+                  "last_attempt": rt.last_attempt, "last_error": rt.last_error})
+
+
+@post("/policies/reload", status_code=200, summary="Validate the policy files and swap them in")
+async def admin_reload(request: AnyRequest) -> ASGIApp:
+    outcome = await proxy_of(request).runtime.reload("admin API")
+    body = {"ok": outcome.ok, "changed": outcome.changed, "policy_hash": outcome.policy_hash, "error": outcome.error}
+    return _json(body, status=200 if outcome.ok else 422)
+
+
+@get("/rag", summary="RAG status and collections (admin key)")
+async def admin_rag(request: AnyRequest) -> ASGIApp:
+    found = proxy_of(request).retriever()
+    if found is None:
+        return _json({"enabled": False})
+    status = {"enabled": True, **found.status()}
+    if found.ready and found.store is not None:
+        try:  # bounded: the admin view must answer while the database is down
+            status["collections"] = await asyncio.wait_for(found.store.collections(), ADMIN_QUERY_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the database went away (or the wait ran out): say so
+            status["problem"] = f"{type(exc).__name__}: {exc}"
+    return _json(status)
+
+
+@post("/rag/ingest", status_code=200, summary="Add documents to a collection (admin key)")
+async def admin_rag_ingest(request: AnyRequest) -> ASGIApp:
+    wanted = decode_struct(await read_body(request.receive, -1), IngestRequest)
+    storable(wanted.collection, "collection")
+    for index, document in enumerate(wanted.documents):
+        storable(document.source, f"documents[{index}].source")
+        storable(document.text, f"documents[{index}].text")
+        storable(document.metadata, f"documents[{index}].metadata")
+    found = proxy_of(request).ready_retriever()
+    assert found.store is not None and found.embedder is not None
+    documents = [(d.source, d.text, d.metadata) for d in wanted.documents]
+    summary = await ingest_texts(found.store, found.embedder, wanted.collection, documents, found.rag.chunking)
+    return _json(summary.as_dict())
+
+
+@post("/rag/search", status_code=200, summary="What retrieval finds for a query (admin key)")
+async def admin_rag_search(request: AnyRequest) -> ASGIApp:
+    wanted = decode_struct(await read_body(request.receive, -1), SearchRequest)
+    storable(wanted.query, "query")
+    storable(wanted.collection, "collection")
+    proxy = proxy_of(request)
+    found = proxy.ready_retriever()
+    base = proxy.runtime.current.policies.rag.settings(wanted.rule or "", wanted.backend or "")
+    settings = dataclasses.replace(base, collection=wanted.collection or base.collection, mode=wanted.mode or base.mode)
+    hits = await found.search(settings, wanted.query, top_k=wanted.k)
+    return _json({"collection": settings.collection, "mode": settings.mode, "hits": hits_as_dicts(hits)})
+
+
+@delete("/rag/documents", status_code=200, summary="Delete a collection or a source (admin key)")
+async def admin_rag_delete(request: AnyRequest, collection: FromQuery[str | None] = None,
+                           source: FromQuery[str | None] = None) -> ASGIApp:
+    if not collection and not source:
+        raise ProxyError("invalid_request", "name a `collection`, a `source`, or both (query parameters)",
+                         param="collection")
+    storable(collection, "collection")
+    storable(source, "source")
+    found = proxy_of(request).ready_retriever()
+    assert found.store is not None
+    return _json({"deleted": await found.store.delete(collection or None, source or None)})
+
+
+ADMIN = Router(path="/admin", guards=[admin_only], route_handlers=[
+    admin_backends, admin_backend_action, admin_policies, admin_reload, admin_rag, admin_rag_ingest, admin_rag_search,
+    admin_rag_delete])
+
+
+def create_app(
+    policies: Policies,
+    *,
+    environ: Mapping[str, str] | None = None,
+    url_overrides: Mapping[str, str] | None = None,
+    on_shutdown: Sequence[Callable[[], object]] = (),
+    watch_policies: bool = True,
+    log_prompts: bool = False,
+) -> Litestar:
+    proxy = Proxy(policies, os.environ if environ is None else environ, url_overrides or {}, log_prompts)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await proxy.start(watch_policies)
+        try:
+            yield
+        finally:
+            await proxy.aclose()
+            for hook in on_shutdown:
+                hook()
 
     return Litestar(
         route_handlers=[chat_completions, completions, embeddings, list_models, openapi_json, metrics_endpoint, healthz,
-                        readyz, admin_backends, admin_backend_action, admin_policies, admin_reload, admin_rag, admin_rag_ingest,
-                        admin_rag_search, admin_rag_delete],
+                        readyz, ADMIN],
+        state=State({"proxy": proxy}),
         lifespan=[lifespan],
         exception_handlers={
             ProxyError: handle_proxy_error,
@@ -501,32 +522,8 @@ def create_app(
     )
 
 
-def _authorization(request: AnyRequest) -> bytes | None:
-    for name, value in request.scope["headers"]:
+def _authorization(connection: ASGIConnection[Any, Any, Any, Any]) -> bytes | None:
+    for name, value in connection.scope["headers"]:
         if name == b"authorization":
             return value
     return None
-
-
-def backend_states(upstreams: Upstreams, scaler: Scaler | None = None) -> dict[str, dict[str, object]]:
-    """Each backend's state as the health checks see it: up, down (circuit open or half-open,
-    or the last probe failed), unknown (not probed yet) or unavailable (not configured)."""
-    states: dict[str, dict[str, object]] = {}
-    for upstream in upstreams:
-        circuit = upstream.circuit
-        if circuit is None:
-            state, detail = "unavailable", upstream.unavailable
-        elif not circuit.probed:
-            state, detail = "unknown", None
-        else:
-            state = "up" if circuit.state == "closed" and circuit.last_error is None else "down"
-            detail = circuit.last_error
-        states[upstream.name] = {"state": state, "circuit": circuit.state if circuit else None, "detail": detail,
-                                 "on_demand": upstream.backend.on_demand,
-                                 "in_flight": upstream.transport.in_use if upstream.transport else 0,
-                                 "queued": upstream.transport.waiting if upstream.transport else 0}
-        if scaler is not None and scaler.manages(upstream.name):
-            states[upstream.name]["scaler"] = scaler.status(upstream.name)
-            if scaler.machines[upstream.name].state != "ready":
-                states[upstream.name]["state"] = scaler.machines[upstream.name].state
-    return states

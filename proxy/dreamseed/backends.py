@@ -10,13 +10,18 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
+import msgspec
 
 from .health import Circuit
 from .policy import Backend, Catalog
 from .transport import PooledTransport, Timeouts
+
+if TYPE_CHECKING:
+    from .scaling import Scaler
 
 log = logging.getLogger("dreamseed.backends")
 
@@ -120,3 +125,40 @@ class Upstreams:
         for upstream in self._by_name.values():
             if upstream.client is not None:
                 await upstream.client.aclose()
+
+
+class BackendState(msgspec.Struct, omit_defaults=True):
+    """One backend as the proxy sees it now: the one view /readyz, /admin/backends and the
+    metrics share. `state`: up, down (circuit open or half-open, or the last probe failed),
+    unknown (not probed yet), unavailable (not configured), or an on-demand backend's scaler
+    state while it is not ready."""
+
+    state: str
+    circuit: str | None
+    detail: str | None
+    on_demand: bool
+    in_flight: int
+    queued: int
+    scaler: dict[str, Any] | None = None
+
+
+def backend_states(upstreams: Upstreams, scaler: Scaler | None = None) -> dict[str, BackendState]:
+    states: dict[str, BackendState] = {}
+    for upstream in upstreams:
+        circuit = upstream.circuit
+        if circuit is None:
+            state, detail = "unavailable", upstream.unavailable
+        elif not circuit.probed:
+            state, detail = "unknown", None
+        else:
+            state = "up" if circuit.state == "closed" and circuit.last_error is None else "down"
+            detail = circuit.last_error
+        view = BackendState(state, circuit.state if circuit else None, detail, upstream.backend.on_demand,
+                            upstream.transport.in_use if upstream.transport else 0,
+                            upstream.transport.waiting if upstream.transport else 0)
+        if scaler is not None and scaler.manages(upstream.name):
+            view.scaler = scaler.status(upstream.name)
+            if scaler.machines[upstream.name].state != "ready":
+                view.state = scaler.machines[upstream.name].state
+        states[upstream.name] = view
+    return states

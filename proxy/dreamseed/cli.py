@@ -41,6 +41,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    """Check, or write, the documents generated from code (see docs.py)."""
+    from .docs import generated
+
+    stale = []
+    for path, content in generated(Path(args.root)).items():
+        if not path.exists() or path.read_text(encoding="utf-8") != content:
+            stale.append(path)
+            if args.write:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(content, encoding="utf-8")
+    for path in stale:
+        print(f"{'wrote' if args.write else 'stale'}: {path}")
+    return 1 if stale and not args.write else 0
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     policies = _load_or_exit(args.policies)
     router = Router(policies.routing, policies.catalog)
@@ -169,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = policy_commands.add_parser("check", help="validate a policy directory")
     check.add_argument("directory", nargs="?", default=DEFAULT_POLICIES)
     check.set_defaults(func=cmd_check)
+    docs = commands.add_parser(
+        "docs", help="check (or --write) the generated docs: docs/schema/*.schema.json, docs/policy-reference.md, "
+                     "the error table in docs/api.md")
+    docs.add_argument("--root", default=".", help="the project root (default: %(default)s)")
+    docs.add_argument("--write", action="store_true", help="write the files that are stale")
+    docs.set_defaults(func=cmd_docs)
 
     route = commands.add_parser("route", help="show which rule and backend a prompt would get, and why")
     route.add_argument("prompt", help="the prompt text, or - to read it from standard input")

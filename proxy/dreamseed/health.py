@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +23,8 @@ from typing import Literal
 import httpx
 
 from .policy import HealthCheck
+
+HISTORY = 64  # transitions kept per circuit
 
 log = logging.getLogger("dreamseed.health")
 
@@ -42,7 +45,9 @@ class Circuit:
     # An on-demand backend the scaler has stopped: no probes (they would only fail), and the
     # scaler, not the circuit, says whether it can take requests.
     paused: bool = False
-    transitions: list[tuple[CircuitState, CircuitState, str]] = field(default_factory=list)
+    # The latest transitions (for tests and debugging); bounded, since a flapping backend would
+    # otherwise grow it for the life of the process.
+    transitions: deque[tuple[CircuitState, CircuitState, str]] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
     def allows_requests(self) -> bool:
         if self.state == "open" and self.clock() - self.opened_at >= self.settings.cooldown:

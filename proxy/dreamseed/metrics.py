@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -24,6 +24,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .policy import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from .backends import BackendState
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client; no *_created series: they double the series count for nothing here
 
@@ -173,7 +176,7 @@ class _StateCollector(Collector):
         return iter(())
 
 
-def state_metrics(backends: dict[str, dict[str, Any]], policy_hash: str) -> Iterator[Metric]:
+def state_metrics(backends: Mapping[str, BackendState], policy_hash: str) -> Iterator[Metric]:
     """The families _StateCollector exports, from the same view /admin/backends shows."""
     in_flight = GaugeMetricFamily("dreamseed_in_flight_requests", "Requests holding a connection to the backend.",
                                   labels=["backend"])
@@ -183,17 +186,17 @@ def state_metrics(backends: dict[str, dict[str, Any]], policy_hash: str) -> Iter
     circuit = GaugeMetricFamily("dreamseed_backend_circuit_state", "1 for the circuit's current state.",
                                 labels=["backend", "state"])
     for name, view in backends.items():
-        in_flight.add_metric([name], view["in_flight"])
-        queued.add_metric([name], view["queued"])
-        up.add_metric([name, str(view["on_demand"]).lower()], 1.0 if view["state"] == "up" else 0.0)
+        in_flight.add_metric([name], view.in_flight)
+        queued.add_metric([name], view.queued)
+        up.add_metric([name, str(view.on_demand).lower()], 1.0 if view.state == "up" else 0.0)
         for state in ("closed", "open", "half_open"):
-            circuit.add_metric([name, state], 1.0 if view["circuit"] == state else 0.0)
+            circuit.add_metric([name, state], 1.0 if view.circuit == state else 0.0)
     scaler = GaugeMetricFamily("dreamseed_scaler_state", "1 for an on-demand backend's state: stopped, starting, "
                                "ready, draining, failed.", labels=["backend", "state"])
     for name, view in backends.items():
-        if "scaler" in view:
+        if view.scaler is not None:
             for state in ("stopped", "starting", "ready", "draining", "failed"):
-                scaler.add_metric([name, state], 1.0 if view["scaler"]["state"] == state else 0.0)
+                scaler.add_metric([name, state], 1.0 if view.scaler["state"] == state else 0.0)
     info = GaugeMetricFamily("dreamseed_policy_info", "The policy in force (1), labelled with its SHA-256.",
                              labels=["policy_hash"])
     info.add_metric([policy_hash], 1.0)

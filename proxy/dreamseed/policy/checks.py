@@ -4,6 +4,7 @@ cycles, ports, GPU budgets, templates). Each problem names the file, the line an
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -197,8 +198,6 @@ def check_scale(source: YamlSource, scale: Scale, catalog: Catalog | None) -> li
 
 
 def _template_problem(template: str) -> str | None:
-    import string
-
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as exc:

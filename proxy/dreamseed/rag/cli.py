@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 import json
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from ..policy import RAG_DEFAULTS, Rag, RagSettings, RetrievalMode
@@ -29,17 +31,21 @@ def _settings(rag: Rag, args: argparse.Namespace) -> RagSettings:
     return dataclasses.replace(rag.settings("", ""), **{k: v for k, v in given.items() if v is not None})
 
 
-async def _open(rag: Rag) -> Retriever:
+@asynccontextmanager
+async def _opened(rag: Rag) -> AsyncIterator[Retriever]:
+    """The store and embedder for one command, closed at its end; a failure to open them ends
+    the command with one line saying why."""
     retriever = Retriever(rag)
     try:
-        await retriever.bring_up()
-    except (StoreMismatchError, EmbedderError) as exc:
+        try:
+            await retriever.bring_up()
+        except (StoreMismatchError, EmbedderError) as exc:
+            raise SystemExit(f"dreamseed: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a CLI reports and exits
+            raise SystemExit(f"dreamseed: RAG store unavailable: {exc}") from None
+        yield retriever
+    finally:
         await retriever.aclose()
-        raise SystemExit(f"dreamseed: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a CLI reports and exits
-        await retriever.aclose()
-        raise SystemExit(f"dreamseed: RAG store unavailable: {exc}") from None
-    return retriever
 
 
 def cmd_setup_model(args: argparse.Namespace) -> int:
@@ -69,13 +75,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         return 1
 
     async def main() -> int:
-        retriever = await _open(rag)
-        try:
+        async with _opened(rag) as retriever:
             assert retriever.store is not None and retriever.embedder is not None
             summary = await ingest_files(retriever.store, retriever.embedder, args.collection, files, rag.chunking,
                                          show_progress=not args.quiet)
-        finally:
-            await retriever.aclose()
         for error in summary.errors:
             print(f"dreamseed: skipped {error}", file=sys.stderr)
         print(json.dumps(summary.as_dict(), ensure_ascii=False) if args.json else f"{args.collection}: {summary.line()}")
@@ -89,11 +92,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     settings = _settings(rag, args)
 
     async def main() -> int:
-        retriever = await _open(rag)
-        try:
+        async with _opened(rag) as retriever:
             hits = await retriever.search(settings, args.query, top_k=args.k)
-        finally:
-            await retriever.aclose()
         if args.json:
             print(json.dumps(hits_as_dicts(hits), ensure_ascii=False, indent=2))
             return 0
@@ -116,12 +116,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
     rag = _rag_policy(args.policies)
 
     async def main() -> int:
-        retriever = await _open(rag)
-        try:
+        async with _opened(rag) as retriever:
             assert retriever.store is not None
             deleted = await retriever.store.delete(args.collection, args.source)
-        finally:
-            await retriever.aclose()
         print(f"deleted {deleted} chunks")
         return 0
 
@@ -132,12 +129,9 @@ def cmd_collections(args: argparse.Namespace) -> int:
     rag = _rag_policy(args.policies)
 
     async def main() -> int:
-        retriever = await _open(rag)
-        try:
+        async with _opened(rag) as retriever:
             assert retriever.store is not None
             collections = await retriever.store.collections()
-        finally:
-            await retriever.aclose()
         for name, counts in collections.items():
             print(f"{name}: {counts['sources']} sources, {counts['chunks']} chunks")
         return 0
@@ -176,14 +170,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     modes: list[RetrievalMode] = ["vector", "lexical", "hybrid"] if args.mode == "all" else [args.mode]
 
     async def main() -> int:
-        retriever = await _open(rag)
-        try:
-            results = await evaluate(retriever, Path(args.directory), modes, args.k, rag)
-        except EvalSetError as exc:
-            print(f"dreamseed: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            await retriever.aclose()
+        async with _opened(rag) as retriever:
+            try:
+                results = await evaluate(retriever, Path(args.directory), modes, args.k, rag)
+            except EvalSetError as exc:
+                print(f"dreamseed: {exc}", file=sys.stderr)
+                return 1
         if args.json:
             print(json.dumps(results, indent=2))
             return 0

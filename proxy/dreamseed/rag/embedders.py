@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+import httpx
 import numpy as np
 
 from ..policy import EmbedderPolicy
@@ -112,8 +113,6 @@ class OpenAIEmbedder:
     """Calls an OpenAI-compatible /v1/embeddings (vLLM's embedding server, say)."""
 
     def __init__(self, policy: EmbedderPolicy, environ: Mapping[str, str] = os.environ) -> None:
-        import httpx
-
         url = (environ.get(policy.url_env) if policy.url_env else None) or policy.url
         if not url:
             raise EmbedderError(f"embedder URL not configured: set {policy.url_env}")
@@ -127,8 +126,6 @@ class OpenAIEmbedder:
         self._tokens = 0
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        import httpx
-
         rows: list[list[float]] = []
         for start in range(0, len(texts), self.batch_size):
             batch = list(texts[start:start + self.batch_size])

@@ -8,6 +8,8 @@ import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+import psycopg
+
 log = logging.getLogger("dreamseed.scaling")
 
 
@@ -54,8 +56,6 @@ class _ClusterLock:
         self.conn: Any = None
 
     async def __aenter__(self) -> None:
-        import psycopg
-
         await self.local.acquire()
         try:
             await self.coordinator.ensure_schema()
@@ -87,8 +87,6 @@ class PostgresCoordinator:
     async def ensure_schema(self) -> None:
         if self._ready:
             return
-        import psycopg
-
         async with await psycopg.AsyncConnection.connect(self.url, connect_timeout=5) as conn, conn.transaction():
             # Two processes creating the table at once would collide in the catalog: serialise them.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dreamseed-scale-schema'))")
@@ -103,8 +101,6 @@ class PostgresCoordinator:
         return _ClusterLock(self, name)
 
     async def touch(self, name: str) -> None:
-        import psycopg
-
         try:
             await self.ensure_schema()
             async with await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5) as conn:
@@ -115,8 +111,6 @@ class PostgresCoordinator:
             log.warning("could not record activity of %s in the database: %s", name, exc)
 
     async def seconds_since_use(self, name: str) -> float | None:
-        import psycopg
-
         await self.ensure_schema()
         async with await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5) as conn:
             row = await (await conn.execute(

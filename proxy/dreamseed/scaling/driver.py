@@ -11,7 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import ProxyError
+from ..metrics import Exchange
 from ..policy import Catalog, Scale
+from ..routing import Decision
 from .actuators import Actuator, ActuatorError, is_ready, make_actuator
 from .coordination import Coordinator, LocalCoordinator
 from .machine import BackendScaler, Verdict
@@ -45,6 +48,40 @@ class Scaler:
 
     def manages(self, name: str) -> bool:
         return name in self.machines
+
+    async def prune_chain(self, decision: Decision, headers: dict[str, str], exchange: Exchange) -> Decision:
+        """The routing decision with the on-demand backends that cannot take a request now left
+        out. For the target: forward when ready; otherwise hold the request while its start runs
+        (`wait`) or skip to the fallback (`fallback`), saying which in the headers. Fallbacks
+        that are on-demand are used only when ready (they are not started for a fallback)."""
+        kept: list[str] = []
+        refused: str | None = None
+        for position, name in enumerate(decision.chain):
+            if not self.manages(name):
+                kept.append(name)
+                continue
+            if position == 0:
+                verdict, waited = await self.admit(name, keyword=decision.keyword)
+                if verdict.action == "forward":
+                    if waited:
+                        headers["x-dreamseed-cold-start"] = f"waited {waited:.2f}s"
+                    kept.append(name)
+                    continue
+                headers["x-dreamseed-cold-start"] = "fallback"
+                exchange.fallbacks.append(f"{name}:{verdict.reason}")
+                refused = refused or self.machines[name].last_error
+            elif self.machines[name].state == "ready":
+                kept.append(name)
+            else:
+                exchange.fallbacks.append(f"{name}:{self.machines[name].state}")
+        if not kept:
+            skipped = ", ".join(exchange.fallbacks)
+            why = f"no backend can take the request now ({skipped})" + (f": {refused}" if refused else "")
+            raise ProxyError("backend_not_running", why,
+                             headers={**headers, "x-dreamseed-fallback": skipped, "retry-after": "10"})
+        if len(kept) == len(decision.chain):
+            return decision
+        return Decision(decision.rule, tuple(kept), decision.reason, decision.keyword)
 
     def in_flight(self, name: str) -> int:
         upstream = self.upstream_of(name)

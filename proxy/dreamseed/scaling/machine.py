@@ -19,6 +19,8 @@ from typing import Literal
 
 from ..policy import OnDemand
 
+HISTORY = 64  # transitions kept per backend
+
 log = logging.getLogger("dreamseed.scaling")
 
 ScalerState = Literal["stopped", "starting", "ready", "draining", "failed"]
@@ -49,7 +51,9 @@ class BackendScaler:
     last_reason: str = "initial"
     waiting: int = 0
     recent: deque[float] = field(default_factory=deque)
-    history: list[tuple[float, ScalerState, ScalerState, str]] = field(default_factory=list)
+    # The latest transitions; bounded like the circuits' (a backend started and stopped daily
+    # for a year would otherwise keep every one).
+    history: deque[tuple[float, ScalerState, ScalerState, str]] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
     def __post_init__(self) -> None:
         volume = self.settings.triggers.volume

@@ -1,0 +1,82 @@
+"""In-process API tests: Litestar's test client over the same app `dreamseed serve` runs, for
+checks that need no separate process (the real-process tests stay where processes matter)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from dreamseed.app import create_app
+from dreamseed.errors import ERRORS
+from dreamseed.policy import load_policies
+from support import ROOT, free_port, write_policies
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Litestar:
+    backends = {"general": {"url": f"http://127.0.0.1:{free_port()}", "model": "m", "context_length": 1024}}
+    policies = load_policies(write_policies(tmp_path, backends, {"rules": [{"name": "default", "target": "general"}]}))
+    return create_app(policies, environ={"DREAMSEED_ADMIN_KEY": "admin"}, watch_policies=False)
+
+
+@pytest.fixture
+def client(app: Litestar) -> Iterator[TestClient[Litestar]]:
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def test_every_registered_route_is_in_the_openapi_document(app: Litestar, client: TestClient[Litestar]) -> None:
+    document = client.get("/openapi.json").json()
+    registered = {(route.path.replace("{name:str}", "{name}").replace("{action:str}", "{action}"), method.lower())
+                  for route in app.routes for method in getattr(route, "methods", ()) if method not in ("HEAD", "OPTIONS")}
+    described = {(path, method) for path, item in document["paths"].items() for method in item}
+    assert registered and registered <= described, sorted(registered - described)
+
+
+def test_every_error_code_the_code_raises_is_catalogued_and_documented() -> None:
+    raised: set[str] = set()
+    for file in (ROOT / "proxy" / "dreamseed").rglob("*.py"):
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("ProxyError", "bad_request"):
+                for literal in ast.walk(node.args[0] if getattr(node.func, "id", None) == "ProxyError" else node):
+                    if isinstance(literal, ast.Constant) and isinstance(literal.value, str) and \
+                            re.fullmatch(r"[a-z_]+", literal.value) and literal.value in ERRORS:
+                        raised.add(literal.value)
+    assert {"model_not_found", "backend_busy", "invalid_json", "backend_unreachable"} <= raised
+    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    for code in ERRORS:
+        assert f"| `{code}` |" in api, f"{code} is missing from docs/api.md: run `dreamseed docs --write`"
+
+
+def test_errors_take_status_and_type_from_the_catalogue(client: TestClient[Litestar]) -> None:
+    unknown = client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    assert unknown.status_code == ERRORS["model_not_found"].status
+    assert unknown.json()["error"] == {**unknown.json()["error"], "type": ERRORS["model_not_found"].type,
+                                       "code": "model_not_found", "param": "model"}
+    assert client.post("/v1/chat/completions", content=b"{").json()["error"]["code"] == "invalid_json"
+    assert client.get("/no/such/route").json()["error"]["code"] == "not_found"
+    assert client.delete("/healthz").status_code == ERRORS["method_not_allowed"].status
+
+
+def test_admin_routes_share_one_guard(client: TestClient[Litestar]) -> None:
+    for method, path in (("GET", "/admin/backends"), ("GET", "/admin/policies"), ("POST", "/admin/policies/reload"),
+                         ("GET", "/admin/rag"), ("POST", "/admin/backends/general/start")):
+        missing = client.request(method, path)
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key", path
+        wrong = client.request(method, path, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key", path
+    assert client.get("/admin/backends", headers={"authorization": "Bearer admin"}).status_code == 200
+
+
+def test_readyz_and_admin_backends_share_one_view_of_backend_state(client: TestClient[Litestar]) -> None:
+    ready = client.get("/readyz").json()
+    admin = client.get("/admin/backends", headers={"authorization": "Bearer admin"}).json()
+    assert ready["backends"].keys() == admin["backends"].keys() == {"general"}
+    assert ready["backends"]["general"]["state"] == admin["backends"]["general"]["state"]
