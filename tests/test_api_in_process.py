@@ -80,3 +80,15 @@ def test_readyz_and_admin_backends_share_one_view_of_backend_state(client: TestC
     admin = client.get("/admin/backends", headers={"authorization": "Bearer admin"}).json()
     assert ready["backends"].keys() == admin["backends"].keys() == {"general"}
     assert ready["backends"]["general"]["state"] == admin["backends"]["general"]["state"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": "auto"}, "messages"),
+    ({"model": "auto", "messages": [{"content": "hi"}]}, "messages[0].role"),
+    ({"model": "auto", "messages": []}, "messages"),
+])
+def test_a_missing_or_wrong_field_is_named_in_param(client: TestClient[Litestar], body: dict[str, object],
+                                                     param: str) -> None:
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text

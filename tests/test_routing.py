@@ -168,3 +168,19 @@ def test_route_command_explains_the_decision() -> None:
     unknown = subprocess.run([sys.executable, "-m", "dreamseed.cli", "route", "x", "--model", "gpt-4", "--policies",
                               str(SEED_POLICIES)], capture_output=True, text=True)
     assert unknown.returncode == 1 and "unknown model 'gpt-4'" in unknown.stderr
+
+
+def test_route_from_stdin_ignores_the_trailing_newline_and_survives_a_closed_pipe() -> None:
+    """A 2000-character prompt piped in with `echo` is 2000 characters (not over the seed's
+    long-prompt threshold), and `| head -1` does not end in a BrokenPipeError traceback."""
+    prompt = "a" * 2000 + "\n"
+    result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "route", "-", "--policies", str(SEED_POLICIES)],
+                            input=prompt, capture_output=True, text=True, check=True)
+    assert "rule: default" in result.stdout, result.stdout
+    # The reader is gone before the command writes a byte (what `| head -1` amounts to).
+    reader_gone = subprocess.Popen([sys.executable, "-m", "dreamseed.cli", "route", "hello", "--policies",
+                                    str(SEED_POLICIES)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert reader_gone.stdout is not None and reader_gone.stderr is not None
+    reader_gone.stdout.close()
+    errors = reader_gone.stderr.read()
+    assert reader_gone.wait(timeout=30) == 0 and "Traceback" not in errors and "BrokenPipe" not in errors, errors

@@ -60,7 +60,8 @@ def cmd_docs(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     policies = _load_or_exit(args.policies)
     router = Router(policies.routing, policies.catalog)
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # A file or `echo` ends the prompt with a newline the API would never see: drop that one.
+    text = sys.stdin.read().removesuffix("\n").removesuffix("\r") if args.prompt == "-" else args.prompt
     prompt = Prompt(prompt=text) if args.completion else Prompt.of_text(text)
     try:
         decision, trace = router.explain(args.model, prompt)
@@ -217,7 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    raise SystemExit(args.func(args))
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`dreamseed route ... | head -1`): not an error worth a traceback.
+        # Point stdout at /dev/null so the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from .errors import bad_request
+from .errors import ProxyError, bad_request
 from .routing import Prompt
 
 
@@ -72,6 +72,19 @@ class SearchRequest(Struct):
 Endpoint = Literal["chat", "completions"]
 
 _PARAM = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def _invalid(exc: msgspec.ValidationError) -> ProxyError:
+    """A 400 whose `param` names the field: where msgspec says the problem is, and for a missing
+    field the field itself (msgspec names only the object that lacks it)."""
+    message = str(exc)
+    at = _PARAM.search(message)
+    path = at[1] if at else ""
+    missing = _MISSING.search(message)
+    if missing:
+        path = f"{path}.{missing[1]}" if path else missing[1]
+    return bad_request(message, param=path or None)
 
 
 def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Prompt, bool]:
@@ -91,9 +104,7 @@ def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Prom
             return payload, Prompt(messages=payload["messages"]), bool(chat.stream)
         completion = msgspec.convert(payload, CompletionRequest)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        found = _PARAM.search(message)
-        raise bad_request(message, param=found[1] if found else None) from None
+        raise _invalid(exc) from None
     return payload, Prompt(prompt=payload["prompt"]), bool(completion.stream)
 
 
@@ -104,9 +115,7 @@ def decode_struct(body: bytes, schema: type[Any]) -> Any:
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        found = _PARAM.search(message)
-        raise bad_request(message, param=found[1] if found else None) from None
+        raise _invalid(exc) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
