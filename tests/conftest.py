@@ -14,6 +14,7 @@ import pytest
 from support import Process, Sim, free_port, seed_catalog, start_proxy, start_sim, write_policies
 
 REMOTE_KEY = "remote-secret-key"
+ADMIN_KEY = "stack-admin-key"
 
 
 @dataclass
@@ -68,7 +69,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             backend["health"] = {"interval": 0.5, "timeout": 1, "unhealthy_threshold": 1000}
         policies = write_policies(tmp_path_factory.mktemp("policies"), backends, stack_routing(),
                                   hosts=catalog["hosts"])
-        env = {"DREAMSEED_GENERAL70_URL": sims["general70"].url, "DREAMSEED_GENERAL70_API_KEY": REMOTE_KEY}
+        env = {"DREAMSEED_GENERAL70_URL": sims["general70"].url, "DREAMSEED_GENERAL70_API_KEY": REMOTE_KEY,
+               "DREAMSEED_ADMIN_KEY": ADMIN_KEY}
         proxy = start_proxy(policies, env=env)
     except BaseException:
         for sim in sims.values():

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,7 +14,7 @@ import httpx
 import yaml
 
 from dreamseed.simulation import is_reachable
-from support import SEED_POLICIES, free_port, seed_catalog, start_proxy, start_sim, write_policies, write_rag
+from support import ROOT, SEED_POLICIES, free_port, seed_catalog, start_proxy, start_sim, write_policies, write_rag
 
 
 def test_serve_simulates_every_unreachable_backend_and_says_so(tmp_path: Path) -> None:
@@ -113,3 +117,20 @@ def test_serve_local_model_answers_with_a_real_model_and_starts_the_coder_on_dem
         proxy.stop()
     urls = re.findall(r"LOCAL MODEL backend '\w+' \(.*?\) at (\S+)", announced)
     assert len(urls) == 4 and not any(is_reachable(url) for url in urls)
+
+
+def test_a_taken_port_is_one_clear_line_and_exit_2_with_nothing_started(tmp_path: Path) -> None:
+    catalog = seed_catalog()
+    catalog["backends"]["general"]["url"] = f"http://127.0.0.1:{free_port()}"
+    policies = write_policies(tmp_path / "policies", catalog["backends"], hosts=catalog["hosts"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "serve", "--policies", str(policies), "--port",
+                                 str(port), "--simulate-missing"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                                env={**os.environ, "DREAMSEED_STATE_DIR": str(tmp_path / "state")})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"dreamseed: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert "SIMULATED" not in result.stdout  # nothing was started
+    assert not is_reachable(catalog["backends"]["general"]["url"])

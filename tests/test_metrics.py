@@ -97,3 +97,26 @@ def test_access_log_is_one_json_object_per_request_without_prompts(fresh: Stack)
     assert entry["duration_ms"] > 0 and entry["ttft_ms"] > 0 and entry["completion_tokens"] == 16
     assert "prompt" not in entry
     assert not any(secret_prompt in line for line in fresh.proxy.lines) and secret_prompt not in fresh.proxy.log()
+
+
+def test_repeated_warnings_are_rate_limited_and_the_suppressed_counted() -> None:
+    import logging
+
+    from dreamseed.logs import RepeatLimiter
+
+    now = [0.0]
+    limiter = RepeatLimiter(interval=10, clock=lambda: now[0])
+
+    def record(template: str, *args: object, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord("dreamseed.rag", level, __file__, 1, template, args, None)
+
+    first = record("RAG degraded (%s): answering without context", "timeout")
+    assert limiter.filter(first)
+    assert [limiter.filter(record("RAG degraded (%s): answering without context", "x")) for _ in range(547)] == \
+        [False] * 547
+    assert limiter.filter(record("backend %s unreachable: %s", "general", "refused"))  # another template
+    assert limiter.filter(record("a debug line", level=logging.INFO))  # below WARNING: never limited
+    now[0] = 10.5
+    later = record("RAG degraded (%s): answering without context", "timeout")
+    assert limiter.filter(later)
+    assert "547 more like this in the last 10 s were not logged" in later.getMessage()

@@ -90,10 +90,10 @@ def test_seed_catalog_matches_the_roadmap() -> None:
         ("routing.yaml", "target: fast", "target: fsat", "target: fsat",
          "rules[2].target: unknown backend 'fsat' (known: code, fast, general, general70)"),
         # dangling fallback
-        ("routing.yaml", "fallback: [general]", "fallback: [genral]", "fallback: [genral]",
+        ("routing.yaml", "fallback: [general, fast]", "fallback: [genral, fast]", "fallback: [genral, fast]",
          "rules[0].fallback[0]: unknown backend 'genral'"),
         # fallback cycle
-        ("routing.yaml", "    target: code\n    fallback: [general]", "    target: code\n    fallback: [general, code]",
+        ("routing.yaml", "    target: code\n    fallback: [general, fast]", "    target: code\n    fallback: [general, code]",
          "fallback: [general, code]", "rules[1].fallback: fallback cycle: code -> general -> code repeats a backend"),
         # bad regex
         ("routing.yaml", "      chars_over: 2000", "      chars_over: 2000\n      regex: '(unclosed'", "regex:",

@@ -9,7 +9,7 @@ import httpx
 import msgspec
 import pytest
 
-from conftest import REMOTE_KEY, Stack
+from conftest import ADMIN_KEY, REMOTE_KEY, Stack
 from support import free_port, start_proxy, write_policies
 
 SEED_MODELS = {
@@ -144,6 +144,7 @@ def test_text_completions_stream_and_not(fresh: Stack) -> None:
 def test_client_disconnect_mid_stream_cancels_the_backend_request(fresh: Stack) -> None:
     sim = fresh.sims["general"]
     sim.configure(tokens=100, token_delay=0.1)
+    log_before = len(fresh.proxy.log())
     with fresh.client() as client, client.stream(
         "POST", "/v1/chat/completions", json=chat("hello", stream=True)
     ) as response:
@@ -153,6 +154,9 @@ def test_client_disconnect_mid_stream_cancels_the_backend_request(fresh: Stack) 
     # Leaving the block closed our connection after one chunk; the backend must notice.
     stats = sim.wait_for(lambda s: s["cancelled"] == 1 and s["active"] == 0)
     assert stats["cancelled"] == 1 and stats["active"] == 0 and stats["finished"] == 0
+    # The client left; the backend did nothing wrong: no warning blames it.
+    time.sleep(0.2)
+    assert "stream broke" not in fresh.proxy.log()[log_before:]
 
 
 def test_backend_crash_mid_stream_ends_with_an_error_event(fresh: Stack) -> None:
@@ -234,7 +238,7 @@ def test_backend_errors_pass_through_or_are_retried_and_fall_back(fresh: Stack) 
         (b"{not json", None, "invalid_json"),
         (b"", None, "invalid_json"),
         (b"[1, 2]", None, "invalid_json"),
-        (b'{"messages": [{"role": "user", "content": "hi"}]}', None, "invalid_request"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "model", "invalid_request"),
         (b'{"model": "auto", "messages": []}', "messages", "invalid_request"),
         (b'{"model": "auto", "messages": "hi"}', "messages", "invalid_request"),
         (b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', "model", "invalid_request"),
@@ -294,8 +298,12 @@ def test_health_and_readiness(fresh: Stack, tmp_path) -> None:  # type: ignore[n
     assert ready.status_code == 200 and ready.json()["ready"] is True
     backends = ready.json()["backends"]
     assert backends["general"]["state"] == "up" and backends["general"]["circuit"] == "closed"
-    assert backends["dead"]["state"] == "down" and "could not connect" in backends["dead"]["detail"]
-    assert backends["unset"]["state"] == "unavailable"
+    assert backends["dead"]["state"] == "down" and backends["unset"]["state"] == "unavailable"
+    # /readyz needs no key, so it shows no details (they name internal addresses): the admin API does.
+    assert set(backends["dead"]) == {"state", "circuit", "on_demand"} and "127.0.0.1" not in ready.text
+    with fresh.client(headers={"authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        detailed = admin.get("/admin/backends").json()["backends"]
+    assert "could not connect" in detailed["dead"]["detail"]
 
     # A proxy whose catch-all backend cannot be reached is alive but not ready.
     policies = write_policies(tmp_path / "p", {"general": {"url": f"http://127.0.0.1:{free_port()}", "model": "m",
@@ -322,3 +330,13 @@ def test_proxy_refuses_to_start_on_invalid_policies(tmp_path) -> None:  # type: 
     assert result.returncode == 1
     assert "routing.yaml:" in result.stderr and "unknown backend 'nowhere'" in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_warning_repeated_by_every_request_is_logged_once_per_interval(fresh: Stack) -> None:
+    before = len(fresh.proxy.log())
+    with fresh.client() as client:
+        for _ in range(30):  # each request finds `dead` unreachable and falls back to general
+            response = client.post("/v1/chat/completions", json=chat("hi", model="dead-first"))
+            assert response.status_code == 200 and response.headers["x-dreamseed-fallback"].startswith("dead:")
+    added = fresh.proxy.log()[before:]
+    assert added.count("backend dead unreachable") <= 1, added

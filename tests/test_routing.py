@@ -25,7 +25,7 @@ def route(router: Router, text: str, model: str = "auto") -> tuple[str, tuple[st
 
 @pytest.mark.parametrize("keyword", ["코드", "프로그래밍", "함수", "클래스"])
 def test_seed_korean_coding_keywords_go_to_code_with_general_fallback(router: Router, keyword: str) -> None:
-    assert route(router, f"이 {keyword}에 대해 설명해 주세요") == ("code", ("code", "general"))
+    assert route(router, f"이 {keyword}에 대해 설명해 주세요") == ("code", ("code", "general", "fast"))
 
 
 @pytest.mark.parametrize("text", ["write some code", "a Python function", "define a class", "CODE REVIEW", "Code"])
@@ -68,7 +68,7 @@ def test_fast_keywords(router: Router) -> None:
 
 def test_prompt_length_boundary_is_2000_characters(router: Router) -> None:
     assert route(router, "a" * 2000)[0] == "default"
-    assert route(router, "a" * 2001) == ("long-prompt", ("general70", "general"))
+    assert route(router, "a" * 2001) == ("long-prompt", ("general70", "general", "fast"))
     # Characters, not bytes: 2001 Hangul syllables are 6003 UTF-8 bytes and still 2001 characters.
     assert route(router, "가" * 2000)[0] == "default"
     assert route(router, "가" * 2001)[0] == "long-prompt"
@@ -158,7 +158,7 @@ def test_route_command_explains_the_decision() -> None:
         capture_output=True, text=True, check=True)
     out = result.stdout
     assert "skip  long-prompt" in out and "MATCH code: keyword '함수'" in out
-    assert "backend: code (fallback: general)" in out
+    assert "backend: code (fallback: general -> fast)" in out
     assert "model: Qwen/Qwen2.5-Coder-7B-Instruct" in out
 
     long = subprocess.run([sys.executable, "-m", "dreamseed.cli", "route", "-", "--policies", str(SEED_POLICIES)],

@@ -377,7 +377,11 @@ async def readyz(request: AnyRequest) -> ASGIApp:
     backends = proxy.backend_states()
     # Ready when the catch-all rule (what "auto" traffic falls through to) can be served.
     ready = any(backends[name].state == "up" for name in proxy.runtime.current.router.rules[-1].chain)
-    return _json({"ready": ready, "backends": backends}, status=200 if ready else 503)
+    # No key guards this route: states only. Error details name internal addresses and actuators,
+    # so they stay behind the admin key (/admin/backends).
+    states = {name: {"state": view.state, "circuit": view.circuit, "on_demand": view.on_demand}
+              for name, view in backends.items()}
+    return _json({"ready": ready, "backends": states}, status=200 if ready else 503)
 
 
 # --- admin routes (one guard: the admin key) ------------------------------------------------

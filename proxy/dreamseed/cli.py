@@ -87,6 +87,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .simulation import LABEL, StandIns, stand_in_for_missing
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import install as limit_repeats
+
+    for root_handler in logging.getLogger().handlers:
+        limit_repeats(root_handler)
     if args.host not in ("127.0.0.1", "localhost", "::1") and KeyRing.from_environment(os.environ).clients_open \
             and not args.allow_unauthenticated:
         print(f"dreamseed: refusing to serve on {args.host} without client API keys: set DREAMSEED_API_KEYS "
@@ -103,6 +107,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(handler)
     policies = _load_or_exit(args.policies)
+    # Bind before anything else starts: a taken port must not leave stand-ins running (they would
+    # answer for a moment where the proxy already running expects its own backends).
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        sock.close()
+        print(f"dreamseed: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    sock.listen(2048)  # connections queue until startup completes
     stand_ins = StandIns("simulated")
     if args.local_model or args.simulate_missing:
         policies, stand_ins = stand_in_for_missing(policies, os.environ, "llama" if args.local_model else "simulated",
@@ -121,10 +136,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(policies, url_overrides=stand_ins.url_overrides,
                          on_shutdown=[stand_ins.stop], watch_policies=args.watch_policies,
                          log_prompts=args.log_prompts)
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
-        sock.listen(2048)  # before announcing: connections queue until startup completes
         host, port = sock.getsockname()[:2]
         config = uvicorn.Config(
             app,

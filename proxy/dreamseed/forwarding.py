@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -94,7 +94,7 @@ class RelayedStream:
         exchange = self.exchange
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            async for chunk in relay_sse(self.upstream, self.backend, exchange):
+            async for chunk in relay_sse(self.upstream, self.backend, exchange, lambda: self.client_gone):
                 if self.client_gone:
                     return
                 if exchange is not None and exchange.first_byte is None:
@@ -121,7 +121,8 @@ class RelayedStream:
         await self.upstream.aclose()
 
 
-async def relay_sse(upstream: UpstreamResponse, backend: str, exchange: Exchange | None = None) -> AsyncIterator[bytes]:
+async def relay_sse(upstream: UpstreamResponse, backend: str, exchange: Exchange | None = None,
+                    client_gone: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
     """Yield the backend's SSE bytes as they arrive, up to the last complete line.
 
     Holding back only a trailing partial line (normally there is none) means that if the
@@ -153,6 +154,10 @@ async def relay_sse(upstream: UpstreamResponse, backend: str, exchange: Exchange
             exchange.status, exchange.error = 504, "upstream_timeout"
         yield b"\n" + sse_error("the backend stopped responding mid-stream", "upstream_timeout")
     except httpx.HTTPError as exc:
+        if client_gone():
+            # We closed the upstream ourselves because the client left: the backend did nothing wrong.
+            log.debug("client went away mid-stream from backend %s; generation aborted", backend)
+            return
         log.warning("backend %s stream broke: %r", backend, exc)
         if exchange is not None:
             exchange.status, exchange.error = 502, "upstream_disconnected"
