@@ -92,3 +92,10 @@ def test_a_missing_or_wrong_field_is_named_in_param(client: TestClient[Litestar]
                                                      param: str) -> None:
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_deeply_nested_metadata_in_an_admin_ingest_is_a_400(client: TestClient[Litestar]) -> None:
+    deep = b'{"collection": "c", "documents": [{"source": "s", "text": "t", "metadata": {"a": ' + \
+        b"[" * 5000 + b"]" * 5000 + b"}}]}"
+    response = client.post("/admin/rag/ingest", content=deep, headers={"authorization": "Bearer admin"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", response.text

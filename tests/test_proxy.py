@@ -340,3 +340,22 @@ def test_a_warning_repeated_by_every_request_is_logged_once_per_interval(fresh: 
             assert response.status_code == 200 and response.headers["x-dreamseed-fallback"].startswith("dead:")
     added = fresh.proxy.log()[before:]
     assert added.count("backend dead unreachable") <= 1, added
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+def test_deeply_nested_json_is_a_400_and_is_counted(fresh: Stack, path: str) -> None:
+    """1,000+ levels of nesting anywhere in a body: 400 invalid_json (msgspec's decoder gives up at
+    Python's recursion limit), never a 500 traceback; a relayed request is counted and logged."""
+    deep = b'{"model": "auto", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "x": ' + \
+        b"[" * 5000 + b"]" * 5000 + b"}"
+    before = httpx.get(f"{fresh.url}/metrics").text
+    with fresh.client() as client:
+        response = client.post(path, content=deep, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_json" and "too deeply" in response.json()["error"]["message"]
+    assert "Traceback" not in fresh.proxy.log()
+    if path != "/v1/embeddings":
+        after = httpx.get(f"{fresh.url}/metrics").text
+        pattern = r'dreamseed_requests_total\{[^}]*status="400"[^}]*\} (\S+)'
+        counted = sum(float(v) for v in re.findall(pattern, after)) - sum(float(v) for v in re.findall(pattern, before))
+        assert counted >= 1

@@ -229,6 +229,11 @@ class Proxy:
             return await forward(generation.upstreams, decision, path, payload, stream, headers, passed_on, exchange)
         except ProxyError as exc:
             return _error(exc, headers, exchange)
+        except Exception:
+            # A fault of ours: logged once with the request id, answered in the OpenAI shape, and
+            # counted (status 500, error internal_error) like every other answer.
+            log.exception("internal error on request %s", headers["x-request-id"])
+            return _error(ProxyError("internal_error", "internal error in the proxy"), headers, exchange)
 
     def rag_settings(self, generation: Generation, rule: str, backend: str) -> RagSettings:
         key = (generation.policy_hash, rule, backend)

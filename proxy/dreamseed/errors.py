@@ -132,8 +132,11 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
     return error_response(from_http_exception(exc))
 
 
-def handle_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    log.exception("unhandled error", exc_info=exc)
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    # The relay endpoints answer their own faults (counted in the metrics and the access log);
+    # this is every other route's last resort.
+    supplied = dict(request.scope["headers"]).get(b"x-request-id", b"-").decode("latin-1")[:128]
+    log.error("unhandled error on %s %s (x-request-id %s)", request.method, request.url.path, supplied, exc_info=exc)
     return Response(
         error_body("internal error in the proxy", type=ERRORS["internal_error"].type, code="internal_error"),
         status_code=500,

@@ -87,6 +87,12 @@ def _invalid(exc: msgspec.ValidationError) -> ProxyError:
     return bad_request(message, param=path or None)
 
 
+def _too_deep() -> ProxyError:
+    # msgspec's decoder stops at Python's recursion limit (about 1,000 levels); no OpenAI request
+    # nests anywhere near that, so this is a malformed body, not an internal error.
+    return bad_request("the request body nests JSON too deeply", code="invalid_json")
+
+
 def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Prompt, bool]:
     """Decode and check a request body; return the payload to forward, its routable prompt,
     and whether the client asked for a stream."""
@@ -96,6 +102,8 @@ def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Prom
         payload = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(payload, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
     try:
@@ -118,26 +126,30 @@ def decode_struct(body: bytes, schema: type[Any]) -> Any:
         raise _invalid(exc) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def storable(value: Any, param: str) -> None:
     """Text bound for PostgreSQL (or a tokenizer) must be valid UTF-8 without NUL characters:
     a 400 naming the field, rather than a failure deep in the database."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise bad_request(f"`{param}` contains a NUL character (\\u0000), which cannot be stored", param=param)
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise bad_request(f"`{param}` contains an unpaired UTF-16 surrogate, which is not valid Unicode text",
-                              param=param) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            storable(key, param)
-            storable(item, param)
-    elif isinstance(value, list):
-        for item in value:
-            storable(item, param)
+    # Iterative, not recursive: metadata may nest as deeply as the decoder allows.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise bad_request(f"`{param}` contains a NUL character (\\u0000), which cannot be stored", param=param)
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(f"`{param}` contains an unpaired UTF-16 surrogate, which is not valid Unicode text",
+                                  param=param) from None
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
