@@ -84,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .auth import KeyRing
     from .rag.database import state_directory
+    from .server import HttpLimits, protocol_with
     from .simulation import LABEL, StandIns, stand_in_for_missing
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -140,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = uvicorn.Config(
             app,
             loop="uvloop" if sys.platform != "win32" else "asyncio",
-            http="httptools",
+            http=protocol_with(HttpLimits(args.max_header_bytes, args.header_timeout, args.body_timeout,
+                                          args.max_connections)),
             access_log=False,
             log_level=args.log_level,
             timeout_graceful_shutdown=args.shutdown_grace,
@@ -167,6 +169,8 @@ def cmd_local_model_setup(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .server import HttpLimits
+
     parser = argparse.ArgumentParser(prog="dreamseed", description="DreamSeed: a policy-driven edge proxy for self-hosted LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -188,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve beyond loopback without client API keys")
     serve.add_argument("--no-access-log", dest="access_log", action="store_false",
                        help="do not write the JSON access log to standard output")
+    limits = HttpLimits()
+    serve.add_argument("--max-header-bytes", type=int, default=limits.max_header_bytes,
+                       help="request line and headers larger than this get 431 (default: %(default)s)")
+    serve.add_argument("--header-timeout", type=float, default=limits.header_timeout,
+                       help="seconds to receive a request's headers, else 408 (default: %(default)s)")
+    serve.add_argument("--body-timeout", type=float, default=limits.body_timeout,
+                       help="seconds to receive a request's body after its headers, else 408 (default: %(default)s)")
+    serve.add_argument("--max-connections", type=int, default=limits.max_connections,
+                       help="open connections beyond this get 503 and are closed (default: %(default)s)")
     serve.add_argument("--log-prompts", action="store_true",
                        help="include each request's prompt text in the access log (off by default: prompts are private)")
     serve.set_defaults(func=cmd_serve)

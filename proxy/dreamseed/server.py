@@ -1,0 +1,125 @@
+"""The HTTP server the proxy runs on: uvicorn with its httptools protocol, plus the limits a
+public endpoint needs and uvicorn's httptools protocol does not have.
+
+Without them a client could hold memory and connections at will (measured: a 50 MB header
+accepted; eight 30 MB unfinished headers held 285 MB; slowloris and silent connections kept
+open indefinitely; a body shorter than its Content-Length held for over 70 s). Here:
+
+* the request head (request line and headers) is capped: more bytes than `max_header_bytes`
+  before the head ends gets 431;
+* the head must arrive within `header_timeout` of the connection opening or of the request's
+  first byte (slowloris, silent connections): 408, connection closed;
+* the body must arrive within `body_timeout` of the head: 408, connection closed;
+* at most `max_connections` connections are open: the next ones get 503 and are closed.
+
+The answers are short plain text that says what limit was hit, nothing about the internals.
+The checks cost a counter and a timer per request, not per byte parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_header_bytes: int = 64 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1024
+
+
+def _response(status: str, message: str) -> bytes:
+    body = message.encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+TOO_LARGE = _response("431 Request Header Fields Too Large", "request header fields too large\n")
+HEAD_TIMEOUT = _response("408 Request Timeout", "request headers not received in time\n")
+BODY_TIMEOUT = _response("408 Request Timeout", "request body not received in time\n")
+TOO_MANY = _response("503 Service Unavailable", "too many open connections\n")
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above (set by `protocol_with`)."""
+
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._in_head = True
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- timers ----------------------------------------------------------------------------
+    def _arm(self, seconds: float, answer: bytes) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._expire, answer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self, answer: bytes) -> None:
+        self._timer = None
+        self._refuse(answer)
+
+    def _refuse(self, answer: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(answer)
+        if self.cycle is not None:
+            self.cycle.disconnected = True  # the app, if it is reading the body, sees the client gone
+            self.cycle.message_event.set()
+        self.transport.close()
+
+    # -- the protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse(TOO_MANY)
+            return
+        self._arm(self.limits.header_timeout, HEAD_TIMEOUT)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.limits.max_header_bytes:
+            self._refuse(TOO_LARGE)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_head:  # the next request on a kept-alive connection
+            self._in_head, self._head_bytes = True, 0
+            self._arm(self.limits.header_timeout, HEAD_TIMEOUT)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._disarm()
+        super().on_headers_complete()
+        length = next((v for k, v in self.headers if k == b"content-length"), b"0")
+        chunked = any(k == b"transfer-encoding" for k, _ in self.headers)
+        if chunked or (length.isdigit() and int(length) > 0):
+            self._arm(self.limits.body_timeout, BODY_TIMEOUT)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+
+def protocol_with(limits: HttpLimits) -> type[LimitedHttpToolsProtocol]:
+    """A protocol class for uvicorn's `http=` setting, bound to these limits."""
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits})
