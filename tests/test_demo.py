@@ -134,3 +134,43 @@ def test_a_taken_port_is_one_clear_line_and_exit_2_with_nothing_started(tmp_path
     assert result.stderr.strip().splitlines() == [f"dreamseed: cannot listen on 127.0.0.1:{port}: Address already in use"]
     assert "SIMULATED" not in result.stdout  # nothing was started
     assert not is_reachable(catalog["backends"]["general"]["url"])
+
+
+def test_simulated_backends_that_die_are_reaped_and_restarted(tmp_path: Path) -> None:
+    import signal
+
+    catalog = seed_catalog()
+    port = free_port()
+    catalog["backends"] = {"general": {**catalog["backends"]["general"], "url": f"http://127.0.0.1:{port}"}}
+    policies = write_policies(tmp_path / "policies", catalog["backends"], {"rules": [{"name": "default", "target": "general"}]},
+                              hosts=catalog["hosts"])
+    proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state")}, extra=["--simulate-missing"])
+    try:
+        def simulator_pid() -> int | None:
+            for entry in Path("/proc").iterdir():
+                try:
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"dreamseed.simulated_vllm" in argv and str(port).encode() in argv:
+                    return int(entry.name)
+            return None
+
+        pid = simulator_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while simulator_pid() in (None, pid):
+            assert time.monotonic() < deadline, proxy.log()
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists()  # reaped, not left a zombie
+        while not is_reachable(f"http://127.0.0.1:{port}"):
+            assert time.monotonic() < deadline, proxy.log()
+            time.sleep(0.1)
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30,
+                              json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 200
+        log = proxy.log()
+        assert log.count("SIMULATED backend 'general' exited (status -9)") == 1 and "restarted at" in log
+    finally:
+        proxy.stop()

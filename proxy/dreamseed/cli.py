@@ -123,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.local_model or args.simulate_missing:
         policies, stand_ins = stand_in_for_missing(policies, os.environ, "llama" if args.local_model else "simulated",
                                                    state_directory())
+    stand_ins.supervise(lambda line: print(line, file=sys.stderr, flush=True))
     try:
         label = LABEL[stand_ins.kind]
         for stand_in in stand_ins.started:

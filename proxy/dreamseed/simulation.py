@@ -21,8 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -30,7 +31,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from .local_model import free_port
+from .local_model import LocalModel, free_port
 from .policy import CommandActuator, Policies, Scale
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -51,6 +52,11 @@ class StandIn:
     url: str
     process: subprocess.Popen[bytes] | subprocess.Popen[str] | None  # None: started on demand
     pidfile: Path | None = None
+    restart: Callable[[], StandIn] | None = None  # starts a new one on the same port
+
+
+SUPERVISE_S = 0.5
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
 
 @dataclass
@@ -60,12 +66,43 @@ class StandIns:
     kind: Kind
     started: list[StandIn] = field(default_factory=list)
     on_demand: list[StandIn] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _supervisor: threading.Thread | None = None
 
     @property
     def url_overrides(self) -> dict[str, str]:
         return {s.name: s.url for s in (*self.started, *self.on_demand)}
 
+    def supervise(self, say: Callable[[str], None]) -> None:
+        """Reap stand-ins that die and restart them on their port, with backoff; each death
+        is said once (a stand-in left dead as a zombie fooled the health checks before)."""
+        def run() -> None:
+            failures: dict[str, int] = {}
+            while not self._stopping.wait(SUPERVISE_S):
+                for index, stand_in in enumerate(self.started):
+                    code = stand_in.process.poll() if stand_in.process is not None else None
+                    if code is None or stand_in.restart is None:
+                        continue
+                    attempt = failures.get(stand_in.name, 0)
+                    delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                    say(f"{LABEL[self.kind]} backend {stand_in.name!r} exited (status {code}); restarting it in {delay:g} s")
+                    if self._stopping.wait(delay):
+                        return
+                    try:
+                        self.started[index] = stand_in.restart()
+                        failures[stand_in.name] = 0
+                        say(f"{LABEL[self.kind]} backend {stand_in.name!r} restarted at {self.started[index].url}")
+                    except Exception as exc:  # noqa: BLE001 - keep supervising the others; try again later
+                        failures[stand_in.name] = attempt + 1
+                        say(f"{LABEL[self.kind]} backend {stand_in.name!r} did not restart: {exc}")
+
+        self._supervisor = threading.Thread(target=run, name="stand-in supervisor", daemon=True)
+        self._supervisor.start()
+
     def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=5)
         stop_all(self.started)
         for stand_in in self.on_demand:
             assert stand_in.pidfile is not None
@@ -97,7 +134,18 @@ def start_simulated(name: str, model: str, max_model_len: int, port: int = 0,
     if not found:
         process.kill()
         raise RuntimeError(f"simulated backend {name} did not start (port {port} taken?): {line.strip()!r}")
-    return StandIn(name, found[1], process)
+    bound = int(found[1].rsplit(":", 1)[1])
+    # Keep reading (and dropping) its output, so it never blocks on a full pipe.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    return StandIn(name, found[1], process,
+                   restart=lambda: start_simulated(name, model, max_model_len, bound, extra))
+
+
+def _start_llama(local: LocalModel, name: str, model: str, port: int, context: int, logs: Path) -> StandIn:
+    from .local_model import LlamaServer
+
+    server = LlamaServer.start(local, model, port=port, context=context, log_path=logs / f"{name}.log")
+    return StandIn(name, server.url, server.process, restart=lambda: _start_llama(local, name, model, port, context, logs))
 
 
 def _local_port(url: str | None) -> int:
@@ -135,13 +183,10 @@ def stand_in_for_missing(policies: Policies, environ: Mapping[str, str], kind: K
                 scale[name] = msgspec.structs.replace(scale[name], actuator=actuator)
                 stand_ins.on_demand.append(StandIn(name, f"http://127.0.0.1:{port}", None, pidfile))
             elif local is not None:
-                from .local_model import LlamaServer
-
                 logs = state / "stand-ins"
                 logs.mkdir(parents=True, exist_ok=True)
-                server = LlamaServer.start(local, backend.model, port=port or free_port(),
-                                           context=min(backend.context_length, MAX_LOCAL_CONTEXT), log_path=logs / f"{name}.log")
-                stand_ins.started.append(StandIn(name, server.url, server.process))
+                stand_ins.started.append(_start_llama(local, name, backend.model, port or free_port(),
+                                                      min(backend.context_length, MAX_LOCAL_CONTEXT), logs))
             else:
                 stand_ins.started.append(start_simulated(name, backend.model, backend.context_length, port))
     except BaseException:
