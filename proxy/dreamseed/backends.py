@@ -79,7 +79,7 @@ def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str]) -
         trust_env=False,
     )
     return Upstream(name, backend, url, client, transport=transport,
-                    timeouts=Timeouts(t.connect, t.read, t.write, t.pool), circuit=Circuit(name, backend.health))
+                    timeouts=Timeouts(t.connect, t.read, t.write, t.pool, t.first_byte), circuit=Circuit(name, backend.health))
 
 
 def resolved_url(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str]) -> str | None:
@@ -129,9 +129,11 @@ class Upstreams:
 
 class BackendState(msgspec.Struct, omit_defaults=True):
     """One backend as the proxy sees it now: the one view /readyz, /admin/backends and the
-    metrics share. `state`: up, down (circuit open or half-open, or the last probe failed),
-    unknown (not probed yet), unavailable (not configured), or an on-demand backend's scaler
-    state while it is not ready."""
+    metrics share. `state` follows the circuit, so the health verdict and routing agree: up
+    (circuit closed, last probe or request fine), failing (circuit still closed, but the last
+    probe or request failed: `unhealthy_threshold` failures in a row open it), down (circuit
+    open or half-open: routing skips it), unknown (not probed yet), unavailable (not
+    configured), or an on-demand backend's scaler state while it is not ready."""
 
     state: str
     circuit: str | None
@@ -151,7 +153,7 @@ def backend_states(upstreams: Upstreams, scaler: Scaler | None = None) -> dict[s
         elif not circuit.probed:
             state, detail = "unknown", None
         else:
-            state = "up" if circuit.state == "closed" and circuit.last_error is None else "down"
+            state = "down" if circuit.state != "closed" else ("failing" if circuit.last_error else "up")
             detail = circuit.last_error
         view = BackendState(state, circuit.state if circuit else None, detail, upstream.backend.on_demand,
                             upstream.transport.in_use if upstream.transport else 0,

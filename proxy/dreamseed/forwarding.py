@@ -23,7 +23,7 @@ from .backends import Upstreams
 from .errors import ERRORS, ProxyError, error_body
 from .metrics import Exchange, usage_of
 from .routing import Decision
-from .transport import QueueFull, UpstreamResponse
+from .transport import FirstByteTimeout, QueueFull, UpstreamResponse
 
 log = logging.getLogger("dreamseed.forwarding")
 
@@ -244,6 +244,18 @@ async def forward(
                     f"backend {name!r} is at its limit of {upstream.backend.max_concurrency} concurrent requests "
                     f"and {queued}; retry shortly",
                     headers={**headers, "x-dreamseed-backend": name, "retry-after": "1"},
+                ) from None
+            except FirstByteTimeout as exc:
+                circuit.record_failure(str(exc))
+                last_timeout = True
+                if has_fallback:  # a hung backend: move along the chain now
+                    log.warning("backend %s did not start answering: %s", name, exc)
+                    skipped.append(f"{name}:first_byte_timeout")
+                    break
+                raise ProxyError(
+                    "backend_timeout",
+                    f"backend {name!r} did not start answering within its first_byte timeout",
+                    headers={**headers, "x-dreamseed-backend": name},
                 ) from None
             except httpx.TimeoutException:
                 circuit.record_failure("read timeout")

@@ -163,6 +163,11 @@ class Timeouts:
     read: float | None
     write: float | None
     pool: float | None
+    first_byte: float | None = None  # until the response head is in; None: the read timeout
+
+
+class FirstByteTimeout(httpx.ReadTimeout):
+    """The backend accepted the request but had not started answering within `first_byte`."""
 
 
 class UpstreamResponse:
@@ -263,10 +268,23 @@ class PooledTransport(httpx.AsyncBaseTransport):
         try:
             connection = await self._connect(timeouts.connect)
             await connection.write(data, timeouts.write)
-            while not connection.headers_done:
-                if connection.error is not None:
-                    raise connection.error
-                await connection.wait(timeouts.read)
+            if timeouts.first_byte is None:
+                while not connection.headers_done:
+                    if connection.error is not None:
+                        raise connection.error
+                    await connection.wait(timeouts.read)
+            else:
+                deadline = time.monotonic() + timeouts.first_byte
+                while not connection.headers_done:
+                    if connection.error is not None:
+                        raise connection.error
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise FirstByteTimeout(f"no response within {timeouts.first_byte:g} s")
+                    try:
+                        await connection.wait(left)
+                    except httpx.ReadTimeout:
+                        raise FirstByteTimeout(f"no response within {timeouts.first_byte:g} s") from None
         except BaseException:
             # Slot and connection are given back however the request failed (cancellation included).
             self._release(None, close=connection)

@@ -47,10 +47,17 @@ class Strict(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 
 class BackendTimeouts(Strict, frozen=True):
+    """`read`: the longest silence between two chunks of an answer. `first_byte`: how long the
+    backend may take to start answering (its response head); one that has not started by then is
+    skipped along the fallback chain, so a hung backend costs seconds, not the read timeout. vLLM
+    sends the head at once for a stream but only when done for a non-streamed answer: keep
+    `first_byte` above the longest non-streamed generation. Unset, it is the read timeout."""
+
     connect: Seconds = 5.0
     read: Seconds = 60.0
     write: Seconds = 30.0
     pool: Seconds = 10.0
+    first_byte: Seconds | None = None
 
 
 class HealthCheck(Strict, frozen=True):
