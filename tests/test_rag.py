@@ -201,6 +201,24 @@ def test_bad_embedding_requests_get_openai_errors(rag_stack: RagStack, body: dic
     assert response.json()["error"]["code"] == code
 
 
+def test_embedding_inputs_over_the_models_length_or_the_request_budget_are_refused(rag_stack: RagStack) -> None:
+    """all-MiniLM-L6-v2 reads 256 tokens: a longer input is a 400 naming it (OpenAI answers 400 for an
+    input over the model's context), never silently cut; the tokens of one request are bounded too."""
+    url = f"{rag_stack.proxy.url}/v1/embeddings"
+    long = "word " * 3600  # ~3,600 tokens: 32 of these took 34 s of CPU and 1.8 GB of memory before
+    single = httpx.post(url, json={"model": MODEL, "input": long}, timeout=30)
+    assert single.status_code == 400 and single.json()["error"]["code"] == "input_too_long"
+    assert single.json()["error"]["param"] == "input" and "256" in single.json()["error"]["message"]
+    listed = httpx.post(url, json={"model": MODEL, "input": ["short", long, "short"]}, timeout=30)
+    assert listed.status_code == 400 and listed.json()["error"]["param"] == "input[1]"
+    at_limit = "word " * 250  # 250 words: 252 tokens with [CLS] and [SEP]
+    ok = httpx.post(url, json={"model": MODEL, "input": [at_limit] * 4}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 4 * 252
+    too_many = httpx.post(url, json={"model": MODEL, "input": [at_limit] * 40}, timeout=60)  # 10,080 > 8,192
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "input_too_long"
+    assert "8192" in too_many.json()["error"]["message"]
+
+
 def test_admin_rag_endpoints_need_the_admin_key_and_work(rag_stack: RagStack) -> None:
     assert httpx.get(f"{rag_stack.proxy.url}/admin/rag").status_code == 401
     with rag_stack.admin() as admin:
@@ -502,7 +520,8 @@ def test_pdfs_are_ingested_and_unreadable_ones_reported(tmp_path: Path) -> None:
 def test_embedding_requests_beyond_max_pending_get_429_not_a_queue(tmp_path: Path) -> None:
     sim = start_sim("m")
     try:
-        policies = rag_policies(tmp_path / "p", sim.url, {"defaults": {"enabled": True}, "embedder": {"max_pending": 1}})
+        policies = rag_policies(tmp_path / "p", sim.url, {
+            "defaults": {"enabled": True}, "embedder": {"max_pending": 1, "max_request_tokens": 100000}})
         proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(tmp_path / "state")})
         try:
             big = {"model": MODEL, "input": [f"sentence number {i} about GPUs and queues" for i in range(1500)]}

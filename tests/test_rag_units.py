@@ -161,8 +161,8 @@ def test_concurrent_queries_share_embedder_runs() -> None:
             self.batches.append(len(texts))
             return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
 
-        def count_tokens(self, texts):  # type: ignore[no-untyped-def]
-            return 0
+        def token_counts(self, texts):  # type: ignore[no-untyped-def]
+            return [1 for _ in texts]
 
     async def scenario() -> list[list[float]]:
         inner = Recording()
@@ -197,8 +197,8 @@ def test_a_bulk_embedding_never_holds_up_a_query() -> None:
                 release.wait(5)  # a big /v1/embeddings or ingest batch, still running
             return np.ones((len(texts), 1), dtype=np.float32)
 
-        def count_tokens(self, texts):  # type: ignore[no-untyped-def]
-            return 0
+        def token_counts(self, texts):  # type: ignore[no-untyped-def]
+            return [1 for _ in texts]
 
     async def scenario() -> None:
         batching = BatchingEmbedder(Slow())

@@ -280,7 +280,18 @@ class Proxy:
             raise ProxyError("invalid_dimensions", f"{configured} makes {embedder.embedder.dim}-dimensional vectors; "
                              f"`dimensions` {wanted.dimensions} is not available", param="dimensions")
         texts = [wanted.input] if isinstance(wanted.input, str) else wanted.input
-        if self.embeddings_pending >= found.rag.embedder.max_pending:
+        limits = found.rag.embedder
+        counts = await asyncio.get_running_loop().run_in_executor(None, embedder.embedder.token_counts, texts)
+        for index, count in enumerate(counts):
+            if count > limits.max_input_tokens:
+                where = "input" if isinstance(wanted.input, str) else f"input[{index}]"
+                raise ProxyError("input_too_long", f"`{where}` is {count} tokens; {configured} takes at most "
+                                 f"{limits.max_input_tokens} (rag.yaml embedder.max_input_tokens)", param=where)
+        tokens = sum(counts)
+        if tokens > limits.max_request_tokens:
+            raise ProxyError("input_too_long", f"the inputs are {tokens} tokens in all; one request may have at most "
+                             f"{limits.max_request_tokens} (rag.yaml embedder.max_request_tokens)", param="input")
+        if self.embeddings_pending >= limits.max_pending:
             raise ProxyError("embeddings_busy", f"{self.embeddings_pending} embedding requests are already running "
                              "(rag.yaml embedder.max_pending); retry shortly", headers={"retry-after": "1"})
         self.embeddings_pending += 1
@@ -289,7 +300,6 @@ class Proxy:
                 vectors = [await embedder.embed_one(texts[0])]
             else:
                 vectors = list(await embedder.embed_many(texts))
-            tokens = await asyncio.get_running_loop().run_in_executor(None, embedder.embedder.count_tokens, texts)
         except Exception as exc:  # noqa: BLE001 - the embedder's failure is a 503, not a 500
             log.warning("embedding failed: %s", exc)
             raise ProxyError("embeddings_unavailable", f"the embedder failed: {exc}") from None

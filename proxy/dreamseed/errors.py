@@ -32,6 +32,9 @@ ERRORS: dict[str, ErrorKind] = {
                                  "a field is missing or of the wrong type (`param` names it), or text that cannot be stored"),
     "invalid_dimensions": ErrorKind(400, "invalid_request_error",
                                     "`/v1/embeddings` asked for `dimensions` the embedding model does not make"),
+    "input_too_long": ErrorKind(400, "invalid_request_error",
+                                "`/v1/embeddings`: an input over the model's `max_input_tokens`, or more than "
+                                "`max_request_tokens` in all (rag.yaml embedder)"),
     "client_disconnected": ErrorKind(400, "invalid_request_error", "the client went away while sending the body"),
     "missing_api_key": ErrorKind(401, "invalid_request_error",
                                  "client keys are configured and the request has none (`WWW-Authenticate: Bearer`)"),

@@ -190,7 +190,14 @@ class EmbedderPolicy(Strict, frozen=True):
     url: str | None = None
     url_env: EnvVar | None = None
     api_key_env: EnvVar | None = None
-    batch_size: Annotated[int, Meta(gt=0, le=1024)] = 32
+    # Texts per model run. Small batches keep ONNX Runtime's memory arena small (it grows to the
+    # largest batch x length it has run) at about the same speed on CPU: 8 x 256 tokens.
+    batch_size: Annotated[int, Meta(gt=0, le=1024)] = 8
+    # The model's maximum sequence length (all-MiniLM-L6-v2: 256). Text embedded for retrieval
+    # and ingestion is cut there; /v1/embeddings refuses a longer input with 400, as OpenAI does.
+    max_input_tokens: Annotated[int, Meta(gt=0, le=32768)] = 256
+    # Tokens one /v1/embeddings request may ask for in all, so one request's work is bounded.
+    max_request_tokens: Annotated[int, Meta(gt=0, le=10_000_000)] = 8192
     timeout: Seconds = 10.0
     # POST /v1/embeddings requests embedding at once; more get 429, so a flood cannot queue
     # unbounded work (retrieval for routed requests is bounded by `budget` instead).

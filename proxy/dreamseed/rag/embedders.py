@@ -37,7 +37,9 @@ class Embedder(Protocol):
         """Unit-length float32 vectors, one row per text (blocking)."""
         ...
 
-    def count_tokens(self, texts: Sequence[str]) -> int: ...
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in the model's tokens, before any cut (blocking)."""
+        ...
 
 
 def model_folder_name(model: str) -> str:
@@ -97,16 +99,28 @@ class FastEmbedder:
             where = f"from {path}" if path else "from the model hub (unreachable? run `dreamseed rag setup-model`)"
             raise EmbedderError(f"cannot load embedding model {policy.model!r} {where}: {exc}") from exc
         self.batch_size = policy.batch_size
+        # Text is cut at the model's maximum sequence length before it reaches the model: fastembed's
+        # tokenizer cuts at 512, twice MiniLM's 256, and ONNX Runtime's memory arena grows to the
+        # largest batch x length it has seen (32 inputs of 512 tokens took the proxy from 1.3 to
+        # 3.1 GB, for good). /v1/embeddings refuses longer inputs before this (see app.py).
+        tokenizer = getattr(getattr(self._model, "model", None), "tokenizer", None)
+        self._counter = None
+        if tokenizer is not None:
+            from tokenizers import Tokenizer
+
+            tokenizer.enable_truncation(max_length=policy.max_input_tokens)
+            self._counter = Tokenizer.from_str(tokenizer.to_str())  # a copy that counts without cutting
+            self._counter.no_truncation()
+            self._counter.no_padding()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         vectors = list(self._model.embed(list(texts), batch_size=self.batch_size))
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
 
-    def count_tokens(self, texts: Sequence[str]) -> int:
-        tokenizer = getattr(getattr(self._model, "model", None), "tokenizer", None)
-        if tokenizer is None:
-            return sum(max(1, len(t) // 4) for t in texts)
-        return sum(sum(encoding.attention_mask) for encoding in tokenizer.encode_batch(list(texts)))
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        if self._counter is None:
+            return [max(1, len(t) // 4) for t in texts]
+        return [len(encoding.ids) for encoding in self._counter.encode_batch(list(texts))]
 
 
 class OpenAIEmbedder:
@@ -144,8 +158,9 @@ class OpenAIEmbedder:
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         return matrix / np.where(norms == 0, 1, norms)
 
-    def count_tokens(self, texts: Sequence[str]) -> int:
-        return sum(max(1, len(t) // 4) for t in texts)
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        # The server's tokenizer is not here: an estimate (it enforces its own limit).
+        return [max(1, len(t) // 4) for t in texts]
 
 
 def load_embedder(policy: EmbedderPolicy, environ: Mapping[str, str] = os.environ) -> Embedder:
