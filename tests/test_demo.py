@@ -174,3 +174,19 @@ def test_simulated_backends_that_die_are_reaped_and_restarted(tmp_path: Path) ->
         assert log.count("SIMULATED backend 'general' exited (status -9)") == 1 and "restarted at" in log
     finally:
         proxy.stop()
+
+
+def test_the_readme_commands_use_their_own_virtual_environment_and_ci_runs_the_test_command() -> None:
+    """A system Python that refuses installs (PEP 668, Debian 12) is never installed into: both set-up
+    commands make `.venv` first and use its interpreter, and .ci/run runs that same test command."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Set up", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2
+    for command in commands:
+        steps = [step.strip() for step in command.split("&&")]
+        assert steps[0] == "python3 -m venv .venv", command
+        assert all(step.startswith(".venv/bin/") for step in steps[1:]), command
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    for step in (step.strip() for step in commands[1].split("&&")):
+        assert step.replace(" -m pip install ", " -m pip install --quiet --disable-pip-version-check ") in ci or step in ci
