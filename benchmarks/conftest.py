@@ -25,6 +25,15 @@ if MODE not in ("short", "full"):
     raise SystemExit(f"DREAMSEED_BENCH_MODE must be short or full, not {MODE!r}")
 
 
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (VmRSS) or its peak (VmHWM), in MiB, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 @dataclass
 class BenchStack:
     sim: Sim

@@ -16,19 +16,11 @@ from typing import Any
 import httpx
 import yaml
 
-from conftest import BenchStack
+from conftest import BenchStack, rss_mb
 from support import SEED_POLICIES, start_proxy, write_policies, write_rag
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_SIZE_INPUT = "word " * 250  # 252 tokens with [CLS] and [SEP]
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def test_embedding_rss_after_maximum_size_requests(benchmark, bench_stack: BenchStack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -43,7 +35,7 @@ def test_embedding_rss_after_maximum_size_requests(benchmark, bench_stack: Bench
     try:
         url = f"{proxy.url}/v1/embeddings"
         assert httpx.post(url, json={"model": MODEL, "input": "warm up"}, timeout=60).status_code == 200
-        idle = _rss_mb(proxy.popen.pid)
+        idle = rss_mb(proxy.popen.pid)
         count = bench_stack.scale(short=10, full=1000)
         body = {"model": MODEL, "input": [MAX_SIZE_INPUT] * 32}
 
@@ -54,7 +46,7 @@ def test_embedding_rss_after_maximum_size_requests(benchmark, bench_stack: Bench
                 assert response.json()["usage"]["prompt_tokens"] == 32 * 252
             for _ in range(5):  # ordinary traffic after the burst
                 assert httpx.post(url, json={"model": MODEL, "input": "a small one"}, timeout=60).status_code == 200
-            after = _rss_mb(proxy.popen.pid)
+            after = rss_mb(proxy.popen.pid)
             return {"requests": count, "tokens_per_request": 32 * 252, "rss_idle_mb": idle, "rss_after_mb": after,
                     "rss_growth_mb": after - idle}
 

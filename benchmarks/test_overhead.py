@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MODEL, BenchStack
+from conftest import MODEL, BenchStack, rss_mb
 from loadgen import LoadResult, build_request, percentile, run
 
 
@@ -116,22 +116,6 @@ def test_load_generator_is_not_the_bottleneck(benchmark, bench_stack: BenchStack
     benchmark.extra_info.update(result)
 
 
-def _peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def test_overload_10x(benchmark, bench_stack: BenchStack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Ten times the seed's 16 concurrent requests (160) against a proxy whose backend allows 16:
     the error rate and the proxy's memory while it holds the excess."""
@@ -148,15 +132,15 @@ def test_overload_10x(benchmark, bench_stack: BenchStack, tmp_path) -> None:  # 
     try:
         request = build_request(proxy.url, "/v1/chat/completions", chat_body("auto", False))
         pid = proxy.popen.pid
-        before = _rss_mb(pid)
+        before = rss_mb(pid)
         total = bench_stack.scale(short=1600, full=8000)
 
         def measure() -> dict[str, Any]:
             result = run(proxy.url, request, concurrency=160, total=total)
             return {"concurrency": 160, "backend_limit": 16, "requests": total, "error_rate": result.error_rate,
                     "statuses": {str(k): v for k, v in result.statuses.items()}, "proxy_rps": result.throughput,
-                    "rss_before_mb": before, "rss_peak_mb": _peak_rss_mb(pid),
-                    "rss_growth_mb": _peak_rss_mb(pid) - before}
+                    "rss_before_mb": before, "rss_peak_mb": rss_mb(pid, "VmHWM"),
+                    "rss_growth_mb": rss_mb(pid, "VmHWM") - before}
 
         outcome = benchmark.pedantic(measure, rounds=1, iterations=1)
         benchmark.extra_info.update(outcome)

@@ -176,3 +176,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_prometheus(directory: Path, proxy_url: str, backend_urls: dict[str, str],
+                     rules: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A real Prometheus (Debian's package; .ci/run installs it) with the configuration infra/
+    generates, scraping the proxy and the backends every second. Returns it and its API URL."""
+    import shutil
+
+    from infra.monitoring import prometheus_config
+
+    assert shutil.which("prometheus"), "prometheus is missing: .ci/run installs Debian's prometheus package"
+    targets = {name: (url.removeprefix("http://"), False) for name, url in backend_urls.items()}
+    (directory / "prometheus.yml").write_text(prometheus_config(proxy_url.removeprefix("http://"), targets,
+                                                                rule_files=("rules.yml",), scrape_interval="1s"))
+    (directory / "rules.yml").write_text(rules)
+    port = free_port()
+    server = subprocess.Popen(
+        ["prometheus", f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(directory / "prometheus.log").open("w"))
+    return server, f"http://127.0.0.1:{port}/api/v1"

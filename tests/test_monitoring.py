@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,8 +15,8 @@ import yaml
 
 from conftest import Stack
 from dreamseed.policy import load_policies
-from infra.monitoring import PANELS, RATE, alert_rules, prometheus_config, write_all
-from support import SEED_POLICIES
+from infra.monitoring import PANELS, RATE, alert_rules, write_all
+from support import SEED_POLICIES, start_prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = load_policies(SEED_POLICIES)
@@ -98,25 +97,9 @@ def test_every_metric_in_the_dashboard_and_rules_is_really_exported(fresh: Stack
             "dreamseed_backend_up", "up"} <= used
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_real_prometheus_scrapes_the_proxy_and_answers_the_request_rate_query(fresh: Stack, tmp_path: Path) -> None:
-    assert shutil.which("prometheus"), "prometheus is missing: .ci/run installs Debian's prometheus package"
-    proxy_target = fresh.url.removeprefix("http://")
-    vllm = {"general": (fresh.sims["general"].url.removeprefix("http://"), False)}
-    (tmp_path / "prometheus.yml").write_text(prometheus_config(proxy_target, vllm, rule_files=("rules.yml",),
-                                                               scrape_interval="1s"))
-    (tmp_path / "rules.yml").write_text(alert_rules(SEED, "rtx5090"))
-    port = free_port()
-    server = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
-    api = f"http://127.0.0.1:{port}/api/v1"
+    server, api = start_prometheus(tmp_path, fresh.url, {"general": fresh.sims["general"].url},
+                                   alert_rules(SEED, "rtx5090"))
     request_rate = next(q for title, _, qs in PANELS if title == "Request rate by backend" for q, _ in qs)
     query = request_rate.replace(RATE, "1m")
     try:

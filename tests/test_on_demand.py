@@ -37,18 +37,22 @@ def calls(directory: Path, action: str) -> int:
     return sum(1 for line in log.read_text().splitlines() if line.startswith(action)) if log.exists() else 0
 
 
-def on_demand_policies(root: Path, general_url: str, port: int, backend_dir: Path, **scale: Any) -> Path:
+def on_demand_policies(root: Path, general_url: str, port: int, backend_dir: Path, *,
+                       actuator: dict[str, Any] | None = None, model: str = CODER, context_length: int = 4096,
+                       **scale: Any) -> Path:
+    """`general` always on, `code` on demand at `port`, started by the command actuator given
+    (default: tests/backend_ctl.py with a simulated coder, keeping its calls in `backend_dir`)."""
     health = {"interval": 0.3, "timeout": 1, "unhealthy_threshold": 1000}
     policies = write_policies(root, {
         "general": {"url": general_url, "model": "general-model", "context_length": 4096, "health": health},
-        "code": {"url": f"http://127.0.0.1:{port}", "model": CODER, "context_length": 4096, "on_demand": True,
+        "code": {"url": f"http://127.0.0.1:{port}", "model": model, "context_length": context_length, "on_demand": True,
                  "health": health},
     }, {"rules": [{"name": "code", "match": {"keywords": ["코드", "code"]}, "target": "code", "fallback": ["general"]},
                   {"name": "default", "target": "general"}]})
-    settings = {"actuator": {"kind": "command", "start": ctl(backend_dir, port, "start"),
-                             "stop": ctl(backend_dir, port, "stop"), "status": ctl(backend_dir, port, "status"),
-                             "timeout": 20},
-                "start_timeout": 30, "idle_stop": 3600, "min_uptime": 0.5, "cooldown": 0.5, **scale}
+    if actuator is None:
+        actuator = {"kind": "command", "start": ctl(backend_dir, port, "start"), "stop": ctl(backend_dir, port, "stop"),
+                    "status": ctl(backend_dir, port, "status"), "timeout": 20}
+    settings = {"actuator": actuator, "start_timeout": 30, "idle_stop": 3600, "min_uptime": 0.5, "cooldown": 0.5, **scale}
     (policies / "scale.yaml").write_text(yaml.safe_dump({"backends": {"code": settings}}), encoding="utf-8")
     return policies
 

@@ -6,7 +6,6 @@ the generated Prometheus configuration scraping llama-server and the proxy toget
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -16,12 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
+import test_on_demand as on_demand
+from dreamseed.policy import load_policies
 from dreamseed.simulation import is_reachable
-from infra.monitoring import PANELS, RATE, alert_rules, prometheus_config
+from infra.monitoring import PANELS, RATE, alert_rules
 from real_server import SMOLLM_ID, STATE, Wiretap, real_model, start_llama
-from support import Sim, free_port, start_proxy, start_sim, write_policies, write_rag
+from support import Sim, free_port, start_prometheus, start_proxy, start_sim, write_policies, write_rag
 
 ADMIN_KEY = "real-admin"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -43,19 +43,11 @@ def stand_in(action: str, pidfile: Path, port: int) -> list[str]:
 
 
 def on_demand_policies(root: Path, general_url: str, port: int, pidfile: Path, **scale: Any) -> Path:
-    health = {"interval": 0.3, "timeout": 1, "unhealthy_threshold": 1000}
-    policies = write_policies(root, {
-        "general": {"url": general_url, "model": "general-model", "context_length": 4096, "health": health},
-        "code": {"url": f"http://127.0.0.1:{port}", "model": SMOLLM_ID, "context_length": 2048, "on_demand": True,
-                 "health": health},
-    }, {"rules": [{"name": "code", "match": {"keywords": ["코드", "code"]}, "target": "code", "fallback": ["general"]},
-                  {"name": "default", "target": "general"}]})
-    settings = {"actuator": {"kind": "command", "start": stand_in("start", pidfile, port),
-                             "stop": stand_in("stop", pidfile, port), "status": stand_in("status", pidfile, port),
-                             "timeout": 60},
-                "start_timeout": 60, "idle_stop": 3600, "min_uptime": 0.5, "cooldown": 0.5, **scale}
-    (policies / "scale.yaml").write_text(yaml.safe_dump({"backends": {"code": settings}}), encoding="utf-8")
-    return policies
+    """test_on_demand's policies, with the coder started as a real llama-server by `dreamseed stand-in`."""
+    actuator = {"kind": "command", "start": stand_in("start", pidfile, port), "stop": stand_in("stop", pidfile, port),
+                "status": stand_in("status", pidfile, port), "timeout": 60}
+    return on_demand.on_demand_policies(root, general_url, port, pidfile.parent, actuator=actuator, model=SMOLLM_ID,
+                                        context_length=2048, **{"start_timeout": 60, **scale})
 
 
 def ask(url: str, content: str, timeout: float = 90) -> httpx.Response:
@@ -154,24 +146,12 @@ def test_retrieved_passages_reach_the_real_models_prompt(tmp_path: Path) -> None
 
 
 def test_prometheus_scrapes_llama_server_and_the_proxy_and_the_engine_panels_have_data(tmp_path: Path) -> None:
-    assert shutil.which("prometheus"), "prometheus is missing: .ci/run installs Debian's prometheus package"
     llama = start_llama()
     try:
         backends = {"general": {"url": llama.url, "model": SMOLLM_ID, "context_length": 2048}}
         proxy = start_proxy(write_policies(tmp_path / "p", backends, {"rules": [{"name": "default", "target": "general"}]}))
-        policies_for_rules = write_policies(tmp_path / "rules", backends, {"rules": [{"name": "default", "target": "general"}]})
-        from dreamseed.policy import load_policies
-
-        (tmp_path / "prometheus.yml").write_text(prometheus_config(
-            proxy.url.removeprefix("http://"), {"general": (llama.url.removeprefix("http://"), False)},
-            rule_files=("rules.yml",), scrape_interval="1s"))
-        (tmp_path / "rules.yml").write_text(alert_rules(load_policies(policies_for_rules), "none"))
-        port = free_port()
-        server = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
-        api = f"http://127.0.0.1:{port}/api/v1"
+        server, api = start_prometheus(tmp_path, proxy.url, {"general": llama.url},
+                                       alert_rules(load_policies(tmp_path / "p"), "none"))
         # The queries that apply to llama-server: the proxy's own, and the engine panels' llama.cpp legs.
         wanted = {title: [q.replace(RATE, "1m") for q, _ in queries] for title, _, queries in PANELS
                   if title in ("Request rate by backend", "Tokens per second", "Inference engine load")}

@@ -2,16 +2,8 @@
 
 Two layers:
 
-* :class:`BackendScaler` (machine.py) is the state machine of one backend, pure and driven by an explicit
-  clock (`now` arguments), so tests step through hours without sleeping:
-
-      stopped --trigger--> starting --ready--> ready --idle/admin--> draining --> stopped
-                              |                                                    ^
-                              +--start failed--> failed (exponential backoff) -----+
-
-  Triggers: a request routed here by a keyword rule (`triggers.keywords`), or the volume of
-  requests that would have gone here (`triggers.volume`: N within a sliding window). No
-  flapping: `min_uptime` before an idle stop, `cooldown` before a start after a stop.
+* :class:`BackendScaler` (machine.py) is the state machine of one backend, pure and driven by
+  an explicit clock; machine.py draws its states and says what triggers a start.
 
 * :class:`Scaler` (driver.py) drives the machines: runs actuators, polls readiness, holds or diverts
   requests while a backend starts (`cold_start: wait | fallback`), stops idle backends,
