@@ -268,23 +268,18 @@ class PooledTransport(httpx.AsyncBaseTransport):
         try:
             connection = await self._connect(timeouts.connect)
             await connection.write(data, timeouts.write)
-            if timeouts.first_byte is None:
-                while not connection.headers_done:
-                    if connection.error is not None:
-                        raise connection.error
+            # The head arrives within `first_byte` in all, or else with no gap over `read`.
+            deadline = None if timeouts.first_byte is None else time.monotonic() + timeouts.first_byte
+            while not connection.headers_done:
+                if connection.error is not None:
+                    raise connection.error
+                if deadline is None:
                     await connection.wait(timeouts.read)
-            else:
-                deadline = time.monotonic() + timeouts.first_byte
-                while not connection.headers_done:
-                    if connection.error is not None:
-                        raise connection.error
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise FirstByteTimeout(f"no response within {timeouts.first_byte:g} s")
-                    try:
-                        await connection.wait(left)
-                    except httpx.ReadTimeout:
-                        raise FirstByteTimeout(f"no response within {timeouts.first_byte:g} s") from None
+                    continue
+                try:
+                    await connection.wait(max(deadline - time.monotonic(), 0.0))
+                except httpx.ReadTimeout:
+                    raise FirstByteTimeout(f"no response within {timeouts.first_byte:g} s") from None
         except BaseException:
             # Slot and connection are given back however the request failed (cancellation included).
             self._release(None, close=connection)
