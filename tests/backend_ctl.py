@@ -4,29 +4,19 @@
 
 `start` launches a simulated vLLM server in the background and returns at once (readiness is
 the proxy's job to poll); `stop` terminates it; `status` exits 0 while it runs. Every call is
-appended to DIR/calls.log, so tests can count starts and stops.
+appended to DIR/calls.log, so tests can count starts and stops. The process handling is the
+product's own (`dreamseed stand-in` uses the same functions); only the call log is added.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:  # a zombie (exited, not reaped) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+from dreamseed.simulation import detached_running, start_detached, stop_detached
 
 
 def main() -> int:
@@ -39,28 +29,15 @@ def main() -> int:
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     pidfile = args.dir / "pid"
-    pid = int(pidfile.read_text()) if pidfile.exists() else None
-    if args.action != "status":
-        with (args.dir / "calls.log").open("a") as log:
-            log.write(f"{args.action} {time.time():.3f} {os.getppid()}\n")
     if args.action == "status":
-        return 0 if pid is not None and alive(pid) else 3
+        return 0 if detached_running(pidfile) else 3
+    with (args.dir / "calls.log").open("a") as log:
+        log.write(f"{args.action} {time.time():.3f} {os.getppid()}\n")
     if args.action == "start":
-        if pid is not None and alive(pid):
-            return 0
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dreamseed.simulated_vllm", "--port", args.port, "--model", args.model,
-             "--ttft", args.ttft],
-            stdout=(args.dir / "backend.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent)
-        pidfile.write_text(str(process.pid))
-        return 0
-    if pid is not None and alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    pidfile.unlink(missing_ok=True)
+        start_detached(pidfile, [sys.executable, "-m", "dreamseed.simulated_vllm", "--port", args.port,
+                                 "--model", args.model, "--ttft", args.ttft])
+    else:
+        stop_detached(pidfile)
     return 0
 
 
