@@ -397,13 +397,18 @@ def test_retrieval_over_budget_degrades_instead_of_failing(tmp_path: Path) -> No
         sim.stop()
 
 
-# Measured on 2026-11-24 with all-MiniLM-L6-v2 (int8 ONNX) and rag.yaml's defaults; retrieval must not
-# get worse than this. MiniLM is English-only, which the Korean vector figures show; the lexical legs
-# (full-text + pg_trgm) carry Korean, and hybrid keeps English at its vector quality.
+# Measured on 2026-11-30 with all-MiniLM-L6-v2 (int8 ONNX) and rag.yaml's defaults; retrieval must not
+# get worse than this. MiniLM is English-only, which the Korean vector figures show; the lexical leg
+# (English stems + Hangul bigrams) carries Korean, and hybrid skips the vector leg for Korean queries
+# (embedder.languages), so it keeps each language at its best leg's quality. Recall/MRR/nDCG rank with
+# the thresholds off; the context figures are what a request gets with rag.yaml's top_k and thresholds.
 QUALITY_FLOORS = {
-    "vector": {"en": {"recall": 0.95, "mrr": 0.94, "ndcg": 0.94}, "ko": {"recall": 0.60, "mrr": 0.30, "ndcg": 0.36}},
-    "lexical": {"en": {"recall": 1.00, "mrr": 0.96, "ndcg": 0.96}, "ko": {"recall": 0.98, "mrr": 0.90, "ndcg": 0.91}},
-    "hybrid": {"en": {"recall": 1.00, "mrr": 0.98, "ndcg": 0.97}, "ko": {"recall": 1.00, "mrr": 0.90, "ndcg": 0.91}},
+    "vector": {"en": {"recall": 0.99, "mrr": 0.95, "ndcg": 0.95}, "ko": {"recall": 0.63, "mrr": 0.30, "ndcg": 0.36}},
+    "lexical": {"en": {"recall": 0.99, "mrr": 0.97, "ndcg": 0.96}, "ko": {"recall": 0.99, "mrr": 0.94, "ndcg": 0.95}},
+    "hybrid": {"en": {"recall": 0.99, "mrr": 0.96, "ndcg": 0.96, "context_precision": 0.70, "context_recall": 0.95,
+                      "unanswerable_empty": 1.0},
+               "ko": {"recall": 0.99, "mrr": 0.94, "ndcg": 0.95, "context_precision": 0.75, "context_recall": 0.90,
+                      "unanswerable_empty": 0.75}},
 }
 
 
@@ -413,14 +418,21 @@ def test_retrieval_quality_on_the_golden_set_stays_at_its_measured_level(tmp_pat
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
     assert scores["hybrid"]["all"]["queries"] == 64 and scores["hybrid"]["ko"]["queries"] == 32
+    assert scores["hybrid"]["all"]["unanswerable"] == 8
     below = [f"{mode}/{language} {metric} {scores[mode][language][metric]:.3f} < {floor}"
              for mode, languages in QUALITY_FLOORS.items() for language, metrics in languages.items()
              for metric, floor in metrics.items() if scores[mode][language][metric] < floor]
     assert not below, below
+    # The issue this guards against: hybrid worse than its best leg in either language.
+    for language, best in (("en", "vector"), ("ko", "lexical")):
+        assert scores["hybrid"][language]["ndcg"] >= scores[best][language]["ndcg"] - 1e-9, (language, scores)
     table = rag_cli("eval", str(GOLDEN), "--mode", "hybrid", state=tmp_path / "state", policies=policies).stdout
-    assert table.splitlines()[0].split() == ["mode", "queries", "n", "Recall@10", "MRR@10", "nDCG@10"]
-    assert [line.split()[:3] for line in table.splitlines()[1:]] == [["hybrid", "all", "64"], ["hybrid", "en", "32"],
-                                                                    ["hybrid", "ko", "32"]]
+    assert table.splitlines()[0].split() == ["mode", "queries", "n", "Recall@10", "MRR@10", "nDCG@10", "CtxPrec",
+                                             "CtxRec", "Passages", "NoneOK", "P50ms", "P95ms"]
+    rows = [line.split() for line in table.splitlines()[1:4]]
+    assert [row[:3] for row in rows] == [["hybrid", "all", "64"], ["hybrid", "en", "32"], ["hybrid", "ko", "32"]]
+    assert rows[0][9] == f"{round(scores['hybrid']['all']['unanswerable_empty'] * 8)}/8"
+    assert all(0 < float(row[10]) <= float(row[11]) for row in rows)  # P50 <= P95, both measured
 
 
 def test_text_postgres_cannot_store_is_a_400_and_never_breaks_retrieval(rag_stack: RagStack) -> None:

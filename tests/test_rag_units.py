@@ -13,7 +13,17 @@ import yaml
 from dreamseed.policy import PolicyError, load_policies
 from dreamseed.rag.augment import format_context
 from dreamseed.rag.chunking import chunk_text
-from dreamseed.rag.evaluation import EvalSetError, language, load_eval_set, mrr_at, ndcg_at, recall_at
+from dreamseed.rag.evaluation import (
+    EvalSet,
+    EvalSetError,
+    Injected,
+    load_eval_set,
+    mrr_at,
+    ndcg_at,
+    recall_at,
+    scores,
+)
+from dreamseed.rag.language import language, without_particles
 from dreamseed.rag.store import Hit
 from support import ROOT, SEED_POLICIES
 
@@ -78,7 +88,50 @@ def test_the_golden_set_is_big_enough_and_bilingual() -> None:
     assert len(golden.corpus) >= 40 and len(golden.queries) >= 60
     languages = [language(text) for text in golden.queries.values()]
     assert languages.count("ko") >= 30 and languages.count("en") >= 30
-    assert all(any(g > 0 for g in rel.values()) for rel in golden.qrels.values())
+    answerable = [q for q, rel in golden.qrels.items() if any(g > 0 for g in rel.values())]
+    assert len(answerable) >= 60
+    # Queries the corpus has no answer for (every judged document grade 0), in both languages: with
+    # them `rag eval` measures that nothing gets injected when nothing is relevant.
+    unanswerable = [golden.queries[q] for q in golden.queries if q not in answerable]
+    assert sorted(language(text) for text in unanswerable) == ["en"] * 4 + ["ko"] * 4
+
+
+def test_context_figures_count_injected_passages_and_empty_answers_to_unanswerable_queries() -> None:
+    golden = EvalSet("t", {d: ("", d) for d in "abcd"}, {"q1": "one", "q2": "two", "q3": "셋", "u1": "none"},
+                     {"q1": {"a": 1}, "q2": {"b": 2}, "q3": {"c": 1}, "u1": {"d": 0}})
+    injected = {"q1": Injected(["a", "d"], 0.002), "q2": Injected(["c"], 0.004), "q3": Injected(["c", "c"], 0.001),
+                "u1": Injected([], 0.003)}
+    runs = {"q1": ["a"], "q2": ["c", "b"], "q3": ["c"]}
+    result = scores(runs, injected, golden, k=10)
+    assert result["all"]["queries"] == 3 and result["all"]["unanswerable"] == 1
+    assert result["all"]["context_precision"] == pytest.approx(3 / 5)  # a, c, c of a, d, c, c, c
+    assert result["all"]["context_recall"] == pytest.approx(2 / 3)  # q2 got only an irrelevant passage
+    assert result["all"]["unanswerable_empty"] == 1.0 and result["all"]["passages"] == pytest.approx(5 / 4)
+    assert result["ko"]["queries"] == 1 and result["ko"]["context_precision"] == 1.0
+    assert result["all"]["p50_ms"] == pytest.approx(2.5) and result["en"]["recall"] == 1.0
+    injected["u1"] = Injected(["a"], 0.003)
+    assert scores(runs, injected, golden, k=10)["all"]["unanswerable_empty"] == 0.0
+
+
+def test_korean_particles_come_off_long_words_only() -> None:
+    assert without_particles("429 오류가 계속 나요") == "429 오류 계속 나요"
+    assert without_particles("답변을 스트리밍으로 받는 방법") == "답변 스트리밍 받는 방법"
+    assert without_particles("카드를 바꾸고, 고양이를 봐요") == "카드 바꾸고, 고양이 봐요"
+    assert without_particles("나는 English stays") == "나는 English stays"  # two syllables: whole
+
+
+def test_long_queries_are_embedded_from_their_beginning_and_end() -> None:
+    from dreamseed.policy import EmbedderPolicy
+    from dreamseed.rag.embedders import FastEmbedder
+    from support import rag_model_dir
+
+    embedder = FastEmbedder(EmbedderPolicy(model_path=str(rag_model_dir())), {})
+    short = "how do I reset my password"
+    assert embedder.shorten(short, 64) == short
+    long = "First I tried the settings page. " + "Then nothing happened at all. " * 60 + "Why is my API key rejected?"
+    cut = embedder.shorten(long, 64)
+    assert cut.startswith("First I tried the settings page.") and cut.endswith("Why is my API key rejected?")
+    assert " … " in cut and 56 <= embedder.token_counts([cut])[0] <= 68
 
 
 def test_a_broken_eval_set_names_the_file_and_line(tmp_path: Path) -> None:

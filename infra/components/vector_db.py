@@ -20,7 +20,6 @@ PORT = 5432
 # at start-up (idempotently, with the embedding model's dimension), so it is defined in one place.
 INIT_SQL = """\
 CREATE EXTENSION IF NOT EXISTS vector;
-CREATE EXTENSION IF NOT EXISTS pg_trgm;
 """
 
 

@@ -187,6 +187,14 @@ class EmbedderPolicy(Strict, frozen=True):
     model_path: str | None = None
     # For a local model fastembed does not know: how token vectors become one vector.
     pooling: Literal["mean", "cls"] = "mean"
+    # Languages the model embeds meaningfully (a query with Hangul in it is Korean, others
+    # English). In `hybrid` mode a query in another language skips the vector leg: all-MiniLM-L6-v2
+    # gives Korean text near-random neighbours, which only push the lexical leg's good hits down.
+    languages: Annotated[tuple[Literal["en", "ko"], ...], Meta(min_length=1)] = ("en",)
+    # Queries are embedded from at most this many tokens (longer ones: their beginning and end).
+    # A 2,000-character message is 256 tokens for MiniLM, 40 ms to embed on a 2-core machine; the
+    # lexical leg still reads all of it.
+    max_query_tokens: Annotated[int, Meta(ge=8, le=32768)] = 64
     url: str | None = None
     url_env: EnvVar | None = None
     api_key_env: EnvVar | None = None
@@ -220,6 +228,14 @@ class VectorStore(Strict, frozen=True):
     ef_search: Annotated[int, Meta(ge=1, le=1000)] = 40
     # pgvector 0.8 iterative scans: keep scanning when a collection filter drops candidates.
     iterative_scan: Literal["off", "relaxed_order", "strict_order"] = "relaxed_order"
+    # The lexical leg's bounds (benchmarks/README.md has the measurements). Terms in more than
+    # this share of the chunks say next to nothing and are left out...
+    max_term_frequency: Annotated[float, Meta(gt=0, le=1)] = 0.25
+    # ...the query's rarest terms are looked up while the rows they are expected to match (from
+    # Postgres's statistics) add up to at most this...
+    lexical_rows: Annotated[int, Meta(ge=10, le=1_000_000)] = 5000
+    # ...and no term reads more than this many rows, whatever the statistics said.
+    rows_per_term: Annotated[int, Meta(ge=10, le=100000)] = 1000
 
 
 class Augmentation(Strict, frozen=True):
@@ -232,8 +248,11 @@ class Augmentation(Strict, frozen=True):
     top_k: Annotated[int, Meta(ge=1, le=50)] | None = None
     # Lowest cosine similarity a vector hit needs (lexical hits have their own threshold).
     min_similarity: Annotated[float, Meta(ge=-1, le=1)] | None = None
-    # Lowest pg_trgm word similarity of the query in a chunk for the trigram leg.
-    min_word_similarity: Annotated[float, Meta(ge=0, le=1)] | None = None
+    # Share of the query's term weight (inverse document frequencies of the query's terms that
+    # the collection holds) a chunk must contain to be a lexical hit.
+    min_term_match: Annotated[float, Meta(ge=0, le=1)] | None = None
+    # Weight of the lexical leg's ranks in hybrid fusion (the vector leg's is 1).
+    lexical_weight: Annotated[float, Meta(ge=0, le=10)] | None = None
     max_context_chars: Annotated[int, Meta(ge=100, le=200000)] | None = None
     # Placeholders: {context} (the numbered hits) and {query} (the user's last message).
     template: Annotated[str, Meta(min_length=1)] | None = None
@@ -248,13 +267,14 @@ class RagSettings:
     mode: RetrievalMode
     top_k: int
     min_similarity: float
-    min_word_similarity: float
+    min_term_match: float
+    lexical_weight: float
     max_context_chars: int
     template: str
 
 
-RAG_DEFAULTS = RagSettings(enabled=False, collection="default", mode="hybrid", top_k=4, min_similarity=0.3,
-                           min_word_similarity=0.2, max_context_chars=4000, template=DEFAULT_TEMPLATE)
+RAG_DEFAULTS = RagSettings(enabled=False, collection="default", mode="hybrid", top_k=4, min_similarity=0.4,
+                           min_term_match=0.7, lexical_weight=1.0, max_context_chars=4000, template=DEFAULT_TEMPLATE)
 
 
 class Rag(Strict, frozen=True):

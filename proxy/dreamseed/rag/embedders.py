@@ -42,6 +42,19 @@ class Embedder(Protocol):
         """Each text's length in the model's tokens, before any cut (blocking)."""
         ...
 
+    def shorten(self, text: str, max_tokens: int) -> str:
+        """``text`` if it has at most ``max_tokens`` tokens, else its beginning and its end, about
+        ``max_tokens`` tokens in all (a question is usually at one end of a long message)."""
+        ...
+
+
+def _head_and_tail(text: str, spans: Sequence[tuple[int, int]], max_tokens: int) -> str:
+    """Cut ``text`` to its first and last max_tokens/2 tokens, given each token's character span."""
+    if len(spans) <= max_tokens:
+        return text
+    half = max_tokens // 2
+    return f"{text[:spans[half - 1][1]]} … {text[spans[len(spans) - half][0]:]}"
+
 
 def model_folder_name(model: str) -> str:
     return model.replace("/", "--")
@@ -127,6 +140,11 @@ class FastEmbedder:
             return [max(1, len(t) // 4) for t in texts]
         return [len(encoding.ids) for encoding in self._counter.encode_batch(list(texts))]
 
+    def shorten(self, text: str, max_tokens: int) -> str:
+        if self._counter is None:
+            return _head_and_tail(text, _character_spans(text), max_tokens * 4)
+        return _head_and_tail(text, self._counter.encode(text, add_special_tokens=False).offsets, max_tokens)
+
 
 class OpenAIEmbedder:
     """Calls an OpenAI-compatible /v1/embeddings (vLLM's embedding server, say)."""
@@ -167,6 +185,13 @@ class OpenAIEmbedder:
         # The server's tokenizer is not here: an estimate (it enforces its own limit).
         return [max(1, len(t) // 4) for t in texts]
 
+    def shorten(self, text: str, max_tokens: int) -> str:
+        return _head_and_tail(text, _character_spans(text), max_tokens * 4)  # about 4 characters a token
+
+
+def _character_spans(text: str) -> list[tuple[int, int]]:
+    return [(i, i + 1) for i in range(len(text))]
+
 
 def load_embedder(policy: EmbedderPolicy, environ: Mapping[str, str] = os.environ) -> Embedder:
     if policy.kind == "openai":
@@ -200,15 +225,22 @@ class BatchingEmbedder:
     of its own, so a large batch never holds up the queries behind their time budget (ONNX
     Runtime sessions may be run from several threads at once)."""
 
-    def __init__(self, embedder: Embedder, max_batch: int = 64) -> None:
+    def __init__(self, embedder: Embedder, max_batch: int = 64, max_query_tokens: int | None = None) -> None:
         self.embedder = embedder
         self.max_batch = max_batch
+        self.max_query_tokens = max_query_tokens
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-queries")
         self._bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-bulk")
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._running = False
 
+    def _embed_queries(self, texts: list[str]) -> np.ndarray:
+        if self.max_query_tokens is not None:
+            texts = [self.embedder.shorten(text, self.max_query_tokens) for text in texts]
+        return self.embedder.embed(texts)
+
     async def embed_one(self, text: str) -> np.ndarray:
+        """One query's vector (shortened to ``max_query_tokens`` first, on the worker thread)."""
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._pending.append((text, future))
         if not self._running:
@@ -233,7 +265,7 @@ class BatchingEmbedder:
                 if not live:
                     continue
                 try:
-                    vectors = await loop.run_in_executor(self._executor, self.embedder.embed, [t for t, _ in live])
+                    vectors = await loop.run_in_executor(self._executor, self._embed_queries, [t for t, _ in live])
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
                     for _, future in live:
                         if not future.done():

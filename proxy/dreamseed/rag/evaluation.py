@@ -6,6 +6,15 @@ chunk), with graded relevance from the qrels (grade > 0 is relevant):
   MRR@k     1 / rank of the first relevant document in the top k (0 if none)
   nDCG@k    DCG / ideal DCG, DCG = sum of grade / log2(rank + 1) (linear gain, as trec_eval
             and BEIR compute it)
+Those rank what retrieval finds with its thresholds off. What a request would really get in its
+prompt (the rule's `top_k`, `min_similarity`, `min_term_match`) is measured too:
+  context precision  passages injected from relevant documents / passages injected (over all
+                     queries: one irrelevant passage costs the same wherever it goes)
+  context recall     answerable queries that got at least one passage of a relevant document
+  passages           passages injected per query, on average
+  nothing relevant   queries whose judged documents are all grade 0 ("nothing in the corpus
+                     answers this"): the share that got no passage at all, as they should
+  P50/P95 ms         time per retrieval (embedding + SQL), as a request spends it
 Queries are reported together and by language (a query with Hangul in it is Korean).
 """
 
@@ -13,12 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+import numpy as np
+
+from .language import language
 
 
 class EvalSetError(Exception):
@@ -31,10 +41,6 @@ class EvalSet:
     corpus: dict[str, tuple[str, str]]  # id -> (title, text)
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}
-
-
-def language(text: str) -> str:
-    return "ko" if _HANGUL.search(text) else "en"
 
 
 def _jsonl(path: Path) -> list[dict[str, object]]:
@@ -96,19 +102,48 @@ def ndcg_at(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float
     return dcg / idcg if idcg else 0.0
 
 
-def scores(runs: Mapping[str, Sequence[str]], eval_set: EvalSet, k: int = 10) -> dict[str, dict[str, float]]:
-    """{"all"|"en"|"ko": {"recall": .., "mrr": .., "ndcg": .., "queries": n}} over the ranked runs."""
-    groups: dict[str, list[str]] = {"all": list(runs)}
-    for query in runs:
+def answerable(eval_set: EvalSet, query: str) -> bool:
+    return any(grade > 0 for grade in eval_set.qrels[query].values())
+
+
+@dataclass(frozen=True)
+class Injected:
+    """What one query would have put in a prompt: each passage's document, and the time taken."""
+
+    documents: Sequence[str]
+    seconds: float
+
+
+def scores(runs: Mapping[str, Sequence[str]], injected: Mapping[str, Injected], eval_set: EvalSet,
+           k: int = 10) -> dict[str, dict[str, float]]:
+    """{"all"|"en"|"ko": {"recall", "mrr", "ndcg", "queries", "context_precision", "context_recall", "passages",
+    "unanswerable", "unanswerable_empty", "p50_ms", "p95_ms"}}: ranking metrics over the answerable
+    queries' ``runs``, the rest over ``injected``."""
+    groups: dict[str, list[str]] = {"all": list(injected)}
+    for query in injected:
         groups.setdefault(language(eval_set.queries[query]), []).append(query)
     result: dict[str, dict[str, float]] = {}
     for group, queries in groups.items():
-        n = len(queries)
+        ranked = [q for q in queries if answerable(eval_set, q) and q in runs]
+        n = len(ranked) or 1
+        passages = [doc for q in queries for doc in injected[q].documents]
+        relevant = sum(1 for q in queries for doc in injected[q].documents if eval_set.qrels[q].get(doc, 0) > 0)
+        unanswerable = [q for q in queries if not answerable(eval_set, q)]
+        milliseconds = np.array([injected[q].seconds * 1e3 for q in queries])
         result[group] = {
-            "recall": sum(recall_at(runs[q], eval_set.qrels[q], k) for q in queries) / n,
-            "mrr": sum(mrr_at(runs[q], eval_set.qrels[q], k) for q in queries) / n,
-            "ndcg": sum(ndcg_at(runs[q], eval_set.qrels[q], k) for q in queries) / n,
-            "queries": n,
+            "recall": sum(recall_at(runs[q], eval_set.qrels[q], k) for q in ranked) / n,
+            "mrr": sum(mrr_at(runs[q], eval_set.qrels[q], k) for q in ranked) / n,
+            "ndcg": sum(ndcg_at(runs[q], eval_set.qrels[q], k) for q in ranked) / n,
+            "queries": len(ranked),
+            "context_precision": relevant / len(passages) if passages else 1.0,
+            "context_recall": sum(1 for q in ranked if any(eval_set.qrels[q].get(doc, 0) > 0
+                                                           for doc in injected[q].documents)) / n,
+            "passages": len(passages) / len(queries) if queries else 0.0,
+            "unanswerable": len(unanswerable),
+            "unanswerable_empty": (sum(1 for q in unanswerable if not injected[q].documents) / len(unanswerable)
+                                   if unanswerable else 1.0),
+            "p50_ms": float(np.percentile(milliseconds, 50)) if len(milliseconds) else 0.0,
+            "p95_ms": float(np.percentile(milliseconds, 95)) if len(milliseconds) else 0.0,
         }
     return result
 

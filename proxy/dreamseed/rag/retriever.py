@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from ..policy import Rag, RagSettings
 from .database import Database, open_database
 from .embedders import BatchingEmbedder, Embedder, EmbedderError, load_embedder
+from .language import language
 from .store import DocumentStore, Hit, StoreMismatchError, ensure_schema, open_pool
 
 log = logging.getLogger("dreamseed.rag")
@@ -73,7 +74,8 @@ class Retriever:
         """Load the embedder, open the database, create or check the schema; raises on failure."""
         if self.embedder is None:
             embedder: Embedder = await asyncio.to_thread(load_embedder, self.rag.embedder, self.environ)
-            self.embedder = BatchingEmbedder(embedder, max_batch=self.rag.embedder.batch_size)
+            self.embedder = BatchingEmbedder(embedder, max_batch=self.rag.embedder.batch_size,
+                                             max_query_tokens=self.rag.embedder.max_query_tokens)
         if self.database is None:
             self.database = await asyncio.to_thread(open_database, self.environ)
         if self.store is None:
@@ -100,16 +102,18 @@ class Retriever:
                 self.problem = str(exc)
 
     async def search(self, settings: RagSettings, query: str, *, top_k: int | None = None,
-                     min_similarity: float | None = None) -> list[Hit]:
+                     min_similarity: float | None = None, min_term_match: float | None = None) -> list[Hit]:
         if self.store is None or self.embedder is None:
             raise RagUnavailableError(self.problem or "RAG is not ready")
-        vector = None
-        if settings.mode != "lexical":
-            vector = await self.embedder.embed_one(query)
+        mode = settings.mode
+        if mode == "hybrid" and language(query) not in self.rag.embedder.languages:
+            mode = "lexical"  # the model cannot read it: its neighbours would be noise (rag.yaml embedder.languages)
+        vector = await self.embedder.embed_one(query) if mode != "lexical" else None
         return await self.store.search(
-            settings.collection, text=query, vector=vector, mode=settings.mode, top_k=top_k or settings.top_k,
+            settings.collection, text=query, vector=vector, mode=mode, top_k=top_k or settings.top_k,
             min_similarity=settings.min_similarity if min_similarity is None else min_similarity,
-            min_word_similarity=settings.min_word_similarity)
+            min_term_match=settings.min_term_match if min_term_match is None else min_term_match,
+            lexical_weight=settings.lexical_weight)
 
     async def retrieve(self, settings: RagSettings, query: str) -> Retrieval:
         """Hits for a request, never an exception: failures and overruns come back degraded."""

@@ -5,13 +5,20 @@ idempotently at start. A side table records which model and dimension filled it:
 a table with another model's settings is an error, because mixing vector spaces gives
 silently wrong answers.
 
-Retrieval is one SQL statement per request, made of up to three legs fused by reciprocal
-rank fusion (score = sum of 1 / (60 + rank) over the legs that found a chunk):
-  vector    HNSW scan on cosine distance (pgvector), hits under `min_similarity` dropped
-  full-text tsvector (`english` config: stems English, keeps Korean words whole), OR-query
-  trigram   pg_trgm word similarity of the query inside a chunk: finds Korean words with
-            particles attached (비밀번호를 ~ 비밀번호), which neither MiniLM nor full-text can
-Mode `vector` uses the first leg, `lexical` the other two, `hybrid` all three.
+Retrieval is one SQL statement per request, made of up to two legs fused by weighted
+reciprocal rank fusion (score = sum over the legs that found a chunk of weight / (60 + rank)):
+  vector   HNSW scan on cosine distance (pgvector); hits under `min_similarity` dropped.
+  lexical  the query's terms against a GIN-indexed ``terms`` tsvector: English words stemmed
+           (`english` configuration) plus every Hangul syllable bigram, so 비밀번호 matches
+           비밀번호를 (a particle attached) through 비밀/밀번/번호, the way CJK search engines
+           index. Each term weighs its inverse document frequency, read from Postgres's own
+           statistics on the column (pg_stats.most_common_elems, kept by ANALYZE); terms in more
+           than `max_term_frequency` of the chunks are left out, at most `max_query_terms` of the
+           rarest are looked up, each reading at most `rows_per_term` rows, so the leg's cost is
+           bounded whatever the corpus size or query length. A chunk is a lexical hit when the
+           terms it holds weigh at least `min_term_match` of what the query's terms present in
+           the collection weigh: one shared common word is not enough.
+Mode `vector` uses the first leg, `lexical` the second, `hybrid` both.
 """
 
 from __future__ import annotations
@@ -28,9 +35,24 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from ..policy import RetrievalMode, VectorStore
+from .language import without_particles
 
 RRF_K = 60  # the constant from Cormack et al. (2009), used by most hybrid search engines
-TEXT_SEARCH_CONFIG = "english"
+TEXT_SEARCH_CONFIG = "english+hangul-bigrams"
+# What a chunk's (and a query's) terms are: English words stemmed, stop words out; Hangul runs
+# also as syllable bigrams. IMMUTABLE, so a generated column can use it; the same function
+# parses queries, so both sides always agree.
+TERMS_FUNCTION = """
+CREATE OR REPLACE FUNCTION dreamseed_terms(content text) RETURNS tsvector
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+  SELECT to_tsvector('english', content) || to_tsvector('simple', coalesce((
+    SELECT string_agg(substr(run[1], i, 2), ' ')
+    FROM regexp_matches(content, '([가-힣]{2,})', 'g') AS run, generate_series(1, char_length(run[1]) - 1) AS i), ''))
+$$"""
+# ANALYZE keeps up to 10 x this many of the column's most common terms with their frequencies:
+# the lexical leg's document frequencies. 1000 tracks terms down to about 0.1% of the chunks.
+TERMS_STATISTICS = 1000
+MAX_QUERY_TERMS = 64  # a hard cap on the terms one query looks up, whatever the row budget allows
 SCHEMA_LOCK = 0x445353  # pg_advisory lock key: two processes creating the schema at once
 
 
@@ -65,8 +87,9 @@ def _names(table: str) -> dict[str, sql.Identifier]:
     return {
         "table": sql.Identifier(table),
         "hnsw": sql.Identifier(f"{table}_embedding_hnsw"),
-        "fts": sql.Identifier(f"{table}_tsv_gin"),
-        "trgm": sql.Identifier(f"{table}_content_trgm"),
+        "terms_gin": sql.Identifier(f"{table}_terms_gin"),
+        "old_fts": sql.Identifier(f"{table}_tsv_gin"),
+        "old_trgm": sql.Identifier(f"{table}_content_trgm"),
         "by_source": sql.Identifier(f"{table}_collection_source"),
     }
 
@@ -77,7 +100,7 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any], store: VectorStore, 
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        await conn.execute(TERMS_FUNCTION)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS dreamseed_rag_tables ("
             " table_name text PRIMARY KEY, model text NOT NULL, dim integer NOT NULL,"
@@ -108,22 +131,31 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any], store: VectorStore, 
             " metadata jsonb NOT NULL DEFAULT '{{}}'::jsonb,"
             " embedding vector({dim}) NOT NULL,"
             " created_at timestamptz NOT NULL DEFAULT now(),"
-            " tsv tsvector GENERATED ALWAYS AS (to_tsvector({config}, content)) STORED,"
-            " UNIQUE (collection, content_sha256))").format(
-                dim=sql.Literal(dim), config=sql.Literal(TEXT_SEARCH_CONFIG), **names))
+            " terms tsvector GENERATED ALWAYS AS (dreamseed_terms(content)) STORED,"
+            " UNIQUE (collection, content_sha256))").format(dim=sql.Literal(dim), **names))
+        # Tables made by DreamSeed 0.1 searched a `tsv` column (English only) and a pg_trgm index,
+        # whose scans grew with the corpus (seconds at 10k chunks): replaced, once, by `terms`.
+        await conn.execute(sql.SQL(
+            "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS terms tsvector"
+            " GENERATED ALWAYS AS (dreamseed_terms(content)) STORED").format(**names))
+        await conn.execute(sql.SQL("DROP INDEX IF EXISTS {old_trgm}").format(**names))
+        await conn.execute(sql.SQL("ALTER TABLE {table} DROP COLUMN IF EXISTS tsv").format(**names))
+        await conn.execute(sql.SQL("ALTER TABLE {table} ALTER COLUMN terms SET STATISTICS {n}").format(
+            n=sql.Literal(TERMS_STATISTICS), **names))
         await conn.execute(sql.SQL(
             "CREATE INDEX IF NOT EXISTS {hnsw} ON {table} USING hnsw (embedding vector_cosine_ops)"
             " WITH (m = {m}, ef_construction = {ef})").format(
                 m=sql.Literal(store.hnsw_m), ef=sql.Literal(store.hnsw_ef_construction), **names))
-        await conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {fts} ON {table} USING gin (tsv)").format(**names))
-        await conn.execute(sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {trgm} ON {table} USING gin (content gin_trgm_ops)").format(**names))
+        await conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {terms_gin} ON {table} USING gin (terms)").format(**names))
         await conn.execute(sql.SQL(
             "CREATE INDEX IF NOT EXISTS {by_source} ON {table} (collection, source)").format(**names))
         if row is None:
             await conn.execute(
                 "INSERT INTO dreamseed_rag_tables (table_name, model, dim, text_search_config) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT (table_name) DO NOTHING", (store.table, model, dim, TEXT_SEARCH_CONFIG))
+        elif row[2] != TEXT_SEARCH_CONFIG:
+            await conn.execute("UPDATE dreamseed_rag_tables SET text_search_config = %s WHERE table_name = %s",
+                               (TEXT_SEARCH_CONFIG, store.table))
 
 
 async def configure_connection(conn: psycopg.AsyncConnection[Any], store: VectorStore) -> None:
@@ -151,23 +183,28 @@ class DocumentStore:
         self._names = _names(store.table)
 
     async def existing_hashes(self, collection: str, hashes: Sequence[str]) -> set[str]:
+        found: set[str] = set()
         async with self.pool.connection() as conn:
-            rows = await (await conn.execute(sql.SQL(
-                "SELECT content_sha256 FROM {table} WHERE collection = %s AND content_sha256 = ANY(%s)").format(
-                    **self._names), (collection, list(hashes)))).fetchall()
-        return {row[0] for row in rows}
+            for start in range(0, len(hashes), 10_000):  # bounded statements for a 100k-chunk ingestion
+                rows = await (await conn.execute(sql.SQL(
+                    "SELECT content_sha256 FROM {table} WHERE collection = %s AND content_sha256 = ANY(%s)").format(
+                        **self._names), (collection, list(hashes[start:start + 10_000])))).fetchall()
+                found.update(row[0] for row in rows)
+        return found
 
-    async def replace_source(self, collection: str, source: str, keep: Sequence[str], chunks: Sequence[Chunk],
-                             vectors: np.ndarray | None) -> tuple[int, int]:
-        """Synchronise ``source`` in ``collection``: its stored chunks whose hash is not in ``keep``
-        (stale parts of an edited file) go; ``chunks`` come in, ``vectors`` giving their
-        embeddings row for row. Returns (added, removed)."""
-        keep = list(keep)
+    async def replace_sources(self, collection: str, sources: Sequence[tuple[str, Sequence[str], Sequence[Chunk]]],
+                              vectors: np.ndarray | None) -> tuple[int, int]:
+        """Synchronise each (source, keep, new chunks) in ``collection``, in one transaction: the
+        source's stored chunks whose hash is not in ``keep`` (stale parts of an edited file) go, the
+        new chunks come in, ``vectors`` holding their embeddings in order. Returns (added, removed)."""
+        chunks = [chunk for _, _, new in sources for chunk in new]
+        removed = added = 0
         async with self.pool.connection() as conn, conn.transaction():
-            removed = await conn.execute(sql.SQL(
-                "DELETE FROM {table} WHERE collection = %s AND source = %s AND NOT (content_sha256 = ANY(%s))").format(
-                    **self._names), (collection, source, keep))
-            added = 0
+            for source, keep, _ in sources:
+                cursor = await conn.execute(sql.SQL(
+                    "DELETE FROM {table} WHERE collection = %s AND source = %s AND NOT (content_sha256 = ANY(%s))").format(
+                        **self._names), (collection, source, list(keep)))
+                removed += cursor.rowcount
             if chunks:
                 assert vectors is not None and len(vectors) == len(chunks)
                 async with conn.cursor() as cursor:
@@ -182,7 +219,7 @@ class DocumentStore:
                         added += len(await cursor.fetchall())
                         if not cursor.nextset():
                             break
-        return added, removed.rowcount
+        return added, removed
 
     async def delete(self, collection: str | None = None, source: str | None = None) -> int:
         if collection is None and source is None:
@@ -206,47 +243,79 @@ class DocumentStore:
                     **self._names))).fetchall()
         return {row[0]: {"sources": row[1], "chunks": row[2]} for row in rows}
 
-    async def search(self, collection: str, *, text: str, vector: np.ndarray | None, mode: RetrievalMode,
-                     top_k: int, min_similarity: float = -1.0, min_word_similarity: float = 0.3) -> list[Hit]:
-        use_vector = mode in ("vector", "hybrid") and vector is not None
-        use_lexical = mode in ("lexical", "hybrid")
-        candidates = max(4 * top_k, 20)
-        legs: list[sql.Composable] = []
+    async def analyze(self) -> None:
+        """Refresh the planner's statistics, which hold the lexical leg's term frequencies. Run after
+        an ingestion (autovacuum would get there too, later)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(sql.SQL("ANALYZE {table}").format(**self._names))
+
+    def search_query(self, *, vector: bool, lexical: bool) -> sql.Composed:
+        """The statement for one retrieval (also what EXPLAIN checks in the tests)."""
         ctes: list[sql.SQL] = []
-        params: dict[str, Any] = {"c": collection, "n": candidates, "k": top_k, "q": vector, "text": text,
-                                  "min_sim": min_similarity, "rrf": RRF_K}
-        if use_vector:
+        legs: list[sql.Composable] = []
+        if vector:
             ctes.append(sql.SQL(
                 "vec AS (SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM ("
                 " SELECT id, embedding <=> %(q)s AS distance FROM {table} WHERE collection = %(c)s"
                 " ORDER BY embedding <=> %(q)s LIMIT %(n)s) nearest WHERE 1 - distance >= %(min_sim)s)"))
-            legs.append(sql.SQL("SELECT id, rank FROM vec"))
-        if use_lexical:
+            legs.append(sql.SQL("SELECT id, %(vector_weight)s / (%(rrf)s + rank) AS score FROM vec"))
+        if lexical:
             ctes.append(sql.SQL(
-                "fts AS (SELECT id, row_number() OVER (ORDER BY ts_rank_cd(tsv, query) DESC, id) AS rank"
-                # Any of the query's lexemes (plainto_tsquery would demand all of them).
-                " FROM {table}, (SELECT replace(plainto_tsquery({config}, %(text)s)::text, ' & ', ' | ') AS q) raw,"
-                " LATERAL (SELECT CASE WHEN raw.q = '' THEN NULL ELSE raw.q::tsquery END AS query) parsed"
-                " WHERE collection = %(c)s AND tsv @@ query ORDER BY ts_rank_cd(tsv, query) DESC, id LIMIT %(n)s)"))
-            ctes.append(sql.SQL(
-                "trgm AS (SELECT id, row_number() OVER (ORDER BY word_similarity(%(text)s, content) DESC, id) AS rank"
-                " FROM {table} WHERE collection = %(c)s AND %(text)s <%% content"
-                " ORDER BY word_similarity(%(text)s, content) DESC, id LIMIT %(n)s)"))
-            legs += [sql.SQL("SELECT id, rank FROM fts"), sql.SQL("SELECT id, rank FROM trgm")]
-        if not legs:
-            return []
-        similarity = sql.SQL("1 - (d.embedding <=> %(q)s)") if vector is not None else sql.SQL("NULL::float8")
-        query = sql.SQL(
-            "WITH {ctes}, fused AS (SELECT id, sum(1.0 / (%(rrf)s + rank)) AS score FROM ({legs}) found GROUP BY id)"
+                # Document frequencies from ANALYZE: most_common_elem_freqs holds one frequency per
+                # tracked term, then the minimum, maximum and null frequency. An untracked term is
+                # rarer than the least common tracked one; no statistics yet: every term rare.
+                "stats AS (SELECT most_common_elems::text::text[] AS terms, most_common_elem_freqs AS freqs"
+                " FROM pg_stats WHERE schemaname = current_schema() AND tablename = %(table)s AND attname = 'terms'),"
+                " query_terms AS (SELECT term, coalesce(stats.freqs[array_position(stats.terms, term)],"
+                "  stats.freqs[cardinality(stats.terms) + 1] / 2, 0.0001) AS frequency"
+                "  FROM unnest(tsvector_to_array(dreamseed_terms(%(text)s))) AS term LEFT JOIN stats ON true"
+                "  WHERE term !~ '^[가-힣]{{3,}}$'),"
+                # Rarest first, while the rows they are expected to match (frequency x table rows,
+                # each capped at rows_per_term) stay within the leg's row budget.
+                # A term in more than max_term_frequency of the chunks is left out, unless the table
+                # is so small that it matches few rows anyway.
+                " chunks AS (SELECT greatest(reltuples, 1) AS n FROM pg_class WHERE oid = %(table)s::regclass),"
+                " chosen AS (SELECT term, weight FROM (SELECT term, ln(1 / frequency) AS weight,"
+                "  sum(least(frequency * chunks.n, %(per_term)s)) OVER (ORDER BY frequency, term) AS expected_rows"
+                "  FROM query_terms, chunks WHERE frequency <= %(max_freq)s OR frequency * chunks.n <= %(per_term)s) ranked"
+                "  WHERE expected_rows <= %(row_budget)s ORDER BY expected_rows LIMIT {max_terms}),"
+                " postings AS (SELECT chosen.term, chosen.weight, found.id FROM chosen CROSS JOIN LATERAL ("
+                "  SELECT id FROM {table} WHERE collection = %(c)s AND terms @@ quote_literal(chosen.term)::tsquery"
+                "  LIMIT %(per_term)s) found),"
+                # The query's weight counts only terms the collection holds: a typo or a word no
+                # document uses must not make every real match look partial.
+                " present AS (SELECT sum(weight) AS weight FROM (SELECT DISTINCT term, weight FROM postings) terms),"
+                " lex AS (SELECT id, row_number() OVER (ORDER BY sum(weight) DESC, id) AS rank FROM postings"
+                "  GROUP BY id HAVING sum(weight) >= %(min_match)s * (SELECT weight FROM present)"
+                "  ORDER BY sum(weight) DESC, id LIMIT %(n)s)"))
+            legs.append(sql.SQL("SELECT id, %(lexical_weight)s / (%(rrf)s + rank) AS score FROM lex"))
+        similarity = sql.SQL("1 - (d.embedding <=> %(q)s)") if vector else sql.SQL("NULL::float8")
+        return sql.SQL(
+            "WITH {ctes}, fused AS (SELECT id, sum(score) AS score FROM ({legs}) found GROUP BY id)"
             " SELECT d.id, d.source, d.chunk_index, d.content, d.metadata, f.score::float8, {similarity}"
             " FROM fused f JOIN {table} d USING (id) ORDER BY f.score DESC, d.id LIMIT %(k)s").format(
-                ctes=sql.SQL(", ").join(
-                    [cte.format(config=sql.Literal(TEXT_SEARCH_CONFIG), **self._names) for cte in ctes]),
+                ctes=sql.SQL(", ").join(cte.format(max_terms=sql.Literal(MAX_QUERY_TERMS), **self._names) for cte in ctes),
                 legs=sql.SQL(" UNION ALL ").join(legs), similarity=similarity, **self._names)
+
+    def search_params(self, collection: str, *, text: str, vector: np.ndarray | None, top_k: int,
+                      min_similarity: float, min_term_match: float, lexical_weight: float) -> dict[str, Any]:
+        store = self.store
+        return {"c": collection, "n": max(4 * top_k, 20), "k": top_k, "q": vector, "text": without_particles(text),
+                "min_sim": min_similarity, "rrf": RRF_K, "table": store.table, "max_freq": store.max_term_frequency,
+                "row_budget": store.lexical_rows, "per_term": store.rows_per_term, "min_match": min_term_match,
+                "vector_weight": 1.0, "lexical_weight": lexical_weight}
+
+    async def search(self, collection: str, *, text: str, vector: np.ndarray | None, mode: RetrievalMode,
+                     top_k: int, min_similarity: float = -1.0, min_term_match: float = 0.0,
+                     lexical_weight: float = 1.0) -> list[Hit]:
+        use_vector = mode in ("vector", "hybrid") and vector is not None
+        use_lexical = mode in ("lexical", "hybrid")
+        if not (use_vector or use_lexical):
+            return []
+        query = self.search_query(vector=use_vector, lexical=use_lexical)
+        params = self.search_params(collection, text=text, vector=vector, top_k=top_k, min_similarity=min_similarity,
+                                    min_term_match=min_term_match, lexical_weight=lexical_weight)
         async with self.pool.connection() as conn:
-            if use_lexical:
-                await conn.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
-                                   (str(min_word_similarity),))
             rows = await (await conn.execute(query, params)).fetchall()
         return [Hit(*row) for row in rows]
 
