@@ -194,7 +194,7 @@ class EmbedderPolicy(Strict, frozen=True):
     # Queries are embedded from at most this many tokens (longer ones: their beginning and end).
     # A 2,000-character message is 256 tokens for MiniLM, 40 ms to embed on a 2-core machine; the
     # lexical leg still reads all of it.
-    max_query_tokens: Annotated[int, Meta(ge=8, le=32768)] = 64
+    max_query_tokens: Annotated[int, Meta(ge=8, le=32768)] = 32
     url: str | None = None
     url_env: EnvVar | None = None
     api_key_env: EnvVar | None = None
@@ -233,7 +233,7 @@ class VectorStore(Strict, frozen=True):
     max_term_frequency: Annotated[float, Meta(gt=0, le=1)] = 0.25
     # ...the query's rarest terms are looked up while the rows they are expected to match (from
     # Postgres's statistics) add up to at most this...
-    lexical_rows: Annotated[int, Meta(ge=10, le=1_000_000)] = 5000
+    lexical_rows: Annotated[int, Meta(ge=10, le=1_000_000)] = 2000
     # ...and no term reads more than this many rows, whatever the statistics said.
     rows_per_term: Annotated[int, Meta(ge=10, le=100000)] = 1000
 

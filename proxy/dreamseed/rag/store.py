@@ -52,7 +52,12 @@ $$"""
 # ANALYZE keeps up to 10 x this many of the column's most common terms with their frequencies:
 # the lexical leg's document frequencies. 1000 tracks terms down to about 0.1% of the chunks.
 TERMS_STATISTICS = 1000
-MAX_QUERY_TERMS = 64  # a hard cap on the terms one query looks up, whatever the row budget allows
+# For the search statement's transaction only. The planner cannot know at planning time which terms
+# the lexical leg will look up, and with a row limit per term it may prefer reading the table in order
+# until enough rows match: fine for a common term, the whole table for a rare one. Every step of a
+# search has an index (HNSW, GIN, primary key), so sequential scans are off for it.
+SEARCH_SETTINGS = "SET LOCAL enable_seqscan = off"
+MAX_QUERY_TERMS = 24  # a hard cap on the terms one query looks up, whatever the row budget allows
 SCHEMA_LOCK = 0x445353  # pg_advisory lock key: two processes creating the schema at once
 
 
@@ -105,6 +110,9 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any], store: VectorStore, 
             "CREATE TABLE IF NOT EXISTS dreamseed_rag_tables ("
             " table_name text PRIMARY KEY, model text NOT NULL, dim integer NOT NULL,"
             " text_search_config text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS dreamseed_rag_terms (table_name text NOT NULL, term text NOT NULL,"
+            " frequency float8 NOT NULL, PRIMARY KEY (table_name, term))")
         row = await (await conn.execute(
             "SELECT model, dim, text_search_config FROM dreamseed_rag_tables WHERE table_name = %s",
             (store.table,))).fetchone()
@@ -156,6 +164,26 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any], store: VectorStore, 
         elif row[2] != TEXT_SEARCH_CONFIG:
             await conn.execute("UPDATE dreamseed_rag_tables SET text_search_config = %s WHERE table_name = %s",
                                (TEXT_SEARCH_CONFIG, store.table))
+
+
+async def analyze(conn: psycopg.AsyncConnection[Any], table: str) -> None:
+    """ANALYZE ``table``, then copy its term statistics where the lexical leg reads them. ANALYZE
+    samples the table and keeps its most common terms with their frequencies
+    (pg_stats.most_common_elems, then the minimum, maximum and null frequency); they go into
+    dreamseed_rag_terms, one indexed row per term, because looking a query's terms up in the
+    10,000-entry array itself cost milliseconds per query. The '' row holds half the least common
+    frequency: what an untracked term is taken to have."""
+    async with conn.transaction():
+        await conn.execute(sql.SQL("ANALYZE {table}").format(table=sql.Identifier(table)))
+        await conn.execute("DELETE FROM dreamseed_rag_terms WHERE table_name = %s", (table,))
+        await conn.execute(
+            "INSERT INTO dreamseed_rag_terms (table_name, term, frequency)"
+            " SELECT %(table)s, term, frequency FROM pg_stats,"
+            "  unnest(most_common_elems::text::text[], most_common_elem_freqs) AS t(term, frequency)"
+            " WHERE schemaname = current_schema() AND tablename = %(table)s AND attname = 'terms' AND term IS NOT NULL"
+            " UNION ALL SELECT %(table)s, '', most_common_elem_freqs[cardinality(most_common_elems) + 1] / 2"
+            " FROM pg_stats WHERE schemaname = current_schema() AND tablename = %(table)s AND attname = 'terms'",
+            {"table": table})
 
 
 async def configure_connection(conn: psycopg.AsyncConnection[Any], store: VectorStore) -> None:
@@ -244,10 +272,9 @@ class DocumentStore:
         return {row[0]: {"sources": row[1], "chunks": row[2]} for row in rows}
 
     async def analyze(self) -> None:
-        """Refresh the planner's statistics, which hold the lexical leg's term frequencies. Run after
-        an ingestion (autovacuum would get there too, later)."""
+        """Refresh the lexical leg's term frequencies; run after an ingestion."""
         async with self.pool.connection() as conn:
-            await conn.execute(sql.SQL("ANALYZE {table}").format(**self._names))
+            await analyze(conn, self.store.table)
 
     def search_query(self, *, vector: bool, lexical: bool) -> sql.Composed:
         """The statement for one retrieval (also what EXPLAIN checks in the tests)."""
@@ -261,15 +288,14 @@ class DocumentStore:
             legs.append(sql.SQL("SELECT id, %(vector_weight)s / (%(rrf)s + rank) AS score FROM vec"))
         if lexical:
             ctes.append(sql.SQL(
-                # Document frequencies from ANALYZE: most_common_elem_freqs holds one frequency per
-                # tracked term, then the minimum, maximum and null frequency. An untracked term is
-                # rarer than the least common tracked one; no statistics yet: every term rare.
-                "stats AS (SELECT most_common_elems::text::text[] AS terms, most_common_elem_freqs AS freqs"
-                " FROM pg_stats WHERE schemaname = current_schema() AND tablename = %(table)s AND attname = 'terms'),"
-                " query_terms AS (SELECT term, coalesce(stats.freqs[array_position(stats.terms, term)],"
-                "  stats.freqs[cardinality(stats.terms) + 1] / 2, 0.0001) AS frequency"
-                "  FROM unnest(tsvector_to_array(dreamseed_terms(%(text)s))) AS term LEFT JOIN stats ON true"
-                "  WHERE term !~ '^[가-힣]{{3,}}$'),"
+                # Document frequencies, from ANALYZE (see `analyze`): an untracked term is rarer than
+                # the least common tracked one (the '' row); no statistics yet: every term rare.
+                "query_terms AS (SELECT query.term, coalesce(tracked.frequency, (SELECT frequency FROM"
+                "  dreamseed_rag_terms WHERE table_name = %(table)s AND term = ''), 0.0001) AS frequency"
+                "  FROM unnest(tsvector_to_array(dreamseed_terms(%(text)s))) AS query(term)"
+                "  LEFT JOIN dreamseed_rag_terms tracked ON tracked.table_name = %(table)s AND tracked.term = query.term"
+                # Whole Korean words are left to their bigrams (a particle may still cling to them).
+                "  WHERE query.term !~ '^[가-힣]{{3,}}$'),"
                 # Rarest first, while the rows they are expected to match (frequency x table rows,
                 # each capped at rows_per_term) stay within the leg's row budget.
                 # A term in more than max_term_frequency of the chunks is left out, unless the table
@@ -316,6 +342,7 @@ class DocumentStore:
         params = self.search_params(collection, text=text, vector=vector, top_k=top_k, min_similarity=min_similarity,
                                     min_term_match=min_term_match, lexical_weight=lexical_weight)
         async with self.pool.connection() as conn:
+            await conn.execute(SEARCH_SETTINGS)
             rows = await (await conn.execute(query, params)).fetchall()
         return [Hit(*row) for row in rows]
 
