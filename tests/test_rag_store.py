@@ -70,18 +70,25 @@ def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def explain(url: str, store: VectorStore, text: str, **settings: Any) -> list[dict[str, Any]]:
     from pgvector.psycopg import register_vector
 
-    documents = DocumentStore(None, store)  # type: ignore[arg-type]  # only builds the statement
-    query = documents.search_query(vector=True, lexical=True)
+    """Both statements of a hybrid search (the lexical leg, then the fusing one with the vector leg),
+    EXPLAIN ANALYZEd: their plan nodes."""
+    documents = DocumentStore(None, store)  # type: ignore[arg-type]  # only builds the statements
     vector = np.random.default_rng(1).normal(size=384).astype(np.float32)
     params = documents.search_params("c", text=text, vector=vector / np.linalg.norm(vector), top_k=4,
-                                     min_similarity=-1.0, min_term_match=settings.get("min_term_match", 0.0),
-                                     lexical_weight=1.0)
+                                     min_similarity=-1.0, min_term_match=settings.get("min_term_match", 0.0))
+    nodes = []
     with psycopg.connect(url) as conn:
         register_vector(conn)
         conn.execute("SET hnsw.iterative_scan = relaxed_order")
         conn.execute(SEARCH_SETTINGS)
+        lexical = conn.execute(documents.lexical_query(), params).fetchall()
+        (result,) = conn.execute(sql_explain(documents.lexical_query()), params).fetchone()  # type: ignore[misc]
+        nodes += plan_nodes(result[0]["Plan"])
+        params.update(lex_ids=[row[0] for row in lexical], lex_ranks=[row[1] for row in lexical])
+        query = documents.search_query(vector=True, lexical=True)
         (result,) = conn.execute(sql_explain(query), params).fetchone()  # type: ignore[misc]
-    return list(plan_nodes(result[0]["Plan"]))
+        nodes += plan_nodes(result[0]["Plan"])
+    return nodes
 
 
 def sql_explain(query: psycopg.sql.Composed) -> psycopg.sql.Composed:

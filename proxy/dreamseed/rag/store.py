@@ -276,8 +276,40 @@ class DocumentStore:
         async with self.pool.connection() as conn:
             await analyze(conn, self.store.table)
 
+    def lexical_query(self) -> sql.Composed:
+        """The lexical leg: (id, rank) of the chunks whose terms weigh at least min_match of the
+        query's, best first. A statement of its own, so that it runs while the query is embedded."""
+        return sql.SQL(
+            # Document frequencies, from ANALYZE (see `analyze`): an untracked term is rarer than
+            # the least common tracked one (the '' row); no statistics yet: every term rare.
+            "WITH query_terms AS (SELECT query.term, coalesce(tracked.frequency, (SELECT frequency FROM"
+            "  dreamseed_rag_terms WHERE table_name = %(table)s AND term = ''), 0.0001) AS frequency"
+            "  FROM unnest(tsvector_to_array(dreamseed_terms(%(text)s))) AS query(term)"
+            "  LEFT JOIN dreamseed_rag_terms tracked ON tracked.table_name = %(table)s AND tracked.term = query.term"
+            # Whole Korean words are left to their bigrams (a particle may still cling to them).
+            "  WHERE query.term !~ '^[가-힣]{{3,}}$'),"
+            # Rarest first, while the rows they are expected to match (frequency x table rows, each
+            # capped at rows_per_term) stay within the leg's row budget. A term in more than
+            # max_term_frequency of the chunks is left out, unless the table is so small that it
+            # matches few rows anyway.
+            " chunks AS (SELECT greatest(reltuples, 1) AS n FROM pg_class WHERE oid = %(table)s::regclass),"
+            " chosen AS (SELECT term, weight FROM (SELECT term, ln(1 / frequency) AS weight,"
+            "  sum(least(frequency * chunks.n, %(per_term)s)) OVER (ORDER BY frequency, term) AS expected_rows"
+            "  FROM query_terms, chunks WHERE frequency <= %(max_freq)s OR frequency * chunks.n <= %(per_term)s) ranked"
+            "  WHERE expected_rows <= %(row_budget)s ORDER BY expected_rows LIMIT {max_terms}),"
+            " postings AS (SELECT chosen.term, chosen.weight, found.id FROM chosen CROSS JOIN LATERAL ("
+            "  SELECT id FROM {table} WHERE collection = %(c)s AND terms @@ quote_literal(chosen.term)::tsquery"
+            "  LIMIT %(per_term)s) found),"
+            # The query's weight counts only terms the collection holds: a typo or a word no
+            # document uses must not make every real match look partial.
+            " present AS (SELECT sum(weight) AS weight FROM (SELECT DISTINCT term, weight FROM postings) terms)"
+            " SELECT id, row_number() OVER (ORDER BY sum(weight) DESC, id) AS rank FROM postings"
+            " GROUP BY id HAVING sum(weight) >= %(min_match)s * (SELECT weight FROM present)"
+            " ORDER BY sum(weight) DESC, id LIMIT %(n)s").format(max_terms=sql.Literal(MAX_QUERY_TERMS), **self._names)
+
     def search_query(self, *, vector: bool, lexical: bool) -> sql.Composed:
-        """The statement for one retrieval (also what EXPLAIN checks in the tests)."""
+        """The fusing statement: the vector leg, and the lexical leg's ranks given as %(lex_ids)s and
+        %(lex_ranks)s (from `lexical_query`)."""
         ctes: list[sql.SQL] = []
         legs: list[sql.Composable] = []
         if vector:
@@ -287,63 +319,54 @@ class DocumentStore:
                 " ORDER BY embedding <=> %(q)s LIMIT %(n)s) nearest WHERE 1 - distance >= %(min_sim)s)"))
             legs.append(sql.SQL("SELECT id, %(vector_weight)s / (%(rrf)s + rank) AS score FROM vec"))
         if lexical:
-            ctes.append(sql.SQL(
-                # Document frequencies, from ANALYZE (see `analyze`): an untracked term is rarer than
-                # the least common tracked one (the '' row); no statistics yet: every term rare.
-                "query_terms AS (SELECT query.term, coalesce(tracked.frequency, (SELECT frequency FROM"
-                "  dreamseed_rag_terms WHERE table_name = %(table)s AND term = ''), 0.0001) AS frequency"
-                "  FROM unnest(tsvector_to_array(dreamseed_terms(%(text)s))) AS query(term)"
-                "  LEFT JOIN dreamseed_rag_terms tracked ON tracked.table_name = %(table)s AND tracked.term = query.term"
-                # Whole Korean words are left to their bigrams (a particle may still cling to them).
-                "  WHERE query.term !~ '^[가-힣]{{3,}}$'),"
-                # Rarest first, while the rows they are expected to match (frequency x table rows,
-                # each capped at rows_per_term) stay within the leg's row budget.
-                # A term in more than max_term_frequency of the chunks is left out, unless the table
-                # is so small that it matches few rows anyway.
-                " chunks AS (SELECT greatest(reltuples, 1) AS n FROM pg_class WHERE oid = %(table)s::regclass),"
-                " chosen AS (SELECT term, weight FROM (SELECT term, ln(1 / frequency) AS weight,"
-                "  sum(least(frequency * chunks.n, %(per_term)s)) OVER (ORDER BY frequency, term) AS expected_rows"
-                "  FROM query_terms, chunks WHERE frequency <= %(max_freq)s OR frequency * chunks.n <= %(per_term)s) ranked"
-                "  WHERE expected_rows <= %(row_budget)s ORDER BY expected_rows LIMIT {max_terms}),"
-                " postings AS (SELECT chosen.term, chosen.weight, found.id FROM chosen CROSS JOIN LATERAL ("
-                "  SELECT id FROM {table} WHERE collection = %(c)s AND terms @@ quote_literal(chosen.term)::tsquery"
-                "  LIMIT %(per_term)s) found),"
-                # The query's weight counts only terms the collection holds: a typo or a word no
-                # document uses must not make every real match look partial.
-                " present AS (SELECT sum(weight) AS weight FROM (SELECT DISTINCT term, weight FROM postings) terms),"
-                " lex AS (SELECT id, row_number() OVER (ORDER BY sum(weight) DESC, id) AS rank FROM postings"
-                "  GROUP BY id HAVING sum(weight) >= %(min_match)s * (SELECT weight FROM present)"
-                "  ORDER BY sum(weight) DESC, id LIMIT %(n)s)"))
+            ctes.append(sql.SQL("lex AS (SELECT id, rank FROM unnest(%(lex_ids)s::bigint[], %(lex_ranks)s::bigint[])"
+                                " AS given(id, rank))"))
             legs.append(sql.SQL("SELECT id, %(lexical_weight)s / (%(rrf)s + rank) AS score FROM lex"))
         similarity = sql.SQL("1 - (d.embedding <=> %(q)s)") if vector else sql.SQL("NULL::float8")
         return sql.SQL(
             "WITH {ctes}, fused AS (SELECT id, sum(score) AS score FROM ({legs}) found GROUP BY id)"
             " SELECT d.id, d.source, d.chunk_index, d.content, d.metadata, f.score::float8, {similarity}"
             " FROM fused f JOIN {table} d USING (id) ORDER BY f.score DESC, d.id LIMIT %(k)s").format(
-                ctes=sql.SQL(", ").join(cte.format(max_terms=sql.Literal(MAX_QUERY_TERMS), **self._names) for cte in ctes),
+                ctes=sql.SQL(", ").join(cte.format(**self._names) for cte in ctes),
                 legs=sql.SQL(" UNION ALL ").join(legs), similarity=similarity, **self._names)
 
     def search_params(self, collection: str, *, text: str, vector: np.ndarray | None, top_k: int,
-                      min_similarity: float, min_term_match: float, lexical_weight: float) -> dict[str, Any]:
+                      min_similarity: float = -1.0, min_term_match: float = 0.0, lexical_weight: float = 1.0,
+                      lexical: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
         store = self.store
         return {"c": collection, "n": max(4 * top_k, 20), "k": top_k, "q": vector, "text": without_particles(text),
                 "min_sim": min_similarity, "rrf": RRF_K, "table": store.table, "max_freq": store.max_term_frequency,
                 "row_budget": store.lexical_rows, "per_term": store.rows_per_term, "min_match": min_term_match,
-                "vector_weight": 1.0, "lexical_weight": lexical_weight}
+                "vector_weight": 1.0, "lexical_weight": lexical_weight,
+                "lex_ids": [id_ for id_, _ in lexical], "lex_ranks": [rank for _, rank in lexical]}
+
+    async def lexical_ranks(self, collection: str, *, text: str, top_k: int,
+                            min_term_match: float = 0.0) -> list[tuple[int, int]]:
+        """The lexical leg alone: [(id, rank)], best first."""
+        params = self.search_params(collection, text=text, vector=None, top_k=top_k, min_term_match=min_term_match)
+        async with self.pool.connection() as conn:
+            await conn.execute(SEARCH_SETTINGS)
+            rows = await (await conn.execute(self.lexical_query(), params)).fetchall()
+        return [(row[0], row[1]) for row in rows]
 
     async def search(self, collection: str, *, text: str, vector: np.ndarray | None, mode: RetrievalMode,
                      top_k: int, min_similarity: float = -1.0, min_term_match: float = 0.0,
-                     lexical_weight: float = 1.0) -> list[Hit]:
+                     lexical_weight: float = 1.0, lexical: Sequence[tuple[int, int]] | None = None) -> list[Hit]:
+        """Retrieve in ``mode``; ``lexical`` gives the lexical leg's ranks if they were found already
+        (`lexical_ranks`, run while the query was embedded)."""
         use_vector = mode in ("vector", "hybrid") and vector is not None
         use_lexical = mode in ("lexical", "hybrid")
         if not (use_vector or use_lexical):
             return []
-        query = self.search_query(vector=use_vector, lexical=use_lexical)
+        if use_lexical and lexical is None:
+            lexical = await self.lexical_ranks(collection, text=text, top_k=top_k, min_term_match=min_term_match)
+        if not use_vector and not lexical:
+            return []
         params = self.search_params(collection, text=text, vector=vector, top_k=top_k, min_similarity=min_similarity,
-                                    min_term_match=min_term_match, lexical_weight=lexical_weight)
+                                    lexical_weight=lexical_weight, lexical=lexical or ())
         async with self.pool.connection() as conn:
             await conn.execute(SEARCH_SETTINGS)
-            rows = await (await conn.execute(query, params)).fetchall()
+            rows = await (await conn.execute(self.search_query(vector=use_vector, lexical=use_lexical), params)).fetchall()
         return [Hit(*row) for row in rows]
 
 
