@@ -16,7 +16,15 @@ import pytest
 
 from dreamseed.policy import VectorStore
 from dreamseed.rag.database import Database, open_database
-from dreamseed.rag.store import MAX_QUERY_TERMS, SEARCH_SETTINGS, DocumentStore, analyze, ensure_schema, open_pool
+from dreamseed.rag.store import (
+    MAX_QUERY_TERMS,
+    SEARCH_SETTINGS,
+    DocumentStore,
+    analyze,
+    ensure_schema,
+    fuse,
+    open_pool,
+)
 
 ROWS = 4000
 WORDS = [f"{stem}{suffix}" for stem in ("alpha", "bravo", "delta", "gamma", "kappa", "sigma", "omega", "theta")
@@ -70,24 +78,21 @@ def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def explain(url: str, store: VectorStore, text: str, **settings: Any) -> list[dict[str, Any]]:
     from pgvector.psycopg import register_vector
 
-    """Both statements of a hybrid search (the lexical leg, then the fusing one with the vector leg),
-    EXPLAIN ANALYZEd: their plan nodes."""
+    """The statements of a hybrid search (the lexical leg, the vector leg, the fetch of the fused
+    winners), EXPLAIN ANALYZEd: their plan nodes."""
     documents = DocumentStore(None, store)  # type: ignore[arg-type]  # only builds the statements
     vector = np.random.default_rng(1).normal(size=384).astype(np.float32)
-    params = documents.search_params("c", text=text, vector=vector / np.linalg.norm(vector), top_k=4,
-                                     min_similarity=-1.0, min_term_match=settings.get("min_term_match", 0.0))
-    nodes = []
+    vector /= np.linalg.norm(vector)
+    params = documents.search_params("c", text=text, vector=vector, top_k=4,
+                                     min_term_match=settings.get("min_term_match", 0.0))
+    nodes: list[dict[str, Any]] = []
     with psycopg.connect(url) as conn:
         register_vector(conn)
         conn.execute("SET hnsw.iterative_scan = relaxed_order")
         conn.execute(SEARCH_SETTINGS)
-        lexical = conn.execute(documents.lexical_query(), params).fetchall()
-        (result,) = conn.execute(sql_explain(documents.lexical_query()), params).fetchone()  # type: ignore[misc]
-        nodes += plan_nodes(result[0]["Plan"])
-        params.update(lex_ids=[row[0] for row in lexical], lex_ranks=[row[1] for row in lexical])
-        query = documents.search_query(vector=True, lexical=True)
-        (result,) = conn.execute(sql_explain(query), params).fetchone()  # type: ignore[misc]
-        nodes += plan_nodes(result[0]["Plan"])
+        for query in (documents.lexical_query(), documents.vector_query()):
+            (result,) = conn.execute(sql_explain(query), params).fetchone()  # type: ignore[misc]
+            nodes += plan_nodes(result[0]["Plan"])
     return nodes
 
 
@@ -183,3 +188,13 @@ def test_a_table_from_dreamseed_0_1_is_migrated_to_the_terms_column(database: Da
         assert "terms" in columns and "tsv" not in columns
         indexes = {row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'old_docs'")}
         assert "old_docs_content_trgm" not in indexes and "old_docs_terms_gin" in indexes
+
+
+def test_fusion_adds_weighted_reciprocal_ranks_and_breaks_ties_by_id() -> None:
+    vector, lexical = [(1, 1), (2, 2), (3, 3)], [(3, 1), (4, 2)]
+    fused = fuse([(vector, 1.0), (lexical, 1.0)], top_k=3)
+    assert [id_ for id_, _ in fused] == [3, 1, 2]  # found by both legs first
+    assert fused[0][1] == pytest.approx(1 / 63 + 1 / 61)
+    assert [id_ for id_, _ in fuse([(vector, 1.0), (lexical, 3.0)], top_k=2)] == [3, 4]
+    assert [id_ for id_, _ in fuse([([(9, 1)], 1.0), ([(5, 1)], 1.0)], top_k=2)] == [5, 9]  # a tie: lower id first
+    assert fuse([], top_k=4) == []

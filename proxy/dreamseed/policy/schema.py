@@ -233,7 +233,7 @@ class VectorStore(Strict, frozen=True):
     max_term_frequency: Annotated[float, Meta(gt=0, le=1)] = 0.25
     # ...the query's rarest terms are looked up while the rows they are expected to match (from
     # Postgres's statistics) add up to at most this...
-    lexical_rows: Annotated[int, Meta(ge=10, le=1_000_000)] = 2000
+    lexical_rows: Annotated[int, Meta(ge=10, le=1_000_000)] = 1000
     # ...and no term reads more than this many rows, whatever the statistics said.
     rows_per_term: Annotated[int, Meta(ge=10, le=100000)] = 1000
 

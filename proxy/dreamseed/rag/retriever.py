@@ -108,23 +108,14 @@ class Retriever:
         mode = settings.mode
         if mode == "hybrid" and language(query) not in self.rag.embedder.languages:
             mode = "lexical"  # the model cannot read it: its neighbours would be noise (rag.yaml embedder.languages)
-        top_k = top_k or settings.top_k
-        min_term_match = settings.min_term_match if min_term_match is None else min_term_match
-        # The lexical leg runs in Postgres while the query is embedded here: embedding is the larger
-        # cost, and the two use different processes (and cores).
-        lexical = (asyncio.ensure_future(self.store.lexical_ranks(
-            settings.collection, text=query, top_k=top_k, min_term_match=min_term_match)) if mode != "vector" else None)
-        try:
-            vector = await self.embedder.embed_one(query) if mode != "lexical" else None
-            ranks = await lexical if lexical is not None else None
-        finally:
-            if lexical is not None and not lexical.done():
-                lexical.cancel()
-                await asyncio.gather(lexical, return_exceptions=True)
+        # Embedding (a worker thread) and the lexical leg (Postgres) run at the same time: the store
+        # starts the lexical leg before it waits for the vector.
         return await self.store.search(
-            settings.collection, text=query, vector=vector, mode=mode, top_k=top_k,
+            settings.collection, text=query, vector=self.embedder.embed_one(query) if mode != "lexical" else None,
+            mode=mode, top_k=top_k or settings.top_k,
             min_similarity=settings.min_similarity if min_similarity is None else min_similarity,
-            min_term_match=min_term_match, lexical_weight=settings.lexical_weight, lexical=ranks)
+            min_term_match=settings.min_term_match if min_term_match is None else min_term_match,
+            lexical_weight=settings.lexical_weight)
 
     async def retrieve(self, settings: RagSettings, query: str) -> Retrieval:
         """Hits for a request, never an exception: failures and overruns come back degraded."""

@@ -23,9 +23,10 @@ Mode `vector` uses the first leg, `lexical` the second, `hybrid` both.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,11 +53,12 @@ $$"""
 # ANALYZE keeps up to 10 x this many of the column's most common terms with their frequencies:
 # the lexical leg's document frequencies. 1000 tracks terms down to about 0.1% of the chunks.
 TERMS_STATISTICS = 1000
-# For the search statement's transaction only. The planner cannot know at planning time which terms
-# the lexical leg will look up, and with a row limit per term it may prefer reading the table in order
-# until enough rows match: fine for a common term, the whole table for a rare one. Every step of a
-# search has an index (HNSW, GIN, primary key), so sequential scans are off for it.
-SEARCH_SETTINGS = "SET LOCAL enable_seqscan = off"
+# The planner cannot know at planning time which terms the lexical leg will look up, and with a row
+# limit per term it may prefer reading the table in order until enough rows match: fine for a common
+# term, the whole table for a rare one. Every statement the store's connections run has an index to
+# use (HNSW, GIN, the primary key, (collection, source), (collection, content_sha256)) or no
+# alternative to reading the table (the per-collection counts), so sequential scans are off on them.
+SEARCH_SETTINGS = "SET enable_seqscan = off"
 MAX_QUERY_TERMS = 24  # a hard cap on the terms one query looks up, whatever the row budget allows
 SCHEMA_LOCK = 0x445353  # pg_advisory lock key: two processes creating the schema at once
 
@@ -193,15 +195,18 @@ async def configure_connection(conn: psycopg.AsyncConnection[Any], store: Vector
     await register_vector_async(conn)
     await conn.execute("SELECT set_config('hnsw.ef_search', %s, false)", (str(store.ef_search),))
     await conn.execute("SELECT set_config('hnsw.iterative_scan', %s, false)", (store.iterative_scan,))
-    await conn.commit()
+    await conn.execute(SEARCH_SETTINGS)
 
 
 def open_pool(url: str, store: VectorStore, *, max_size: int = 8, timeout: float = 5.0) -> AsyncConnectionPool:
+    """Connections in autocommit mode: a search is three single statements (one round trip each,
+    where a transaction would add BEGIN and COMMIT to each); writes open their own transactions. Two
+    stay open, because a hybrid search runs its two legs at once."""
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         await configure_connection(conn, store)
 
-    return AsyncConnectionPool(url, min_size=1, max_size=max_size, timeout=timeout, configure=configure, open=False,
-                               name="dreamseed-rag", reconnect_timeout=60)
+    return AsyncConnectionPool(url, min_size=2, max_size=max_size, timeout=timeout, configure=configure, open=False,
+                               kwargs={"autocommit": True}, name="dreamseed-rag", reconnect_timeout=60)
 
 
 class DocumentStore:
@@ -307,67 +312,76 @@ class DocumentStore:
             " GROUP BY id HAVING sum(weight) >= %(min_match)s * (SELECT weight FROM present)"
             " ORDER BY sum(weight) DESC, id LIMIT %(n)s").format(max_terms=sql.Literal(MAX_QUERY_TERMS), **self._names)
 
-    def search_query(self, *, vector: bool, lexical: bool) -> sql.Composed:
-        """The fusing statement: the vector leg, and the lexical leg's ranks given as %(lex_ids)s and
-        %(lex_ranks)s (from `lexical_query`)."""
-        ctes: list[sql.SQL] = []
-        legs: list[sql.Composable] = []
-        if vector:
-            ctes.append(sql.SQL(
-                "vec AS (SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM ("
-                " SELECT id, embedding <=> %(q)s AS distance FROM {table} WHERE collection = %(c)s"
-                " ORDER BY embedding <=> %(q)s LIMIT %(n)s) nearest WHERE 1 - distance >= %(min_sim)s)"))
-            legs.append(sql.SQL("SELECT id, %(vector_weight)s / (%(rrf)s + rank) AS score FROM vec"))
-        if lexical:
-            ctes.append(sql.SQL("lex AS (SELECT id, rank FROM unnest(%(lex_ids)s::bigint[], %(lex_ranks)s::bigint[])"
-                                " AS given(id, rank))"))
-            legs.append(sql.SQL("SELECT id, %(lexical_weight)s / (%(rrf)s + rank) AS score FROM lex"))
-        similarity = sql.SQL("1 - (d.embedding <=> %(q)s)") if vector else sql.SQL("NULL::float8")
+    def vector_query(self) -> sql.Composed:
+        """The vector leg: (id, rank) of the nearest chunks (HNSW) with cosine similarity at least min_sim."""
         return sql.SQL(
-            "WITH {ctes}, fused AS (SELECT id, sum(score) AS score FROM ({legs}) found GROUP BY id)"
-            " SELECT d.id, d.source, d.chunk_index, d.content, d.metadata, f.score::float8, {similarity}"
-            " FROM fused f JOIN {table} d USING (id) ORDER BY f.score DESC, d.id LIMIT %(k)s").format(
-                ctes=sql.SQL(", ").join(cte.format(**self._names) for cte in ctes),
-                legs=sql.SQL(" UNION ALL ").join(legs), similarity=similarity, **self._names)
+            "SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM ("
+            " SELECT id, embedding <=> %(q)s AS distance FROM {table} WHERE collection = %(c)s"
+            " ORDER BY embedding <=> %(q)s LIMIT %(n)s) nearest WHERE 1 - distance >= %(min_sim)s").format(**self._names)
 
-    def search_params(self, collection: str, *, text: str, vector: np.ndarray | None, top_k: int,
-                      min_similarity: float = -1.0, min_term_match: float = 0.0, lexical_weight: float = 1.0,
-                      lexical: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
+    def search_params(self, collection: str, *, text: str = "", vector: np.ndarray | None = None, top_k: int,
+                      min_similarity: float = -1.0, min_term_match: float = 0.0) -> dict[str, Any]:
         store = self.store
-        return {"c": collection, "n": max(4 * top_k, 20), "k": top_k, "q": vector, "text": without_particles(text),
-                "min_sim": min_similarity, "rrf": RRF_K, "table": store.table, "max_freq": store.max_term_frequency,
-                "row_budget": store.lexical_rows, "per_term": store.rows_per_term, "min_match": min_term_match,
-                "vector_weight": 1.0, "lexical_weight": lexical_weight,
-                "lex_ids": [id_ for id_, _ in lexical], "lex_ranks": [rank for _, rank in lexical]}
+        return {"c": collection, "n": max(4 * top_k, 20), "q": vector, "text": without_particles(text),
+                "min_sim": min_similarity, "table": store.table, "max_freq": store.max_term_frequency,
+                "row_budget": store.lexical_rows, "per_term": store.rows_per_term, "min_match": min_term_match}
 
-    async def lexical_ranks(self, collection: str, *, text: str, top_k: int,
-                            min_term_match: float = 0.0) -> list[tuple[int, int]]:
-        """The lexical leg alone: [(id, rank)], best first."""
-        params = self.search_params(collection, text=text, vector=None, top_k=top_k, min_term_match=min_term_match)
+    async def _ranks(self, query: sql.Composed, params: dict[str, Any]) -> list[tuple[int, int]]:
         async with self.pool.connection() as conn:
-            await conn.execute(SEARCH_SETTINGS)
-            rows = await (await conn.execute(self.lexical_query(), params)).fetchall()
+            rows = await (await conn.execute(query, params)).fetchall()
         return [(row[0], row[1]) for row in rows]
 
-    async def search(self, collection: str, *, text: str, vector: np.ndarray | None, mode: RetrievalMode,
-                     top_k: int, min_similarity: float = -1.0, min_term_match: float = 0.0,
-                     lexical_weight: float = 1.0, lexical: Sequence[tuple[int, int]] | None = None) -> list[Hit]:
-        """Retrieve in ``mode``; ``lexical`` gives the lexical leg's ranks if they were found already
-        (`lexical_ranks`, run while the query was embedded)."""
-        use_vector = mode in ("vector", "hybrid") and vector is not None
+    async def search(self, collection: str, *, text: str, vector: np.ndarray | Awaitable[np.ndarray] | None,
+                     mode: RetrievalMode, top_k: int, min_similarity: float = -1.0, min_term_match: float = 0.0,
+                     lexical_weight: float = 1.0) -> list[Hit]:
+        """Retrieve in ``mode``. The legs are separate statements on separate connections, so Postgres
+        runs them at once: the lexical leg starts first, while ``vector`` (which may be an awaitable:
+        the query being embedded) is still coming; the vector leg starts when the vector is there.
+        Their ranks are fused here and the winners fetched."""
         use_lexical = mode in ("lexical", "hybrid")
-        if not (use_vector or use_lexical):
+        use_vector = mode in ("vector", "hybrid") and vector is not None
+        if vector is not None and not use_vector and not isinstance(vector, np.ndarray):
+            getattr(vector, "close", lambda: None)()  # a coroutine this mode does not need: never started
+        lexical = (asyncio.ensure_future(self._ranks(self.lexical_query(), self.search_params(
+            collection, text=text, top_k=top_k, min_term_match=min_term_match))) if use_lexical else None)
+        legs: list[tuple[list[tuple[int, int]], float]] = []
+        query_vector = None
+        try:
+            if use_vector:
+                assert vector is not None
+                query_vector = vector if isinstance(vector, np.ndarray) else await vector
+                legs.append((await self._ranks(self.vector_query(), self.search_params(
+                    collection, vector=query_vector, top_k=top_k, min_similarity=min_similarity)), 1.0))
+            if lexical is not None:
+                legs.append((await lexical, lexical_weight))
+        finally:
+            if lexical is not None and not lexical.done():
+                lexical.cancel()
+                await asyncio.gather(lexical, return_exceptions=True)
+        return await self.fetch(fuse(legs, top_k), query_vector)
+
+    async def fetch(self, scored: Sequence[tuple[int, float]], vector: np.ndarray | None) -> list[Hit]:
+        """The chunks behind fused (id, score) pairs, in that order, with their cosine similarity."""
+        if not scored:
             return []
-        if use_lexical and lexical is None:
-            lexical = await self.lexical_ranks(collection, text=text, top_k=top_k, min_term_match=min_term_match)
-        if not use_vector and not lexical:
-            return []
-        params = self.search_params(collection, text=text, vector=vector, top_k=top_k, min_similarity=min_similarity,
-                                    lexical_weight=lexical_weight, lexical=lexical or ())
+        similarity = sql.SQL("1 - (embedding <=> %(q)s)") if vector is not None else sql.SQL("NULL::float8")
+        query = sql.SQL("SELECT id, source, chunk_index, content, metadata, {similarity} FROM {table}"
+                        " WHERE id = ANY(%(ids)s)").format(similarity=similarity, **self._names)
         async with self.pool.connection() as conn:
-            await conn.execute(SEARCH_SETTINGS)
-            rows = await (await conn.execute(self.search_query(vector=use_vector, lexical=use_lexical), params)).fetchall()
-        return [Hit(*row) for row in rows]
+            rows = await (await conn.execute(query, {"ids": [id_ for id_, _ in scored], "q": vector})).fetchall()
+        by_id = {row[0]: row for row in rows}
+        return [Hit(id_, row[1], row[2], row[3], row[4], score, row[5])
+                for id_, score in scored if (row := by_id.get(id_)) is not None]
+
+
+def fuse(legs: Sequence[tuple[Sequence[tuple[int, int]], float]], top_k: int) -> list[tuple[int, float]]:
+    """Weighted reciprocal rank fusion: each chunk scores the sum over the legs that found it of
+    weight / (RRF_K + rank); the ``top_k`` best, ties broken by id (so results are repeatable)."""
+    scores: dict[int, float] = {}
+    for ranks, weight in legs:
+        for id_, rank in ranks:
+            scores[id_] = scores.get(id_, 0.0) + weight / (RRF_K + rank)
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:top_k]
 
 
 def hits_as_dicts(hits: Iterable[Hit]) -> list[dict[str, Any]]:
