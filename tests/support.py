@@ -33,6 +33,8 @@ class Process:
     url: str
     log_path: Path
     lines: list[str] = field(default_factory=list)
+    # Cleared, the process's standard output is no longer read: its pipe fills, as behind a stalled reader.
+    reading: threading.Event = field(default_factory=threading.Event)
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -59,11 +61,14 @@ def _spawn(args: list[str], env: dict[str, str] | None = None, timeout: float = 
     )
     lines: list[str] = []
     found = threading.Event()
+    reading = threading.Event()
+    reading.set()
     url: list[str] = []
 
-    def drain() -> None:  # keep reading so the child never blocks on a full pipe
+    def drain() -> None:  # keep reading so the child never blocks on a full pipe (unless a test says so)
         assert popen.stdout is not None
         for line in popen.stdout:
+            reading.wait()
             lines.append(line)
             match = _LISTENING.search(line)
             if match and not url:
@@ -75,7 +80,7 @@ def _spawn(args: list[str], env: dict[str, str] | None = None, timeout: float = 
     if not found.wait(timeout) or not url:
         popen.kill()
         raise RuntimeError(f"{args} did not start:\n{''.join(lines)}\n{log.read_text(errors='replace')}")
-    return Process(popen, url[0], log, lines)
+    return Process(popen, url[0], log, lines, reading)
 
 
 class Sim(Process):
@@ -110,7 +115,7 @@ def start_sim(model: str, **knobs: Any) -> Sim:
     for name, value in knobs.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
     process = _spawn(args)
-    sim = Sim(process.popen, process.url, process.log_path, process.lines)
+    sim = Sim(process.popen, process.url, process.log_path, process.lines, process.reading)
     sim.defaults = {k: v for k, v in sim.configure().items() if k != "model"}
     return sim
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import httpx
 
 from conftest import Stack
+from support import start_proxy, start_sim, write_policies
 
 
 def scrape(stack: Stack) -> str:
@@ -120,3 +122,38 @@ def test_repeated_warnings_are_rate_limited_and_the_suppressed_counted() -> None
     later = record("RAG degraded (%s): answering without context", "timeout")
     assert limiter.filter(later)
     assert "547 more like this in the last 10 s were not logged" in later.getMessage()
+
+
+def test_a_stalled_access_log_reader_never_holds_up_requests_and_every_line_is_written_or_counted(
+        tmp_path: Path) -> None:
+    sim = start_sim("m", tokens=1)
+    policies = write_policies(tmp_path / "p", {"general": {"url": sim.url, "model": "m", "context_length": 4096}},
+                              {"rules": [{"name": "default", "target": "general"}]})
+    proxy = start_proxy(policies, extra=["--access-log-buffer", "50"])
+    requests = 1200  # about 400 KB of access log: several times a pipe's 64 KiB
+    try:
+        proxy.reading.clear()  # from now on nobody reads the proxy's standard output
+        time.sleep(0.2)
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            statuses = [client.post("/v1/chat/completions", json=body).status_code for _ in range(requests)]
+            metrics = client.get("/metrics").text
+        # With the log written on the event loop, the first write into the full pipe would block the
+        # whole proxy: every later request would time out.
+        assert statuses == [200] * requests, proxy.log()[-2000:]
+        dropped = value(metrics, "dreamseed_access_log_dropped_total")
+        assert dropped > 0 and value(metrics, "dreamseed_access_log_queued") <= 50
+        assert "access log: its destination is not keeping up" in proxy.log()
+        proxy.reading.set()  # the reader is back: what was queued gets written
+        deadline = time.monotonic() + 10
+        logged: list[str] = []
+        while time.monotonic() < deadline:
+            logged = [line for line in proxy.lines if line.startswith('{"ts"')]
+            if len(logged) + dropped >= requests:
+                break
+            time.sleep(0.1)
+        assert len(logged) + dropped == requests  # each line written or counted as dropped
+        assert all(json.loads(line)["status"] == 200 for line in logged)
+    finally:
+        proxy.stop()
+        sim.stop()

