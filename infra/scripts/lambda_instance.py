@@ -31,7 +31,7 @@ class LambdaError(Exception):
 
 
 def api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    url = os.environ.get("LAMBDA_API_URL", "https://cloud.lambdalabs.com/api/v1").rstrip("/") + path
+    url = os.environ.get("LAMBDA_API_URL", "https://cloud.lambda.ai/api/v1").rstrip("/") + path
     request = urllib.request.Request(
         url,
         method=method,

@@ -36,6 +36,10 @@ def test_instance_is_created_and_deleted_through_the_lambda_api(remote) -> None:
     env = env["value"] if "value" in env else env
     assert env["LAMBDA_REGION"] == "us-west-2" and env["LAMBDA_INSTANCE_TYPE"] == "gpu_2x_a100_80gb"
     assert env["LAMBDA_INSTANCE_NAME"] == "dreamseed-70b"
+    # Lambda's current API host (cloud.lambdalabs.com is the old name), by default and in the stack file.
+    assert env["LAMBDA_API_URL"] == "https://cloud.lambda.ai/api/v1"
+    stack_file = (SCRIPT.parents[2] / "Pulumi.remote70b.yaml").read_text(encoding="utf-8")
+    assert "lambdalabs.com" not in stack_file and "lambdalabs.com" not in SCRIPT.read_text(encoding="utf-8")
     assert outputs["instanceId"] == (INSTANCE["id"], False)
     assert outputs["publicIp"] == (INSTANCE["ip"], False)
 
