@@ -198,3 +198,47 @@ def test_fusion_adds_weighted_reciprocal_ranks_and_breaks_ties_by_id() -> None:
     assert [id_ for id_, _ in fuse([(vector, 1.0), (lexical, 3.0)], top_k=2)] == [3, 4]
     assert [id_ for id_, _ in fuse([([(9, 1)], 1.0), ([(5, 1)], 1.0)], top_k=2)] == [5, 9]  # a tie: lower id first
     assert fuse([], top_k=4) == []
+
+
+def test_term_statistics_are_gathered_at_start_and_taken_up_from_a_later_analyze(database: Database) -> None:
+    from dreamseed.policy import EmbedderPolicy, Rag
+    from dreamseed.rag.retriever import Retriever
+    from support import rag_model_dir
+
+    store = VectorStore(table="written_elsewhere")
+    model = EmbedderPolicy(model_path=str(rag_model_dir()))
+
+    def insert(rows: list[str]) -> None:
+        with psycopg.connect(database.url, autocommit=True) as conn:
+            for index, content in enumerate(rows):
+                conn.execute(f"INSERT INTO {store.table} (collection, source, chunk_index, content, content_sha256,"
+                             f" embedding) VALUES ('c', 's', 0, %s, md5(%s), array_fill(0.1, ARRAY[384])::vector)",
+                             (content, f"{content}{index}"))
+
+    def frequency(term: str) -> float | None:
+        with psycopg.connect(database.url) as conn:
+            row = conn.execute("SELECT frequency FROM dreamseed_rag_terms WHERE table_name = %s AND term = %s",
+                               (store.table, term)).fetchone()
+        return None if row is None else row[0]
+
+    async def scenario() -> None:
+        async with await psycopg.AsyncConnection.connect(database.url) as conn:
+            await ensure_schema(conn, store, model.model, 384)
+            await conn.commit()
+        # Rows written by another tool (or a DreamSeed 0.1 table just migrated): no statistics yet.
+        insert(["the walrus gateway restarts"] * 30 + ["a quiet harbour"] * 10)
+        retriever = Retriever(Rag(embedder=model, store=store), {"DATABASE_URL": database.url})
+        await retriever.bring_up()
+        try:
+            assert frequency("walrus") == pytest.approx(0.75)  # gathered at start: 30 of 40 chunks
+            insert(["a penguin colony"] * 40)
+            with psycopg.connect(database.url, autocommit=True) as conn:
+                conn.execute(f"ANALYZE {store.table}")  # what autovacuum does on its own
+            assert frequency("penguin") is None
+            assert retriever.store is not None
+            await retriever.store.refresh_term_frequencies()  # what the retriever runs every TERMS_REFRESH_S
+            assert frequency("penguin") == pytest.approx(0.5) and frequency("walrus") == pytest.approx(0.375)
+        finally:
+            await retriever.aclose()
+
+    asyncio.run(scenario())

@@ -29,6 +29,7 @@ from .store import DocumentStore, Hit, StoreMismatchError, ensure_schema, open_p
 log = logging.getLogger("dreamseed.rag")
 
 RETRY_INTERVAL_S = 5.0
+TERMS_REFRESH_S = 600.0
 
 
 @dataclass(slots=True)
@@ -53,6 +54,7 @@ class Retriever:
         self.embedder: BatchingEmbedder | None = None
         self.problem: str | None = "starting"
         self._task: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -84,10 +86,28 @@ class Retriever:
                 await ensure_schema(conn, self.rag.store, model.model, model.dim)
             pool = open_pool(self.database.url, self.rag.store)
             await pool.open(wait=True, timeout=10)
-            self.pool, self.store = pool, DocumentStore(pool, self.rag.store)
+            store = DocumentStore(pool, self.rag.store)
+            if not await store.has_term_frequencies():
+                # A table from DreamSeed 0.1, or filled by other means: without frequencies every
+                # term would weigh the same until the next ingestion.
+                log.info("RAG: gathering term statistics for table %s", self.rag.store.table)
+                await store.analyze()
+            self.pool, self.store = pool, store
+            self._refresh = asyncio.get_running_loop().create_task(self._refresh_term_frequencies())
         self.problem = None
         log.info("RAG ready: %s (%d-d) on %s, table %s", self.embedder.embedder.model, self.embedder.embedder.dim,
                  self.database.description, self.rag.store.table)
+
+    async def _refresh_term_frequencies(self) -> None:
+        """Every TERMS_REFRESH_S, take up the term statistics autovacuum gathered meanwhile."""
+        while True:
+            await asyncio.sleep(TERMS_REFRESH_S)
+            if self.store is None:
+                return
+            try:
+                await self.store.refresh_term_frequencies()
+            except Exception as exc:  # noqa: BLE001 - stale frequencies are better than none: keep them, retry
+                log.warning("RAG: could not refresh term statistics: %s", exc)
 
     async def _keep_trying(self) -> None:
         while not self.ready:
@@ -141,9 +161,10 @@ class Retriever:
                 "database": self.database.description if self.database else None, "table": self.rag.store.table}
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._refresh):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.pool is not None:
             await self.pool.close()
         if self.embedder is not None:

@@ -169,23 +169,29 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any], store: VectorStore, 
 
 
 async def analyze(conn: psycopg.AsyncConnection[Any], table: str) -> None:
-    """ANALYZE ``table``, then copy its term statistics where the lexical leg reads them. ANALYZE
-    samples the table and keeps its most common terms with their frequencies
-    (pg_stats.most_common_elems, then the minimum, maximum and null frequency); they go into
-    dreamseed_rag_terms, one indexed row per term, because looking a query's terms up in the
-    10,000-entry array itself cost milliseconds per query. The '' row holds half the least common
-    frequency: what an untracked term is taken to have."""
+    """ANALYZE ``table``, then copy its term statistics where the lexical leg reads them."""
     async with conn.transaction():
         await conn.execute(sql.SQL("ANALYZE {table}").format(table=sql.Identifier(table)))
-        await conn.execute("DELETE FROM dreamseed_rag_terms WHERE table_name = %s", (table,))
-        await conn.execute(
-            "INSERT INTO dreamseed_rag_terms (table_name, term, frequency)"
-            " SELECT %(table)s, term, frequency FROM pg_stats,"
-            "  unnest(most_common_elems::text::text[], most_common_elem_freqs) AS t(term, frequency)"
-            " WHERE schemaname = current_schema() AND tablename = %(table)s AND attname = 'terms' AND term IS NOT NULL"
-            " UNION ALL SELECT %(table)s, '', most_common_elem_freqs[cardinality(most_common_elems) + 1] / 2"
-            " FROM pg_stats WHERE schemaname = current_schema() AND tablename = %(table)s AND attname = 'terms'",
-            {"table": table})
+        await copy_term_frequencies(conn, table)
+
+
+async def copy_term_frequencies(conn: psycopg.AsyncConnection[Any], table: str) -> None:
+    """Copy the term statistics ANALYZE last gathered for ``table`` (ours after an ingestion, or
+    autovacuum's) into dreamseed_rag_terms. ANALYZE samples the table and keeps its most common
+    terms with their frequencies (pg_stats.most_common_elems, then the minimum, maximum and null
+    frequency); they go into dreamseed_rag_terms, one indexed row per term, because looking a
+    query's terms up in the 10,000-entry array itself cost milliseconds per query. The '' row holds
+    half the least common frequency: what an untracked term is taken to have. Run it inside a
+    transaction, so searches see the old rows or the new ones, never none."""
+    await conn.execute("DELETE FROM dreamseed_rag_terms WHERE table_name = %s", (table,))
+    await conn.execute(
+        "INSERT INTO dreamseed_rag_terms (table_name, term, frequency)"
+        " SELECT %(table)s, term, frequency FROM pg_stats,"
+        "  unnest(most_common_elems::text::text[], most_common_elem_freqs) AS t(term, frequency)"
+        " WHERE schemaname = current_schema() AND tablename = %(table)s AND attname = 'terms' AND term IS NOT NULL"
+        " UNION ALL SELECT %(table)s, '', most_common_elem_freqs[cardinality(most_common_elems) + 1] / 2"
+        " FROM pg_stats WHERE schemaname = current_schema() AND tablename = %(table)s AND attname = 'terms'",
+        {"table": table})
 
 
 async def configure_connection(conn: psycopg.AsyncConnection[Any], store: VectorStore) -> None:
@@ -280,6 +286,17 @@ class DocumentStore:
         """Refresh the lexical leg's term frequencies; run after an ingestion."""
         async with self.pool.connection() as conn:
             await analyze(conn, self.store.table)
+
+    async def refresh_term_frequencies(self) -> None:
+        """Take up what autovacuum's ANALYZE found since (documents written by other tools)."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await copy_term_frequencies(conn, self.store.table)
+
+    async def has_term_frequencies(self) -> bool:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute("SELECT EXISTS (SELECT 1 FROM dreamseed_rag_terms WHERE table_name = %s)",
+                                            (self.store.table,))).fetchone()
+        return bool(row and row[0])
 
     def lexical_query(self) -> sql.Composed:
         """The lexical leg: (id, rank) of the chunks whose terms weigh at least min_match of the
