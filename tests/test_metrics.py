@@ -157,3 +157,22 @@ def test_a_stalled_access_log_reader_never_holds_up_requests_and_every_line_is_w
     finally:
         proxy.stop()
         sim.stop()
+
+
+def test_the_access_log_can_go_to_a_file(tmp_path: Path) -> None:
+    sim = start_sim("m", tokens=1)
+    policies = write_policies(tmp_path / "p", {"general": {"url": sim.url, "model": "m", "context_length": 4096}},
+                              {"rules": [{"name": "default", "target": "general"}]})
+    log_file = tmp_path / "access.jsonl"
+    proxy = start_proxy(policies, extra=["--access-log-file", str(log_file)])
+    try:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+        ids = [httpx.post(f"{proxy.url}/v1/chat/completions", json=body).headers["x-request-id"] for _ in range(3)]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (not log_file.exists() or len(log_file.read_text().splitlines()) < 3):
+            time.sleep(0.05)
+        assert [json.loads(line)["request_id"] for line in log_file.read_text().splitlines()] == ids
+        assert not any(line.startswith('{"ts"') for line in proxy.lines)  # not on standard output as well
+    finally:
+        proxy.stop()
+        sim.stop()

