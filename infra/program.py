@@ -59,7 +59,9 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
     on_host = pulumi.ResourceOptions(provider=provider)
 
     network = docker.Network("network", name="dreamseed", opts=on_host)
-    hf_cache = docker.Volume("hf-cache", name="dreamseed-hf-cache", opts=on_host)
+    # The model weights (tens of GB downloaded from the hub): protected like the other data volumes.
+    hf_cache = docker.Volume("hf-cache", name="dreamseed-hf-cache",
+                             opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(protect=config.protect_data)))
 
     backend_urls: dict[str, pulumi.Input[str]] = {}
     vllm: dict[str, VllmBackend] = {}
@@ -106,8 +108,8 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
             if backend.api_key_env:
                 secret_env[backend.api_key_env] = remote.require_output("apiKey")
 
-    database = VectorDatabase("postgres", VectorDatabaseArgs(network=network.name, password=config.postgres_password),
-                              opts=on_host)
+    database = VectorDatabase("postgres", VectorDatabaseArgs(network=network.name, password=config.postgres_password,
+                                                             protect_data=config.protect_data), opts=on_host)
     secret_env["DATABASE_URL"] = database.url
     if config.proxy_api_keys is not None:
         secret_env["DREAMSEED_API_KEYS"] = config.proxy_api_keys
@@ -146,6 +148,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
             rules=alert_rules(policies, config.gpu_host),
             grafana_port=config.grafana_port,
             grafana_admin_password=config.grafana_admin_password,
+            protect_data=config.protect_data,
         ),
         opts=on_host,
     )
@@ -155,6 +158,11 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         "gpuMemoryPlan": plan_summary(plan),
         "onDemandContainers": [container_name(n) for n, b in backends_on(policies, config.gpu_host).items() if b.on_demand],
         "databaseUrl": database.url,
+        # What `pulumi destroy` leaves in place, and how to remove it on purpose.
+        "protectedVolumes": ["dreamseed-postgres-data", "dreamseed-hf-cache", "dreamseed-prometheus-data"]
+        if config.protect_data else [],
+        "removeProtectedVolumes": "pulumi config set dreamseed:protectData false && pulumi up, then pulumi destroy"
+        if config.protect_data else "",
     }
 
 

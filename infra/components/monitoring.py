@@ -29,6 +29,7 @@ class MonitoringArgs:
     rules: str  # infra.monitoring.alert_rules(...)
     grafana_port: int
     grafana_admin_password: pulumi.Input[str]
+    protect_data: bool = True  # Prometheus's history: `pulumi destroy` refuses to delete it unless lifted
 
 
 class Monitoring(pulumi.ComponentResource):
@@ -36,7 +37,8 @@ class Monitoring(pulumi.ComponentResource):
         super().__init__("dreamseed:index:Monitoring", resource_name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         prometheus_name = "dreamseed-prometheus"
-        self.prometheus_volume = docker.Volume(f"{resource_name}-prometheus-data", name="dreamseed-prometheus-data", opts=child)
+        self.prometheus_volume = docker.Volume(f"{resource_name}-prometheus-data", name="dreamseed-prometheus-data",
+                                               opts=pulumi.ResourceOptions(parent=self, protect=args.protect_data))
         self.prometheus = docker.Container(
             f"{resource_name}-prometheus",
             name=prometheus_name,

@@ -27,6 +27,9 @@ CREATE EXTENSION IF NOT EXISTS vector;
 class VectorDatabaseArgs:
     network: pulumi.Input[str]
     password: pulumi.Input[str]
+    # The data volume holds the ingested documents: protected, `pulumi destroy` refuses to delete it
+    # (stack config protectData: false lifts that, on purpose).
+    protect_data: bool = True
 
 
 class VectorDatabase(pulumi.ComponentResource):
@@ -36,7 +39,8 @@ class VectorDatabase(pulumi.ComponentResource):
         super().__init__("dreamseed:index:VectorDatabase", resource_name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         name = "dreamseed-postgres"
-        self.volume = docker.Volume(f"{resource_name}-data", name="dreamseed-postgres-data", opts=child)
+        self.volume = docker.Volume(f"{resource_name}-data", name="dreamseed-postgres-data",
+                                    opts=pulumi.ResourceOptions(parent=self, protect=args.protect_data))
         image = pulled(f"{resource_name}-image", images.POSTGRES_PGVECTOR, self)
         self.container = docker.Container(
             resource_name,

@@ -39,10 +39,11 @@ class Recorded:
     parent: str = ""  # the parent's URN, from the monitor
     dependencies: tuple[str, ...] = ()
     delete_before_replace: bool = False
+    protect: bool = False
 
 
 class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
-    """Mocks see inputs only; the monitor also sees parent, dependencies and deleteBeforeReplace."""
+    """Mocks see inputs only; the monitor also sees parent, dependencies, deleteBeforeReplace and protect."""
 
     def __init__(self, mocks: RecordingMocks) -> None:
         super().__init__(mocks)
@@ -50,7 +51,7 @@ class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
 
     def RegisterResource(self, request: Any) -> Any:  # noqa: N802 (the gRPC method's name)
         self.requests[(request.type, request.name)] = (
-            request.parent, tuple(request.dependencies), request.deleteBeforeReplace
+            request.parent, tuple(request.dependencies), request.deleteBeforeReplace, request.protect
         )
         return super().RegisterResource(request)
 
@@ -75,8 +76,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
     def attach(self, monitor: RecordingMonitor) -> None:
         for record in self.resources:
-            parent, dependencies, dbr = monitor.requests.get((record.type, record.name), ("", (), False))
-            record.parent, record.dependencies, record.delete_before_replace = parent, dependencies, dbr
+            parent, dependencies, dbr, protect = monitor.requests.get((record.type, record.name), ("", (), False, False))
+            record.parent, record.dependencies, record.delete_before_replace, record.protect = (
+                parent, dependencies, dbr, protect)
 
     def of_type(self, typ: str) -> list[Recorded]:
         return [r for r in self.resources if r.type == typ]

@@ -221,3 +221,16 @@ def test_scale_policy_must_name_the_container_the_stack_declares(run_stack: Runn
     refused = refused_edit(run_stack, tmp_path, "scale.yaml", "container: dreamseed-code", "container: vllm-coder")
     assert "backends.code.actuator.container is 'vllm-coder'" in str(refused.value)
     assert "'dreamseed-code'" in str(refused.value)
+
+
+def test_data_volumes_are_protected_from_destroy_unless_lifted_on_purpose(local, run_stack: Runner) -> None:
+    mocks, outputs = local
+    protected = {r.inputs["name"] for r in mocks.resources if r.protect}
+    # Documents, model weights and metrics history: what a re-deploy cannot recreate.
+    assert protected == {"dreamseed-postgres-data", "dreamseed-hf-cache", "dreamseed-prometheus-data"}
+    assert all(r.type == "docker:index/volume:Volume" for r in mocks.resources if r.protect)
+    assert outputs["protectedVolumes"][0] == sorted(protected, key=["dreamseed-postgres-data", "dreamseed-hf-cache",
+                                                                    "dreamseed-prometheus-data"].index)
+    assert "protectData false" in outputs["removeProtectedVolumes"][0]
+    lifted, lifted_outputs = run_stack("local", {"dreamseed:protectData": "false"})
+    assert not any(r.protect for r in lifted.resources) and lifted_outputs["protectedVolumes"] == ([], False)
