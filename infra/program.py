@@ -111,6 +111,13 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
     database = VectorDatabase("postgres", VectorDatabaseArgs(network=network.name, password=config.postgres_password,
                                                              protect_data=config.protect_data), opts=on_host)
     secret_env["DATABASE_URL"] = database.url
+    if config.proxy_api_keys is None and config.proxy_bind_address not in ("127.0.0.1", "localhost", "::1"):
+        # The proxy refuses to serve beyond loopback without client keys and would exit at once: say
+        # so at preview, not as a crash-looping container after `pulumi up`.
+        raise pulumi.RunError(
+            f"the proxy is published on {config.proxy_bind_address}:{config.proxy_port} but has no client API keys: "
+            "set them with `pulumi config set --secret dreamseed:proxyApiKeys 'key1,key2'` "
+            "(or publish on loopback only: `pulumi config set dreamseed:proxyBindAddress 127.0.0.1`)")
     if config.proxy_api_keys is not None:
         secret_env["DREAMSEED_API_KEYS"] = config.proxy_api_keys
     if config.proxy_admin_key is not None:

@@ -28,7 +28,9 @@ HEALTH_WAIT_S = 3600  # first start downloads ~140 GB of weights
 
 def bootstrap_script(name: str, backend: Backend, port: int = VLLM_PORT) -> str:
     """Shell run on the GPU host. Secrets arrive on standard input (HF token, then the API
-    key), so they never appear in this text, in Pulumi's state or in the process list."""
+    key), so they never appear in this text, in Pulumi's state or in the process list; vLLM reads
+    the key from its environment (VLLM_API_KEY), not from an `--api-key` argument, which `ps` and
+    `docker inspect` would show."""
     assert backend.image is not None
     container = container_name(name)
     args = " ".join(shlex.quote(a) for a in vllm_command(backend, port))
@@ -41,7 +43,7 @@ docker pull {shlex.quote(backend.image)}
 docker rm -f {container} >/dev/null 2>&1 || true
 docker run -d --name {container} --gpus all --ipc=host --restart unless-stopped \\
   -p 127.0.0.1:{port}:{port} -v "$HOME/.cache/huggingface:{HF_CACHE}" -e HF_TOKEN -e VLLM_API_KEY \\
-  {shlex.quote(backend.image)} {args} --api-key "$VLLM_API_KEY"
+  {shlex.quote(backend.image)} {args}
 i=0
 until curl -sf -o /dev/null http://127.0.0.1:{port}/health; do
   i=$((i + 1))

@@ -234,3 +234,14 @@ def test_data_volumes_are_protected_from_destroy_unless_lifted_on_purpose(local,
     assert "protectData false" in outputs["removeProtectedVolumes"][0]
     lifted, lifted_outputs = run_stack("local", {"dreamseed:protectData": "false"})
     assert not any(r.protect for r in lifted.resources) and lifted_outputs["protectedVolumes"] == ([], False)
+
+
+def test_a_public_proxy_without_client_keys_is_refused_at_preview(run_stack: Runner) -> None:
+    # The proxy itself refuses 0.0.0.0 without keys and would exit at once after `pulumi up`.
+    with pytest.raises(pulumi.RunError) as refused:
+        run_stack("local", {"dreamseed:proxyApiKeys": None})
+    message = str(refused.value)
+    assert "0.0.0.0:8080" in message and "no client API keys" in message
+    assert "pulumi config set --secret dreamseed:proxyApiKeys" in message
+    mocks, _ = run_stack("local", {"dreamseed:proxyApiKeys": None, "dreamseed:proxyBindAddress": "127.0.0.1"})
+    assert "dreamseed-proxy" in containers(mocks)  # on loopback only, keys are optional

@@ -52,7 +52,8 @@ def test_bootstrap_runs_the_70b_with_the_seed_flags_over_ssh(remote) -> None:
     assert "--model meta-llama/Llama-3.1-70B-Instruct" in run
     assert "--tensor-parallel-size 2" in run and "--max-model-len 8192" in run
     assert "--gpu-memory-utilization 0.9 " in run  # 0.90, written as vLLM parses it
-    assert '--api-key "$VLLM_API_KEY"' in run and "--gpus all" in run
+    # The key reaches vLLM through its environment, never its command line (ps, docker inspect).
+    assert "--api-key" not in script and "-e VLLM_API_KEY" in run and "--gpus all" in run
     assert "-p 127.0.0.1:8000:8000" in run  # never open to the internet
     assert "docker pull vllm/vllm-openai:v0.11.0" in script and images.is_pinned("vllm/vllm-openai:v0.11.0")
     assert "until curl -sf -o /dev/null http://127.0.0.1:8000/health" in script  # waits for health
