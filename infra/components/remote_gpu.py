@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
 import pulumi
 import pulumi_command as command
@@ -21,7 +20,10 @@ from dreamseed.policy import Backend
 from .common import container_name
 from .vllm import HF_CACHE, vllm_command
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "lambda_instance.py"
+# The instance script as the commands name it: relative to the project directory, where Pulumi runs
+# them. An absolute path would be stored in the state, and a `pulumi destroy` from another checkout
+# (or CI) could not run the delete command, leaving the instance billed.
+SCRIPT_IN_PROJECT = "infra/scripts/lambda_instance.py"
 VLLM_PORT = 8000
 HEALTH_WAIT_S = 3600  # first start downloads ~140 GB of weights
 
@@ -80,8 +82,8 @@ class RemoteGpuHost(pulumi.ComponentResource):
         super().__init__("dreamseed:index:RemoteGpuHost", resource_name, None, opts)
         self.instance = command.local.Command(
             f"{resource_name}-instance",
-            create=f"python3 {shlex.quote(str(SCRIPT))} create",
-            delete=f"python3 {shlex.quote(str(SCRIPT))} delete",
+            create=f"python3 {SCRIPT_IN_PROJECT} create",
+            delete=f"python3 {SCRIPT_IN_PROJECT} delete",
             environment={
                 "LAMBDA_API_URL": args.lambda_api_url,
                 "LAMBDA_API_KEY": args.lambda_api_key,
@@ -90,8 +92,10 @@ class RemoteGpuHost(pulumi.ComponentResource):
                 "LAMBDA_INSTANCE_NAME": args.instance_name,
                 "LAMBDA_SSH_KEY_NAME": args.ssh_key_name,
             },
+            # Another region, type or name replaces the instance: the old one is terminated first
+            # (create-before-delete would keep both running, and billed, until the end of the update).
             triggers=[args.region, args.instance_type, args.instance_name],
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )
         described = self.instance.stdout.apply(json.loads)
         self.instance_id = described.apply(lambda d: str(d["id"]))

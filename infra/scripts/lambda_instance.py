@@ -62,7 +62,12 @@ def describe(instance: dict[str, Any]) -> dict[str, Any]:
 
 def create() -> dict[str, Any]:
     name = os.environ["LAMBDA_INSTANCE_NAME"]
-    existing = [i for i in api("GET", "/instances").get("data", []) if i.get("name") == name and i.get("status") in LIVE]
+    wanted = {"name": name, "region": os.environ["LAMBDA_REGION"], "instance_type": os.environ["LAMBDA_INSTANCE_TYPE"]}
+    live = [describe(i) for i in api("GET", "/instances").get("data", []) if i.get("status") in LIVE]
+    # Reuse only an instance that is what this stack asks for: one of the same name in another region
+    # or of another type is the one a replacement is about to terminate.
+    existing = [i for i in live if all(i[key] == value for key, value in wanted.items())]
+    launched_here = not existing
     if existing:
         instance_id = existing[0]["id"]
         print(f"reusing instance {instance_id} named {name}", file=sys.stderr)
@@ -85,8 +90,12 @@ def create() -> dict[str, Any]:
         if instance.get("status") in {"terminated", "terminating"}:
             raise LambdaError(f"instance {instance_id} is {instance['status']}")
         if time.monotonic() > deadline:
-            raise LambdaError(f"instance {instance_id} still {instance.get('status')!r} after the wait; it is left "
-                              "running: terminate it in the Lambda console or run `pulumi destroy`")
+            # A failed create is not in Pulumi's state, so `pulumi destroy` would never terminate it:
+            # terminate it now rather than leave a billed instance nobody tracks.
+            if launched_here:
+                api("POST", "/instance-operations/terminate", {"instance_ids": [instance_id]})
+            raise LambdaError(f"instance {instance_id} still {instance.get('status')!r} after the wait"
+                              + ("; terminated it, so it is not billed: run `pulumi up` again" if launched_here else ""))
         time.sleep(poll)
 
 

@@ -30,8 +30,10 @@ def remote(run_stack: Runner):
 def test_instance_is_created_and_deleted_through_the_lambda_api(remote) -> None:
     mocks, outputs = remote
     (instance,) = mocks.of_type("command:local:Command")
-    assert instance.inputs["create"].endswith("lambda_instance.py create")
-    assert instance.inputs["delete"].endswith("lambda_instance.py delete")
+    # Relative to the project directory: a destroy from another checkout or CI can run it.
+    assert instance.inputs["create"] == "python3 infra/scripts/lambda_instance.py create"
+    assert instance.inputs["delete"] == "python3 infra/scripts/lambda_instance.py delete"
+    assert instance.delete_before_replace  # a new region or type terminates the old instance first
     env = instance.inputs["environment"]
     env = env["value"] if "value" in env else env
     assert env["LAMBDA_REGION"] == "us-west-2" and env["LAMBDA_INSTANCE_TYPE"] == "gpu_2x_a100_80gb"
@@ -124,7 +126,7 @@ class FakeLambda(BaseHTTPRequestHandler):
             self._reply(404, {"error": {"code": "global/object-does-not-exist", "message": "not found"}})
             return
         # Booting on the first look, active with an IP on the next, like a real launch.
-        if instance["status"] == "booting":
+        if instance["status"] == "booting" and not self.state.get("stuck"):
             instance["polls"] = instance.get("polls", 0) + 1
             if instance["polls"] > 1:
                 instance.update(status="active", ip="203.0.113.50")
@@ -207,3 +209,39 @@ def test_script_reports_api_errors_clearly(fake_lambda) -> None:
     assert wrong_key.returncode == 1 and "HTTP 401" in wrong_key.stderr and "nope" not in wrong_key.stderr
     assert run_script("delete", url).returncode == 1  # nothing recorded to delete
     assert run_script("bogus", url).returncode == 2
+
+
+def test_a_destroy_from_another_checkout_terminates_the_instance(remote, fake_lambda, tmp_path: Path) -> None:
+    mocks, _ = remote
+    (instance,) = mocks.of_type("command:local:Command")
+    url, state = fake_lambda
+    created = run_script("create", url)
+    other = tmp_path / "another-checkout"  # CI's, say: the stored delete command runs in its project directory
+    (other / "infra" / "scripts").mkdir(parents=True)
+    (other / "infra" / "scripts" / SCRIPT.name).write_bytes(SCRIPT.read_bytes())
+    env = {"LAMBDA_API_URL": url, "LAMBDA_API_KEY": "test-key", "PULUMI_COMMAND_STDOUT": created.stdout}
+    deleted = subprocess.run(["bash", "-c", instance.inputs["delete"]], cwd=other, capture_output=True, text=True,
+                             timeout=30, env={**os.environ, **env})
+    assert deleted.returncode == 0, deleted.stderr
+    assert state["instances"] == {}
+
+
+def test_only_an_instance_of_the_same_name_type_and_region_is_reused(fake_lambda) -> None:
+    url, state = fake_lambda
+    first = json.loads(run_script("create", url).stdout)
+    moved = run_script("create", url, LAMBDA_REGION="us-east-1")  # the replacement after a region change
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["id"] != first["id"] and json.loads(moved.stdout)["region"] == "us-east-1"
+    bigger = run_script("create", url, LAMBDA_INSTANCE_TYPE="gpu_2x_h100_sxm5")
+    assert json.loads(bigger.stdout)["instance_type"] == "gpu_2x_h100_sxm5"
+    launches = [body for path, body in state["calls"] if path.endswith("/launch")]
+    assert len(launches) == 3
+
+
+def test_a_create_that_times_out_terminates_what_it_launched(fake_lambda) -> None:
+    url, state = fake_lambda
+    state["stuck"] = True  # the instance never becomes active
+    failed = run_script("create", url, LAMBDA_WAIT_SECONDS="0.3")
+    assert failed.returncode == 1 and "terminated it, so it is not billed" in failed.stderr
+    assert state["instances"] == {}  # nothing left running outside Pulumi's state
+    assert state["calls"][-1] == ("/api/v1/instance-operations/terminate", {"instance_ids": ["inst1"]})
