@@ -60,6 +60,25 @@ def describe(instance: dict[str, Any]) -> dict[str, Any]:
             "instance_type": (instance.get("instance_type") or {}).get("name")}
 
 
+def check_capacity(instance_type: str, region: str) -> str:
+    """Fail before launching when Lambda does not offer ``instance_type`` or has none free in
+    ``region`` now (GET /instance-types lists, per type, the regions with capacity), naming what is
+    available instead. Returns a line with the type's description and hourly price."""
+    catalog: dict[str, Any] = api("GET", "/instance-types").get("data", {})
+    available = {name: sorted(r["name"] for r in entry.get("regions_with_capacity_available", []))
+                 for name, entry in catalog.items()}
+    now = "; ".join(f"{name} in {', '.join(regions)}" for name, regions in sorted(available.items()) if regions)
+    if instance_type not in catalog:
+        raise LambdaError(f"Lambda offers no instance type {instance_type!r} (it offers: {', '.join(sorted(catalog))}). "
+                          f"With capacity now: {now or 'none'}. Set dreamseed:instanceType")
+    if region not in available[instance_type]:
+        raise LambdaError(f"no {instance_type} is free in {region} now. With capacity now: {now or 'none'}. "
+                          "Set dreamseed:region (or dreamseed:instanceType) to one of those, or retry later")
+    spec = catalog[instance_type].get("instance_type", {})
+    price = spec.get("price_cents_per_hour")
+    return f"{instance_type} ({spec.get('description', '?')})" + (f", ${price / 100:.2f}/hour" if price else "")
+
+
 def create() -> dict[str, Any]:
     name = os.environ["LAMBDA_INSTANCE_NAME"]
     wanted = {"name": name, "region": os.environ["LAMBDA_REGION"], "instance_type": os.environ["LAMBDA_INSTANCE_TYPE"]}
@@ -72,6 +91,8 @@ def create() -> dict[str, Any]:
         instance_id = existing[0]["id"]
         print(f"reusing instance {instance_id} named {name}", file=sys.stderr)
     else:
+        offer = check_capacity(wanted["instance_type"], wanted["region"])
+        print(f"launching {offer} in {wanted['region']}", file=sys.stderr)
         launched = api("POST", "/instance-operations/launch", {
             "region_name": os.environ["LAMBDA_REGION"],
             "instance_type_name": os.environ["LAMBDA_INSTANCE_TYPE"],

@@ -95,8 +95,27 @@ def test_every_catalog_backend_on_the_remote_host_is_served(remote) -> None:
 # --- the instance script against a fake Lambda Cloud API ------------------------------------
 
 
+# Lambda's catalog as GET /instance-types answers it (its type names and GPU memory; illustrative prices and
+# capacity), with regions that have capacity and ones that do not. There is no gpu_2x_a100_80gb.
+CATALOG = {
+    "gpu_1x_a100": ("1x A100 (40 GB SXM4)", 129, ["us-east-1"]),
+    "gpu_2x_a100": ("2x A100 (40 GB SXM4)", 258, []),
+    "gpu_8x_a100_80gb_sxm4": ("8x A100 (80 GB SXM4)", 1432, ["us-west-2"]),
+    "gpu_1x_h100_pcie": ("1x H100 (80 GB PCIe)", 249, ["us-west-1", "us-west-2"]),
+    "gpu_2x_h100_sxm5": ("2x H100 (80 GB SXM5)", 598, ["us-east-1", "us-south-1"]),
+    "gpu_8x_h100_sxm5": ("8x H100 (80 GB SXM5)", 2392, []),
+}
+
+
+def instance_types() -> dict[str, Any]:
+    return {name: {"instance_type": {"name": name, "description": description, "price_cents_per_hour": cents,
+                                     "specs": {"gpus": int(description[0])}},
+                   "regions_with_capacity_available": [{"name": r, "description": r} for r in regions]}
+            for name, (description, cents, regions) in CATALOG.items()}
+
+
 class FakeLambda(BaseHTTPRequestHandler):
-    """Just the endpoints the script uses, with Lambda's response shapes."""
+    """Just the endpoints the script uses, with Lambda's response shapes and error bodies."""
 
     state: dict[str, Any]
 
@@ -121,6 +140,9 @@ class FakeLambda(BaseHTTPRequestHandler):
         if self.path == "/api/v1/instances":
             self._reply(200, {"data": list(instances.values())})
             return
+        if self.path == "/api/v1/instance-types":
+            self._reply(200, {"data": instance_types()})
+            return
         instance = instances.get(self.path.rsplit("/", 1)[-1])
         if instance is None:
             self._reply(404, {"error": {"code": "global/object-does-not-exist", "message": "not found"}})
@@ -138,7 +160,12 @@ class FakeLambda(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.state["calls"].append((self.path, body))
         if self.path == "/api/v1/instance-operations/launch":
-            if self.state.get("no_capacity"):
+            regions = CATALOG.get(body["instance_type_name"], ("", 0, []))[2]
+            if body["instance_type_name"] not in CATALOG:
+                self._reply(404, {"error": {"code": "global/object-does-not-exist",
+                                            "message": "Specified instance type does not exist"}})
+                return
+            if self.state.get("no_capacity") or body["region_name"] not in regions:
                 self._reply(400, {"error": {"code": "instance-operations/launch/insufficient-capacity",
                                             "message": "Not enough capacity to fulfill launch request."}})
                 return
@@ -169,8 +196,8 @@ def fake_lambda() -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def run_script(action: str, api_url: str, **env: str) -> subprocess.CompletedProcess[str]:
-    base = {"LAMBDA_API_URL": api_url, "LAMBDA_API_KEY": "test-key", "LAMBDA_REGION": "us-west-2",
-            "LAMBDA_INSTANCE_TYPE": "gpu_2x_a100_80gb", "LAMBDA_INSTANCE_NAME": "dreamseed-70b",
+    base = {"LAMBDA_API_URL": api_url, "LAMBDA_API_KEY": "test-key", "LAMBDA_REGION": "us-east-1",
+            "LAMBDA_INSTANCE_TYPE": "gpu_2x_h100_sxm5", "LAMBDA_INSTANCE_NAME": "dreamseed-70b",
             "LAMBDA_SSH_KEY_NAME": "dreamseed", "LAMBDA_POLL_SECONDS": "0.01", "LAMBDA_WAIT_SECONDS": "10"}
     return subprocess.run([sys.executable, str(SCRIPT), action], capture_output=True, text=True, timeout=30,
                           env={**os.environ, **base, **env})
@@ -181,11 +208,12 @@ def test_script_launches_waits_for_active_and_terminates(fake_lambda) -> None:
     created = run_script("create", url)
     assert created.returncode == 0, created.stderr
     instance = json.loads(created.stdout)
-    assert instance == {"id": "inst1", "ip": "203.0.113.50", "name": "dreamseed-70b", "region": "us-west-2",
-                        "instance_type": "gpu_2x_a100_80gb"}
+    assert instance == {"id": "inst1", "ip": "203.0.113.50", "name": "dreamseed-70b", "region": "us-east-1",
+                        "instance_type": "gpu_2x_h100_sxm5"}
+    assert "launching gpu_2x_h100_sxm5 (2x H100 (80 GB SXM5)), $5.98/hour in us-east-1" in created.stderr
     launch = state["calls"][0]
     assert launch == ("/api/v1/instance-operations/launch", {
-        "region_name": "us-west-2", "instance_type_name": "gpu_2x_a100_80gb", "ssh_key_names": ["dreamseed"],
+        "region_name": "us-east-1", "instance_type_name": "gpu_2x_h100_sxm5", "ssh_key_names": ["dreamseed"],
         "quantity": 1, "name": "dreamseed-70b"})
 
     again = run_script("create", url)  # a retried `pulumi up` reuses the running instance
@@ -229,11 +257,11 @@ def test_a_destroy_from_another_checkout_terminates_the_instance(remote, fake_la
 def test_only_an_instance_of_the_same_name_type_and_region_is_reused(fake_lambda) -> None:
     url, state = fake_lambda
     first = json.loads(run_script("create", url).stdout)
-    moved = run_script("create", url, LAMBDA_REGION="us-east-1")  # the replacement after a region change
+    moved = run_script("create", url, LAMBDA_REGION="us-south-1")  # the replacement after a region change
     assert moved.returncode == 0, moved.stderr
-    assert json.loads(moved.stdout)["id"] != first["id"] and json.loads(moved.stdout)["region"] == "us-east-1"
-    bigger = run_script("create", url, LAMBDA_INSTANCE_TYPE="gpu_2x_h100_sxm5")
-    assert json.loads(bigger.stdout)["instance_type"] == "gpu_2x_h100_sxm5"
+    assert json.loads(moved.stdout)["id"] != first["id"] and json.loads(moved.stdout)["region"] == "us-south-1"
+    other = run_script("create", url, LAMBDA_INSTANCE_TYPE="gpu_1x_a100")
+    assert json.loads(other.stdout)["instance_type"] == "gpu_1x_a100"
     launches = [body for path, body in state["calls"] if path.endswith("/launch")]
     assert len(launches) == 3
 
@@ -245,3 +273,15 @@ def test_a_create_that_times_out_terminates_what_it_launched(fake_lambda) -> Non
     assert failed.returncode == 1 and "terminated it, so it is not billed" in failed.stderr
     assert state["instances"] == {}  # nothing left running outside Pulumi's state
     assert state["calls"][-1] == ("/api/v1/instance-operations/terminate", {"instance_ids": ["inst1"]})
+
+
+def test_a_type_or_region_without_capacity_fails_before_launching_and_says_what_is_free(fake_lambda) -> None:
+    url, state = fake_lambda
+    busy = run_script("create", url, LAMBDA_REGION="us-west-2")
+    assert busy.returncode == 1 and "no gpu_2x_h100_sxm5 is free in us-west-2 now" in busy.stderr
+    assert "gpu_2x_h100_sxm5 in us-east-1, us-south-1" in busy.stderr and "gpu_1x_a100 in us-east-1" in busy.stderr
+    assert "gpu_2x_a100 in" not in busy.stderr  # no capacity anywhere: not offered as an alternative
+    unknown = run_script("create", url, LAMBDA_INSTANCE_TYPE="gpu_2x_a100_80gb")  # the old default: not a Lambda type
+    assert unknown.returncode == 1 and "Lambda offers no instance type 'gpu_2x_a100_80gb'" in unknown.stderr
+    assert "gpu_8x_a100_80gb_sxm4" in unknown.stderr and "dreamseed:instanceType" in unknown.stderr
+    assert state["calls"] == []  # nothing was launched, nothing is billed
