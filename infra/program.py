@@ -65,6 +65,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
 
     backend_urls: dict[str, pulumi.Input[str]] = {}
     vllm: dict[str, VllmBackend] = {}
+    previous: docker.Container | None = None  # the always-on server started before this one
     for name, backend in backends_on(policies, config.gpu_host).items():
         if backend.url_env is None:
             raise pulumi.RunError(
@@ -73,9 +74,11 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         vllm[name] = VllmBackend(
             f"vllm-{name}",
             VllmBackendArgs(name=name, backend=backend, network=network.name, hf_cache_volume=hf_cache.name,
-                            hf_token=config.hf_token),
+                            hf_token=config.hf_token, start_after=previous),
             opts=on_host,
         )
+        if not backend.on_demand:
+            previous = vllm[name].container
         backend_urls[backend.url_env] = vllm[name].internal_url
 
     # scale.yaml's docker actuators must name the containers declared here, or the proxy's scaler

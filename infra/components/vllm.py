@@ -12,6 +12,9 @@ from dreamseed.policy import Backend
 from .common import backend_port, container_name, pulled, python_healthcheck, secret_env
 
 HF_CACHE = "/root/.cache/huggingface"
+# How long `pulumi up` waits for a server to become healthy before starting the next one: a first
+# start downloads the weights (the healthcheck's start period is 900 s).
+HEALTHY_WAIT_S = 1800
 
 
 def vllm_command(backend: Backend, port: int) -> list[str]:
@@ -33,6 +36,10 @@ class VllmBackendArgs:
     network: pulumi.Input[str]
     hf_cache_volume: pulumi.Input[str]
     hf_token: pulumi.Input[str]
+    # vLLM servers sharing a GPU must not initialise at once: each measures free memory while it
+    # starts and counts the other's allocations as its own. An always-on server is created only once
+    # this one (the previous always-on server) is healthy.
+    start_after: docker.Container | None = None
 
 
 class VllmBackend(pulumi.ComponentResource):
@@ -69,9 +76,12 @@ class VllmBackend(pulumi.ComponentResource):
             restart="unless-stopped" if always_on else "no",
             start=always_on,
             must_run=always_on,
+            # `pulumi up` waits until the server is healthy, so the next one starts on a settled GPU.
+            wait=always_on,
+            wait_timeout=HEALTHY_WAIT_S if always_on else None,
             labels=[docker.ContainerLabelArgs(label="dreamseed.backend", value=args.name),
                     docker.ContainerLabelArgs(label="dreamseed.on_demand", value=str(backend.on_demand).lower())],
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[args.start_after] if args.start_after else None),
         )
         self.container_name = self.container.name
         self.internal_url = f"http://{name}:{port}"

@@ -245,3 +245,17 @@ def test_a_public_proxy_without_client_keys_is_refused_at_preview(run_stack: Run
     assert "pulumi config set --secret dreamseed:proxyApiKeys" in message
     mocks, _ = run_stack("local", {"dreamseed:proxyApiKeys": None, "dreamseed:proxyBindAddress": "127.0.0.1"})
     assert "dreamseed-proxy" in containers(mocks)  # on loopback only, keys are optional
+
+
+def test_vllm_servers_on_one_gpu_start_one_after_another_each_waiting_for_health(local) -> None:
+    mocks, _ = local
+    servers = {r.inputs["name"]: r for r in mocks.of_type("docker:index/container:Container")
+               if r.inputs["name"] in ("dreamseed-general", "dreamseed-fast", "dreamseed-code")}
+    general, fast, code = servers["dreamseed-general"], servers["dreamseed-fast"], servers["dreamseed-code"]
+    # Always-on servers: `pulumi up` waits for each to be healthy, and fast is created after general is.
+    assert general.inputs["wait"] is True and fast.inputs["wait"] is True
+    assert general.inputs["waitTimeout"] >= 900
+    assert any(d.endswith("::vllm-general") for d in fast.dependencies), fast.dependencies
+    assert not any(d.endswith(("::vllm-fast", "::vllm-code")) for d in general.dependencies)  # general goes first
+    # The on-demand coder is created stopped: nothing to wait for, and the scaler starts it later.
+    assert not code.inputs.get("wait") and code.inputs["start"] is False
