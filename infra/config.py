@@ -33,9 +33,7 @@ class LocalConfig:
     proxy_port: int
     proxy_bind_address: str
     grafana_port: int
-    embeddings: bool
     protect_data: bool
-    embeddings_model: str
     remote_stack: str | None
     hf_token: pulumi.Output[str]
     postgres_password: pulumi.Output[str]
@@ -55,11 +53,9 @@ class LocalConfig:
             proxy_port=config.get_int("proxyPort") or 8080,
             proxy_bind_address=config.get("proxyBindAddress") or "0.0.0.0",
             grafana_port=config.get_int("grafanaPort") or 3000,
-            embeddings=config.get_bool("embeddings") is not False,  # on unless set to false
             # The volumes with data a re-deploy cannot recreate (documents, model weights, metrics
             # history) are protected unless this is set to false.
             protect_data=config.get_bool("protectData") is not False,
-            embeddings_model=config.get("embeddingsModel") or "sentence-transformers/all-MiniLM-L6-v2",
             remote_stack=remote_stack,
             hf_token=config.require_secret("hfToken"),
             postgres_password=config.require_secret("postgresPassword"),

@@ -127,15 +127,20 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         secret_env["DREAMSEED_ADMIN_KEY"] = config.proxy_admin_key
 
     plain_env: dict[str, pulumi.Input[str]] = dict(backend_urls)
-    embeddings = None
-    if config.embeddings:
+    # rag.yaml is the one place the embedding model is named. An embedding server is declared only
+    # when rag.yaml embeds through one whose URL the deployment supplies (`kind: openai` with
+    # `url_env`): it serves rag.yaml's model, and its URL reaches the proxy under that variable. The
+    # seed embeds in-process (fastembed), and a fixed `url` names the operator's own server: no
+    # container for either. (The policy check already requires `url` or `url_env`, and `dim`.)
+    embedder = policies.rag.embedder
+    if embedder.kind == "openai" and embedder.url_env is not None:
         embeddings = EmbeddingServer(
             "embeddings",
-            EmbeddingServerArgs(network=network.name, model=config.embeddings_model, hf_cache_volume=hf_cache.name,
+            EmbeddingServerArgs(network=network.name, model=embedder.model, hf_cache_volume=hf_cache.name,
                                 hf_token=config.hf_token),
             opts=on_host,
         )
-        plain_env["DREAMSEED_EMBEDDINGS_URL"] = embeddings.internal_url
+        plain_env[embedder.url_env] = embeddings.internal_url
 
     policy_files = {p.name: p.read_text(encoding="utf-8") for p in sorted(policies.directory.glob("*.yaml"))}
     proxy = ProxyService(

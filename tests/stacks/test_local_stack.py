@@ -100,7 +100,7 @@ def test_only_the_proxy_is_published_beyond_localhost(local) -> None:
             assert all(port["ip"] == "127.0.0.1" for port in ports), name
     assert published["dreamseed-postgres"] == [] and published["dreamseed-prometheus"] == []
     assert published["dreamseed-grafana"] == [{"internal": 3000, "external": 3000, "ip": "127.0.0.1"}]
-    assert published["dreamseed-embeddings"] == [{"internal": 8003, "external": 8003, "ip": "127.0.0.1"}]
+    assert "dreamseed-embeddings" not in published  # the seed's rag.yaml embeds in-process: no server to run
     for name, inputs in containers(mocks).items():
         assert inputs["networksAdvanced"][0]["name"] == "dreamseed", name
 
@@ -110,7 +110,8 @@ def test_images_are_pinned(local) -> None:
     pulled = [r.inputs["name"] for r in mocks.of_type("docker:index/remoteImage:RemoteImage")]
     built = [r.inputs["imageName"] for r in mocks.of_type("docker:index/image:Image")]
     assert set(pulled) == {"vllm/vllm-openai:v0.11.0", images.POSTGRES_PGVECTOR, images.PROMETHEUS, images.GRAFANA,
-                           images.EMBEDDINGS, images.TUNNEL}
+                           images.TUNNEL}
+    assert images.is_pinned(images.EMBEDDINGS)  # declared only when rag.yaml embeds through a server
     assert built == ["dreamseed-proxy:0.1.0"]
     for image in pulled + built:
         assert images.is_pinned(image), image
@@ -188,7 +189,7 @@ def test_components_parent_their_children(local) -> None:
         assert "$dreamseed:index:" in record.parent, f"{record.name} is not parented to a component: {record.parent}"
     kinds = {r.type for r in mocks.resources if r.type.startswith("dreamseed:index:")}
     assert kinds == {"dreamseed:index:VllmBackend", "dreamseed:index:VectorDatabase", "dreamseed:index:Monitoring",
-                     "dreamseed:index:ProxyService", "dreamseed:index:SshTunnel", "dreamseed:index:EmbeddingServer"}
+                     "dreamseed:index:ProxyService", "dreamseed:index:SshTunnel"}
 
 
 def refused_edit(run_stack: Runner, tmp_path: Path, file: str, old: str, new: str) -> pytest.ExceptionInfo:
@@ -259,3 +260,22 @@ def test_vllm_servers_on_one_gpu_start_one_after_another_each_waiting_for_health
     assert not any(d.endswith(("::vllm-fast", "::vllm-code")) for d in general.dependencies)  # general goes first
     # The on-demand coder is created stopped: nothing to wait for, and the scaler starts it later.
     assert not code.inputs.get("wait") and code.inputs["start"] is False
+
+
+def test_the_embedding_server_runs_only_when_rag_yaml_embeds_through_one_and_with_its_model(
+        run_stack: Runner, tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    text = (policies / "rag.yaml").read_text(encoding="utf-8")
+    server = text.replace("  kind: fastembed\n", "  kind: openai\n  url_env: DREAMSEED_EMBEDDINGS_URL\n  dim: 384\n")
+    assert server != text
+    (policies / "rag.yaml").write_text(server, encoding="utf-8")
+    mocks, _ = run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    embeddings = containers(mocks)["dreamseed-embeddings"]
+    assert embeddings["command"][:2] == ["--model-id", "sentence-transformers/all-MiniLM-L6-v2"]  # rag.yaml's model
+    assert "DREAMSEED_EMBEDDINGS_URL=http://dreamseed-embeddings:8003" in env_of(containers(mocks)["dreamseed-proxy"])
+
+    own = server.replace("  url_env: DREAMSEED_EMBEDDINGS_URL\n", "  url: http://embeddings.internal:8003\n")
+    (policies / "rag.yaml").write_text(own, encoding="utf-8")  # the operator's own server: nothing to run
+    mocks, _ = run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    assert "dreamseed-embeddings" not in containers(mocks)
