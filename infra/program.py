@@ -153,7 +153,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         opts=on_host,
     )
 
-    Monitoring(
+    monitoring = Monitoring(
         "monitoring",
         MonitoringArgs(
             network=network.name,
@@ -174,7 +174,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         "onDemandContainers": [container_name(n) for n, b in backends_on(policies, config.gpu_host).items() if b.on_demand],
         "databaseUrl": database.url,
         # What `pulumi destroy` leaves in place, and how to remove it on purpose.
-        "protectedVolumes": ["dreamseed-postgres-data", "dreamseed-hf-cache", "dreamseed-prometheus-data"]
+        "protectedVolumes": [database.volume.name, hf_cache.name, monitoring.prometheus_volume.name]
         if config.protect_data else [],
         "removeProtectedVolumes": "pulumi config set dreamseed:protectData false && pulumi up, then pulumi destroy"
         if config.protect_data else "",

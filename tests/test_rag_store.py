@@ -90,7 +90,7 @@ def explain(url: str, store: VectorStore, text: str, **settings: Any) -> list[di
         register_vector(conn)
         conn.execute("SET hnsw.iterative_scan = relaxed_order")
         conn.execute(SEARCH_SETTINGS)
-        for query in (documents.lexical_query(), documents.vector_query()):
+        for query in (documents.lexical_query, documents.vector_query):
             (result,) = conn.execute(sql_explain(query), params).fetchone()  # type: ignore[misc]
             nodes += plan_nodes(result[0]["Plan"])
     return nodes

@@ -68,7 +68,6 @@ class AccessLogQueue(logging.handlers.QueueHandler):
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.lines: queue.Queue[logging.LogRecord] = queue.Queue(capacity)
         super().__init__(self.lines)
-        self.capacity = capacity
         self.dropped = 0
         self.writer = logging.handlers.QueueListener(self.lines, destination)
         self._clock = clock

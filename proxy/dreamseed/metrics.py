@@ -212,7 +212,7 @@ def access_log_metrics() -> Iterator[Metric]:
     for handler in access_log.handlers:
         if isinstance(handler, AccessLogQueue):
             dropped = CounterMetricFamily("dreamseed_access_log_dropped", "Access log lines dropped because their "
-                                          "destination (standard output) did not keep up.")
+                                          "destination (standard output or --access-log-file) did not keep up.")
             dropped.add_metric([], handler.dropped)
             waiting = GaugeMetricFamily("dreamseed_access_log_queued", "Access log lines waiting to be written.")
             waiting.add_metric([], handler.lines.qsize())

@@ -5,25 +5,28 @@ idempotently at start. A side table records which model and dimension filled it:
 a table with another model's settings is an error, because mixing vector spaces gives
 silently wrong answers.
 
-Retrieval is one SQL statement per request, made of up to two legs fused by weighted
-reciprocal rank fusion (score = sum over the legs that found a chunk of weight / (60 + rank)):
+Retrieval runs up to two legs, each one SQL statement on its own pooled connection (so Postgres
+runs them at once), fuses their ranks by weighted reciprocal rank fusion (score = sum over the
+legs that found a chunk of weight / (60 + rank), `fuse`) and fetches the winners by id:
   vector   HNSW scan on cosine distance (pgvector); hits under `min_similarity` dropped.
   lexical  the query's terms against a GIN-indexed ``terms`` tsvector: English words stemmed
            (`english` configuration) plus every Hangul syllable bigram, so 비밀번호 matches
            비밀번호를 (a particle attached) through 비밀/밀번/번호, the way CJK search engines
-           index. Each term weighs its inverse document frequency, read from Postgres's own
-           statistics on the column (pg_stats.most_common_elems, kept by ANALYZE); terms in more
-           than `max_term_frequency` of the chunks are left out, at most `max_query_terms` of the
-           rarest are looked up, each reading at most `rows_per_term` rows, so the leg's cost is
-           bounded whatever the corpus size or query length. A chunk is a lexical hit when the
-           terms it holds weigh at least `min_term_match` of what the query's terms present in
-           the collection weigh: one shared common word is not enough.
+           index. Each term weighs its inverse document frequency, from Postgres's own statistics
+           on the column (ANALYZE's most_common_elems, copied into dreamseed_rag_terms); terms in
+           more than `max_term_frequency` of the chunks are left out, the rarest (at most
+           MAX_QUERY_TERMS) are looked up while their expected rows fit `lexical_rows`, each reading
+           at most `rows_per_term` rows, so the leg's cost is bounded whatever the corpus size or
+           query length. A chunk is a lexical hit when the terms it holds weigh at least
+           `min_term_match` of what the query's terms present in the collection weigh: one shared
+           common word is not enough.
 Mode `vector` uses the first leg, `lexical` the second, `hybrid` both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from collections.abc import Awaitable, Iterable, Sequence
@@ -95,7 +98,6 @@ def _names(table: str) -> dict[str, sql.Identifier]:
         "table": sql.Identifier(table),
         "hnsw": sql.Identifier(f"{table}_embedding_hnsw"),
         "terms_gin": sql.Identifier(f"{table}_terms_gin"),
-        "old_fts": sql.Identifier(f"{table}_tsv_gin"),
         "old_trgm": sql.Identifier(f"{table}_content_trgm"),
         "by_source": sql.Identifier(f"{table}_collection_source"),
     }
@@ -298,9 +300,11 @@ class DocumentStore:
                                             (self.store.table,))).fetchone()
         return bool(row and row[0])
 
+    @functools.cached_property
     def lexical_query(self) -> sql.Composed:
         """The lexical leg: (id, rank) of the chunks whose terms weigh at least min_match of the
-        query's, best first. A statement of its own, so that it runs while the query is embedded."""
+        query's, best first. A statement of its own, so that it runs while the query is embedded.
+        Composed once per store: every retrieval runs it."""
         return sql.SQL(
             # Document frequencies, from ANALYZE (see `analyze`): an untracked term is rarer than
             # the least common tracked one (the '' row); no statistics yet: every term rare.
@@ -329,6 +333,7 @@ class DocumentStore:
             " GROUP BY id HAVING sum(weight) >= %(min_match)s * (SELECT weight FROM present)"
             " ORDER BY sum(weight) DESC, id LIMIT %(n)s").format(max_terms=sql.Literal(MAX_QUERY_TERMS), **self._names)
 
+    @functools.cached_property
     def vector_query(self) -> sql.Composed:
         """The vector leg: (id, rank) of the nearest chunks (HNSW) with cosine similarity at least min_sim."""
         return sql.SQL(
@@ -353,13 +358,12 @@ class DocumentStore:
                      lexical_weight: float = 1.0) -> list[Hit]:
         """Retrieve in ``mode``. The legs are separate statements on separate connections, so Postgres
         runs them at once: the lexical leg starts first, while ``vector`` (which may be an awaitable:
-        the query being embedded) is still coming; the vector leg starts when the vector is there.
-        Their ranks are fused here and the winners fetched."""
+        the query being embedded; pass one only in vector or hybrid mode, which awaits it) is still
+        coming; the vector leg starts when the vector is there. Their ranks are fused here and the
+        winners fetched."""
         use_lexical = mode in ("lexical", "hybrid")
         use_vector = mode in ("vector", "hybrid") and vector is not None
-        if vector is not None and not use_vector and not isinstance(vector, np.ndarray):
-            getattr(vector, "close", lambda: None)()  # a coroutine this mode does not need: never started
-        lexical = (asyncio.ensure_future(self._ranks(self.lexical_query(), self.search_params(
+        lexical = (asyncio.ensure_future(self._ranks(self.lexical_query, self.search_params(
             collection, text=text, top_k=top_k, min_term_match=min_term_match))) if use_lexical else None)
         legs: list[tuple[list[tuple[int, int]], float]] = []
         query_vector = None
@@ -367,7 +371,7 @@ class DocumentStore:
             if use_vector:
                 assert vector is not None
                 query_vector = vector if isinstance(vector, np.ndarray) else await vector
-                legs.append((await self._ranks(self.vector_query(), self.search_params(
+                legs.append((await self._ranks(self.vector_query, self.search_params(
                     collection, vector=query_vector, top_k=top_k, min_similarity=min_similarity)), 1.0))
             if lexical is not None:
                 legs.append((await lexical, lexical_weight))
