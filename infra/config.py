@@ -45,6 +45,13 @@ class LocalConfig:
     @classmethod
     def load(cls) -> LocalConfig:
         config = pulumi.Config()
+        retired = [key for key in ("embeddings", "embeddingsModel") if config.get(key) is not None]
+        if retired:
+            # Removed keys would otherwise be ignored without a word: say where their meaning went.
+            raise pulumi.RunError(
+                f"stack config {', '.join('dreamseed:' + k for k in retired)} is no longer read: the embedding server "
+                "follows policies/rag.yaml (declared when embedder.kind is openai with url_env, serving "
+                "embedder.model). Remove it: pulumi config rm " + " ".join("dreamseed:" + k for k in retired))
         remote_stack = config.get("remoteStack") or None
         return cls(
             policies=load_catalog_policies(config),

@@ -176,3 +176,13 @@ def test_the_access_log_can_go_to_a_file(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         sim.stop()
+
+
+def test_an_access_log_buffer_below_one_line_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for value, says in (("0", "0 must be at least 1"), ("lots", "'lots' is not a whole number")):
+        result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "serve", "--port", "0",
+                                 "--access-log-buffer", value], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and "--access-log-buffer" in result.stderr and says in result.stderr

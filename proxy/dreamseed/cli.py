@@ -175,6 +175,17 @@ def cmd_local_model_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero (a queue of size 0 would be unbounded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .server import HttpLimits
 
@@ -201,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not write the JSON access log to standard output")
     serve.add_argument("--access-log-file", metavar="PATH",
                        help="append the JSON access log to this file instead of standard output")
-    serve.add_argument("--access-log-buffer", type=int, default=ACCESS_LOG_BUFFER, metavar="LINES",
+    serve.add_argument("--access-log-buffer", type=positive_int, default=ACCESS_LOG_BUFFER, metavar="LINES",
                        help="access log lines held while their destination is slow; beyond this they are dropped "
                             "and counted (dreamseed_access_log_dropped_total) (default: %(default)s)")
     limits = HttpLimits()

@@ -279,3 +279,11 @@ def test_the_embedding_server_runs_only_when_rag_yaml_embeds_through_one_and_wit
     (policies / "rag.yaml").write_text(own, encoding="utf-8")  # the operator's own server: nothing to run
     mocks, _ = run_stack("local", {"dreamseed:policiesDir": str(policies)})
     assert "dreamseed-embeddings" not in containers(mocks)
+
+
+def test_retired_embedding_keys_are_refused_not_ignored(run_stack: Runner) -> None:
+    with pytest.raises(pulumi.RunError) as refused:
+        run_stack("local", {"dreamseed:embeddingsModel": "BAAI/bge-m3"})
+    message = str(refused.value)
+    assert "dreamseed:embeddingsModel is no longer read" in message and "policies/rag.yaml" in message
+    assert "pulumi config rm dreamseed:embeddingsModel" in message
