@@ -97,7 +97,7 @@ class RemoteConfig:
             gpu_host=config.get("gpuHost") or "lambda-2xa100",
             lambda_api_url=config.get("lambdaApiUrl") or "https://cloud.lambda.ai/api/v1",
             region=config.get("region") or "us-west-2",
-            instance_type=config.get("instanceType") or "gpu_2x_a100_80gb",
+            instance_type=config.get("instanceType") or "gpu_2x_a100",
             instance_name=config.get("instanceName") or "dreamseed-70b",
             ssh_key_name=config.require("sshKeyName"),
             ssh_user=config.get("sshUser") or "ubuntu",

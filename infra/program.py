@@ -30,26 +30,64 @@ from .monitoring import alert_rules
 
 def checked_memory_plan(policies: Policies, host: str) -> MemoryPlan:
     """The host's GPU memory plan. The numbers are the catalog's (policies/backends.yaml `hosts`
-    and each backend's `gpu_memory_utilization`), the same ones the proxy's scaler budgets with;
-    loading the policies already refused a plan that does not fit, with a message naming it."""
+    and each backend's `gpu_memory_utilization` and `memory`), the same ones the proxy's scaler
+    budgets with; loading the policies already refused a plan that does not fit, naming the backend
+    and the numbers. A server this stack deploys must say what it needs (`memory`), or the plan
+    could not tell whether it fits."""
     if host not in policies.catalog.hosts:
         raise pulumi.RunError(f"gpuHost {host!r} is not a host in backends.yaml (known: {', '.join(policies.catalog.hosts)})")
-    return memory_plan(policies.catalog, host)
+    plan = memory_plan(policies.catalog, host)
+    undeclared = [name for name, b in plan.backends.items() if not b.declared]
+    if undeclared:
+        raise pulumi.RunError(
+            f"backends.yaml: {', '.join(undeclared)} on host {host!r} give no `memory` (weights_gib, weights_dtype, "
+            "kv_cache_kib_per_token): the GPU memory plan cannot check that they fit; `dreamseed policies plan` shows it")
+    return plan
 
 
 def plan_summary(plan: MemoryPlan) -> dict[str, Any]:
+    """The plan in the stack's outputs, per GPU, in GiB (`dreamseed policies plan` prints it as a table)."""
     return {
         "host": plan.host_name,
         # Per GPU: with tensor parallelism every GPU holds the same share.
         "gpuCount": plan.host.gpu_count,
-        "gpuMemoryGb": plan.host.gpu_memory_gb,
-        "budgetGb": round(plan.gigabytes(plan.budget), 2),
-        "alwaysOnGb": {n: round(plan.gigabytes(s), 2) for n, s in plan.always_on.items()},
-        "onDemandGb": {n: round(plan.gigabytes(s), 2) for n, s in plan.on_demand.items()},
-        "worstCaseGb": round(plan.gigabytes(plan.worst_case_share), 2),
+        "gpuMemoryGib": plan.gpu_gib,
+        "budgetGib": round(plan.budget_gib, 2),
+        "backends": {
+            name: {"onDemand": b.on_demand, "shareGib": round(b.share_gib, 2), "weightsGib": round(b.weights_gib, 2),
+                   "kvCacheGib": round(b.kv_gib_available, 2), "kvTokens": b.kv_tokens_available,
+                   "kvTokensNeeded": b.kv_tokens_needed, "headroomGib": round(b.headroom_gib, 2)}
+            for name, b in plan.backends.items()
+        },
+        "alwaysOnGib": round(plan.always_on_gib, 2),
+        "worstCaseGib": round(plan.worst_case_gib, 2),
     }
 
 
+# Lambda Cloud instance types: GPUs and GiB per GPU (GET /instance-types lists them; the create script
+# checks name, region and capacity against the live API before launching). Used at preview to refuse
+# a type smaller than the host the catalog plans for.
+LAMBDA_GPUS = {
+    "gpu_1x_a10": (1, 24), "gpu_1x_a6000": (1, 48), "gpu_2x_a6000": (2, 48), "gpu_4x_a6000": (4, 48),
+    "gpu_1x_a100": (1, 40), "gpu_1x_a100_sxm4": (1, 40), "gpu_2x_a100": (2, 40), "gpu_4x_a100": (4, 40),
+    "gpu_8x_a100": (8, 40), "gpu_8x_a100_80gb_sxm4": (8, 80), "gpu_1x_h100_pcie": (1, 80),
+    "gpu_1x_h100_sxm5": (1, 80), "gpu_2x_h100_sxm5": (2, 80), "gpu_4x_h100_sxm5": (4, 80),
+    "gpu_8x_h100_sxm5": (8, 80), "gpu_1x_gh200": (1, 96),
+}
+
+
+def check_instance_type(instance_type: str, host: str, plan: MemoryPlan) -> None:
+    """Refuse at preview an instance type whose GPUs are fewer or smaller than the catalog's host."""
+    known = LAMBDA_GPUS.get(instance_type)
+    if known is None:
+        return  # not in our table: the create script checks it against Lambda's live catalog
+    count, gib = known
+    if count < plan.host.gpu_count or gib < plan.host.gpu_memory_gb:
+        fitting = sorted(t for t, (c, g) in LAMBDA_GPUS.items() if c >= plan.host.gpu_count and g >= plan.host.gpu_memory_gb)
+        raise pulumi.RunError(
+            f"dreamseed:instanceType {instance_type} has {count} x {gib} GiB GPUs, but backends.yaml plans host {host!r} "
+            f"as {plan.host.gpu_count} x {plan.host.gpu_memory_gb:g} GiB. Types that hold the plan: {', '.join(fitting)}; "
+            "or change the host in backends.yaml (`dreamseed policies plan` shows what then fits)")
 
 
 def build_local(config: LocalConfig) -> dict[str, Any]:
@@ -193,6 +231,7 @@ def build_remote(config: RemoteConfig) -> dict[str, Any]:
     (name, backend), = hosted.items()
     if backend.image is None:
         raise pulumi.RunError(f"backend {name!r} has no `image` in backends.yaml")
+    check_instance_type(config.instance_type, config.gpu_host, plan)
     host = RemoteGpuHost(
         "gpu-host",
         RemoteGpuHostArgs(

@@ -149,7 +149,7 @@ def test_a_start_is_refused_with_the_reason_when_nothing_can_make_room() -> None
     ready_at(machines["a"], 0.0)
     plan = plan_start("b", machines, cat, lambda n: 0, scale)
     assert not plan.ok and plan.evict == ()
-    assert "b needs 12.8 GB, 8.0 GB free" in plan.reason and "a (12.8 GB, ready)" in plan.reason
+    assert "b needs 13.8 GiB, 6.0 GiB free" in plan.reason and "a (13.8 GiB, ready)" in plan.reason
     cat, scale = catalog(a_priority=0)
     machines = {name: BackendScaler(name, scale.backends[name]) for name in scale.backends}
     ready_at(machines["a"], 0.0)

@@ -18,8 +18,12 @@ HEALTHY_WAIT_S = 1800
 
 
 def vllm_command(backend: Backend, port: int) -> list[str]:
-    """vLLM's arguments, all from the catalog: the one place models and limits are set."""
-    command = ["--model", backend.model, "--port", str(port), "--max-model-len", str(backend.context_length)]
+    """vLLM's arguments, all from the catalog: the one place models and limits are set. A
+    pre-quantized `checkpoint` is served under the catalog's `model` id, the name clients and routing use."""
+    command = ["--model", backend.checkpoint or backend.model]
+    if backend.checkpoint:
+        command += ["--served-model-name", backend.model]
+    command += ["--port", str(port), "--max-model-len", str(backend.context_length)]
     if backend.gpu_memory_utilization is not None:
         command += ["--gpu-memory-utilization", f"{backend.gpu_memory_utilization:g}"]
     if backend.tensor_parallel_size > 1:

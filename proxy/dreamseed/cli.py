@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .logs import ACCESS_LOG_BUFFER, AccessLogQueue
 from .logs import install as limit_repeats
-from .policy import AUTO_MODEL, Policies, PolicyError, load_policies
+from .policy import AUTO_MODEL, BACKENDS_FILE, Policies, PolicyError, load_catalog, load_policies, memory_plan
 from .routing import Prompt, Router, UnknownModelError
 
 DEFAULT_POLICIES = os.environ.get("DREAMSEED_POLICIES", "policies")
@@ -41,6 +41,29 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{name} ({settings.actuator.__struct_config__.tag}, cold start {settings.cold_start})"
             for name, settings in policies.scale.backends.items()))
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print each GPU host's memory plan as a table; exit 1 (naming the problems) when one does not fit."""
+    try:
+        catalog = load_catalog(args.directory)
+    except PolicyError as exc:
+        print(f"{args.directory}: invalid policies", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    if not catalog.hosts:
+        print(f"{args.directory}: no GPU hosts in {BACKENDS_FILE}")
+        return 0
+    lines: list[str] = []
+    for host_name in catalog.hosts:
+        plan = memory_plan(catalog, host_name)
+        print(plan.table() + "\n")
+        lines += [f"{f'backends.{backend}.{field}' if backend else f'hosts.{host_name}'}: {message}"
+                  for backend, field, message in plan.problems()]
+    for line in lines:
+        print(f"  {line}", file=sys.stderr)
+    return 1 if lines else 0
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
@@ -233,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = policy_commands.add_parser("check", help="validate a policy directory")
     check.add_argument("directory", nargs="?", default=DEFAULT_POLICIES)
     check.set_defaults(func=cmd_check)
+    plan = policy_commands.add_parser(
+        "plan", help="show each GPU host's memory plan (weights, KV cache, tokens of KV, headroom per backend)")
+    plan.add_argument("directory", nargs="?", default=DEFAULT_POLICIES)
+    plan.set_defaults(func=cmd_plan)
     docs = commands.add_parser(
         "docs", help="check (or --write) the generated docs: docs/schema/*.schema.json, docs/policy-reference.md, "
                      "the error table in docs/api.md")

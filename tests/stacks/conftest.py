@@ -26,7 +26,7 @@ SECRETS = {
 }
 
 INSTANCE = {"id": "0920582c7ff041399e34823a0be62549", "ip": "198.51.100.7", "name": "dreamseed-70b",
-            "region": "us-west-2", "instance_type": "gpu_2x_a100_80gb"}
+            "region": "us-west-2", "instance_type": "gpu_2x_a100"}
 REMOTE_OUTPUTS = {"publicIp": INSTANCE["ip"], "sshUser": "ubuntu", "port": 8000, "apiKey": SECRETS["vllmApiKey"],
                   "url": "http://127.0.0.1:8000", "backend": "general70"}
 

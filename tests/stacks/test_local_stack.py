@@ -42,7 +42,11 @@ def test_every_catalog_backend_on_the_host_gets_a_vllm_container(local) -> None:
             continue
         command = found[f"dreamseed-{name}"]["command"]
         port = str(int(backend.url.rsplit(":", 1)[1]))  # type: ignore[union-attr]
-        assert command[:6] == ["--model", backend.model, "--port", port, "--max-model-len", str(backend.context_length)]
+        # vLLM loads the pre-quantized checkpoint and serves it under the catalog's model id.
+        assert backend.checkpoint and backend.checkpoint != backend.model
+        assert command[:8] == ["--model", backend.checkpoint, "--served-model-name", backend.model, "--port", port,
+                               "--max-model-len", str(backend.context_length)]
+        assert "--quantization" not in command  # no load-time quantization: its 16-bit peak does not fit
         i = command.index("--gpu-memory-utilization")
         assert float(command[i + 1]) == backend.gpu_memory_utilization
         assert command[-len(backend.args):] == backend.args
@@ -52,15 +56,19 @@ def test_a_new_catalog_backend_gets_its_own_container(run_stack: Runner, tmp_pat
     policies = tmp_path / "policies"
     shutil.copytree(ROOT / "policies", policies)
     catalog = yaml.safe_load((policies / "backends.yaml").read_text(encoding="utf-8"))
-    catalog["backends"]["fast"]["gpu_memory_utilization"] = 0.10
+    # Room for it on the card: general takes fewer requests at once, so its KV cache (and share) shrinks.
+    catalog["backends"]["general"]["gpu_memory_utilization"] = 0.29
+    catalog["backends"]["general"]["max_concurrency"] = 2
     catalog["backends"]["tiny"] = {
         "url": "http://127.0.0.1:8005", "url_env": "DREAMSEED_TINY_URL", "model": "Qwen/Qwen2.5-0.5B-Instruct",
-        "context_length": 2048, "host": "rtx5090", "gpu_memory_utilization": 0.10, "image": "vllm/vllm-openai:v0.11.0",
+        "context_length": 1024, "max_concurrency": 4, "host": "rtx5090", "gpu_memory_utilization": 0.05,
+        "image": "vllm/vllm-openai:v0.11.0",
+        "memory": {"weights_gib": 0.93, "weights_dtype": "bf16", "kv_cache_kib_per_token": 12, "activations_gib": 0.5},
     }
     (policies / "backends.yaml").write_text(yaml.safe_dump(catalog, allow_unicode=True), encoding="utf-8")
     mocks, _ = run_stack("local", {"dreamseed:policiesDir": str(policies)})
     tiny = containers(mocks)["dreamseed-tiny"]
-    assert tiny["command"][:4] == ["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--port", "8005"]
+    assert tiny["command"][:4] == ["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--port", "8005"]  # no checkpoint: the model
     assert "DREAMSEED_TINY_URL=http://dreamseed-tiny:8005" in env_of(containers(mocks)["dreamseed-proxy"])
 
 
@@ -207,14 +215,42 @@ def refused_edit(run_stack: Runner, tmp_path: Path, file: str, old: str, new: st
 def test_memory_plan_is_exported_and_an_oversubscribed_catalog_is_refused(local, run_stack: Runner, tmp_path: Path) -> None:
     _, outputs = local
     plan, _ = outputs["gpuMemoryPlan"]
-    assert plan["gpuMemoryGb"] == 32 and plan["budgetGb"] == pytest.approx(30.4)
-    assert plan["alwaysOnGb"] == {"general": 11.2, "fast": 6.4} and plan["onDemandGb"] == {"code": 11.2}
+    assert plan["gpuMemoryGib"] == 31.8 and plan["budgetGib"] == pytest.approx(30.21)
+    assert {n: (b["onDemand"], b["shareGib"]) for n, b in plan["backends"].items()} == {
+        "general": (False, 12.4), "code": (True, 8.27), "fast": (False, 6.36)}
+    assert all(b["kvTokens"] >= b["kvTokensNeeded"] and b["headroomGib"] > 0 for b in plan["backends"].values())
+    assert plan["alwaysOnGib"] == 20.76 and plan["worstCaseGib"] == 30.03
 
     refused = refused_edit(run_stack, tmp_path, "backends.yaml", "gpu_memory_utilization: 0.20",
                            "gpu_memory_utilization: 0.65")
     message = str(refused.value)
     assert "backends.yaml" in message and "hosts.rtx5090" in message
-    assert "always-on backends claim 1.00 of the GPU memory (32.0 GB of 32 GB)" in message
+    assert "always-on backends need 35.1 GiB per GPU" in message
+
+    # A vLLM server the stack deploys must say what it needs, or the plan cannot check it.
+    policies = tmp_path / "undeclared"
+    shutil.copytree(ROOT / "policies", policies)
+    catalog = yaml.safe_load((policies / "backends.yaml").read_text(encoding="utf-8"))
+    del catalog["backends"]["fast"]["memory"]
+    (policies / "backends.yaml").write_text(yaml.safe_dump(catalog, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(pulumi.RunError) as undeclared:
+        run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    assert "backends.yaml: fast on host 'rtx5090' give no `memory`" in str(undeclared.value)
+
+
+def test_a_load_time_quantized_coder_is_refused_at_preview(run_stack: Runner, tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    catalog = yaml.safe_load((policies / "backends.yaml").read_text(encoding="utf-8"))
+    code = catalog["backends"]["code"]
+    del code["checkpoint"]  # the bf16 original, quantized by vLLM while loading
+    code["memory"] = {"weights_gib": 14.2, "weights_dtype": "bf16", "kv_cache_kib_per_token": 56}
+    code["args"] = ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]
+    (policies / "backends.yaml").write_text(yaml.safe_dump(catalog, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    with pytest.raises(pulumi.RunError) as refused:
+        run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    assert ("backends.code.args: --quantization fp8 quantizes while loading, so vLLM first puts the 14.2 GiB of 16-bit "
+            "weights on the GPU, but only 9.4 GiB are free when it starts next to general, fast") in str(refused.value)
 
 
 def test_scale_policy_must_name_the_container_the_stack_declares(run_stack: Runner, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pulumi
 import pytest
 
 from infra import images
@@ -36,7 +37,7 @@ def test_instance_is_created_and_deleted_through_the_lambda_api(remote) -> None:
     assert instance.delete_before_replace  # a new region or type terminates the old instance first
     env = instance.inputs["environment"]
     env = env["value"] if "value" in env else env
-    assert env["LAMBDA_REGION"] == "us-west-2" and env["LAMBDA_INSTANCE_TYPE"] == "gpu_2x_a100_80gb"
+    assert env["LAMBDA_REGION"] == "us-west-2" and env["LAMBDA_INSTANCE_TYPE"] == "gpu_2x_a100"
     assert env["LAMBDA_INSTANCE_NAME"] == "dreamseed-70b"
     # Lambda's current API host (cloud.lambdalabs.com is the old name), by default and in the stack file.
     assert env["LAMBDA_API_URL"] == "https://cloud.lambda.ai/api/v1"
@@ -51,7 +52,9 @@ def test_bootstrap_runs_the_70b_with_the_seed_flags_over_ssh(remote) -> None:
     (server,) = mocks.of_type("command:remote:Command")
     script = server.inputs["create"]
     run = script[script.index("docker run"):]
-    assert "--model meta-llama/Llama-3.1-70B-Instruct" in run
+    # The pre-quantized 70B (4-bit AWQ: fits two 40 GB A100s), served under the catalog's model id.
+    assert ("--model hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4 "
+            "--served-model-name meta-llama/Llama-3.1-70B-Instruct") in run
     assert "--tensor-parallel-size 2" in run and "--max-model-len 8192" in run
     assert "--gpu-memory-utilization 0.9 " in run  # 0.90, written as vLLM parses it
     # The key reaches vLLM through its environment, never its command line (ps, docker inspect).
@@ -65,6 +68,18 @@ def test_bootstrap_runs_the_70b_with_the_seed_flags_over_ssh(remote) -> None:
     assert server.delete_before_replace
     assert outputs["url"] == ("http://127.0.0.1:8000", False)
     assert outputs["port"] == (8000, False)
+
+
+def test_an_instance_type_smaller_than_the_planned_host_is_refused_at_preview(run_stack) -> None:
+    with pytest.raises(pulumi.RunError) as refused:
+        run_stack("remote70b", {"dreamseed:instanceType": "gpu_1x_a100"})
+    message = str(refused.value)
+    assert ("dreamseed:instanceType gpu_1x_a100 has 1 x 40 GiB GPUs, but backends.yaml plans host 'lambda-2xa100' "
+            "as 2 x 40 GiB") in message
+    assert "gpu_2x_a100" in message and "gpu_2x_h100_sxm5" in message
+    # The default is a real Lambda type, and one the catalog's plan fits.
+    assert CATALOG["gpu_2x_a100"][0] == "2x A100 (40 GB SXM4)"
+    run_stack("remote70b", {"dreamseed:instanceType": "gpu_2x_h100_sxm5"})  # bigger GPUs: fine
 
 
 def test_remote_secrets_stay_secret(remote) -> None:
@@ -86,8 +101,11 @@ def test_every_catalog_backend_on_the_remote_host_is_served(remote) -> None:
     mocks, outputs = remote
     assert outputs["backend"] == ("general70", False)
     plan, _ = outputs["gpuMemoryPlan"]
-    assert plan == {"host": "lambda-2xa100", "gpuCount": 2, "gpuMemoryGb": 80.0, "budgetGb": 76.0,
-                    "alwaysOnGb": {"general70": 72.0}, "onDemandGb": {}, "worstCaseGb": 72.0}
+    assert (plan["host"], plan["gpuCount"], plan["gpuMemoryGib"], plan["budgetGib"]) == ("lambda-2xa100", 2, 40.0, 38.0)
+    assert plan["backends"]["general70"] == {
+        "onDemand": False, "shareGib": 36.0, "weightsGib": 18.5, "kvCacheGib": 16.5, "kvTokens": 108134,
+        "kvTokensNeeded": 32768, "headroomGib": 11.5}
+    assert plan["alwaysOnGib"] == plan["worstCaseGib"] == 37.0
     for record in mocks.of_type("command:remote:Command") + mocks.of_type("command:local:Command"):
         assert "$dreamseed:index:RemoteGpuHost" in record.parent
 

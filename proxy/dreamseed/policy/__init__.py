@@ -6,8 +6,8 @@ Loading is strict: unknown fields, wrong types, dangling references and fallback
 errors that name the file, the line and the field.
 """
 
-from .capacity import MemoryPlan, gpu_budget, memory_plan
-from .loading import load_policies
+from .capacity import BackendMemory, MemoryPlan, memory_plan
+from .loading import load_catalog, load_policies
 from .schema import (
     AUTO_MODEL,
     BACKENDS_FILE,
@@ -29,6 +29,7 @@ from .schema import (
     GpuHost,
     HealthCheck,
     Match,
+    ModelMemory,
     OnDemand,
     Policies,
     PolicyError,
@@ -47,8 +48,9 @@ from .schema import (
 
 __all__ = [
     "AUTO_MODEL", "BACKENDS_FILE", "DEFAULT_TEMPLATE", "DIRECT_RULE", "LATENCY_BUCKETS", "RAG_DEFAULTS", "RAG_FILE",
-    "ROUTING_FILE", "SCALE_FILE", "Augmentation", "Backend", "BackendTimeouts", "Catalog", "Chunking", "CommandActuator",
-    "DockerActuator", "EmbedderPolicy", "GpuHost", "HealthCheck", "Match", "MemoryPlan", "OnDemand", "Policies",
-    "PolicyError", "PolicyProblem", "Rag", "RagSettings", "RetrievalMode", "Routing", "Rule", "Scale", "Scope",
-    "Triggers", "VectorStore", "VolumeTrigger", "gpu_budget", "load_policies", "memory_plan",
+    "ROUTING_FILE", "SCALE_FILE", "Augmentation", "Backend", "BackendMemory", "BackendTimeouts", "Catalog",
+    "Chunking", "CommandActuator", "DockerActuator", "EmbedderPolicy", "GpuHost", "HealthCheck", "Match",
+    "MemoryPlan", "ModelMemory", "OnDemand", "Policies", "PolicyError", "PolicyProblem", "Rag", "RagSettings",
+    "RetrievalMode", "Routing", "Rule", "Scale", "Scope", "Triggers", "VectorStore", "VolumeTrigger", "load_catalog",
+    "load_policies", "memory_plan",
 ]

@@ -73,12 +73,13 @@ def check_catalog(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
 
 
 def _check_gpu_budget(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
-    """Every host's memory plan must fit: otherwise the always-on set oversubscribes the
-    card, or some on-demand backend could never be started."""
+    """Every host's memory plan must fit: each backend's share holds its weights, activations and
+    minimum KV cache; a load-time quantization's 16-bit peak fits what is free when it starts; the
+    always-on set fits the card; and each on-demand backend can start next to it."""
     problems: list[PolicyProblem] = []
     for host_name in catalog.hosts:
-        for backend, message in memory_plan(catalog, host_name).problems():
-            at = ("hosts", host_name) if backend is None else ("backends", backend, "gpu_memory_utilization")
+        for backend, field, message in memory_plan(catalog, host_name).problems():
+            at = ("hosts", host_name) if backend is None else ("backends", backend, field)
             problems.append(_problem(source, at, message))
     return problems
 

@@ -54,6 +54,16 @@ def load_policies(directory: str | Path) -> Policies:
     return Policies(directory=directory, catalog=catalog, routing=routing, rag=rag, scale=scale)
 
 
+def load_catalog(directory: str | Path) -> Catalog:
+    """Only the backend catalog, checked against its schema but not cross-checked: for showing a
+    GPU memory plan that does not fit yet (``dreamseed policies plan``)."""
+    problems: list[PolicyProblem] = []
+    _, catalog = _load_file(Path(directory) / BACKENDS_FILE, Catalog, problems)
+    if problems or catalog is None:
+        raise PolicyError(problems)
+    return catalog
+
+
 def _load_file(
     file: Path, schema: type[T], problems: list[PolicyProblem]
 ) -> tuple[YamlSource | None, T | None]:

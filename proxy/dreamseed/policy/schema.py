@@ -73,10 +73,31 @@ class HealthCheck(Strict, frozen=True):
 
 
 class GpuHost(Strict, frozen=True):
+    # Memory of ONE of the host's GPUs, in GiB as nvidia-smi reports it (an RTX 5090: 32,607 MiB = 31.8).
     gpu_memory_gb: Annotated[float, Meta(gt=0)]
     gpu_count: PositiveInt = 1
+    # Share of each GPU kept free of every plan (the desktop, other processes).
     headroom: Annotated[float, Meta(ge=0, lt=1)] = 0.05
+    # What each vLLM process holds OUTSIDE its --gpu-memory-utilization share: its CUDA context
+    # and CUDA graphs (vLLM RFC #27951: 0.5-1 GiB).
+    process_overhead_gib: Annotated[float, Meta(ge=0)] = 1.0
     description: str = ""
+
+
+WeightsDtype = Literal["bf16", "fp16", "fp32", "fp8", "int8", "int4"]
+
+
+class ModelMemory(Strict, frozen=True):
+    """What a model's vLLM process needs on the GPU, for the memory plan (policy/capacity.py)."""
+
+    # The checkpoint's weights as stored (the sum of its safetensors files), in GiB, and their precision.
+    weights_gib: Annotated[float, Meta(gt=0)]
+    weights_dtype: WeightsDtype
+    # KV cache per token in 16-bit, in KiB (layers x KV heads x head size x 2 x 2 bytes); a
+    # `--kv-cache-dtype fp8` among the backend's args halves it.
+    kv_cache_kib_per_token: Annotated[float, Meta(gt=0)]
+    # Peak of the activations in vLLM's profiling forward pass, inside the share.
+    activations_gib: Annotated[float, Meta(ge=0)] = 1.0
 
 
 class Backend(Strict, frozen=True):
@@ -101,6 +122,10 @@ class Backend(Strict, frozen=True):
     host: Name | None = None
     gpu_memory_utilization: Fraction | None = None
     tensor_parallel_size: PositiveInt = 1
+    # The Hugging Face repository vLLM loads when it is not `model` itself (a pre-quantized build of
+    # it); vLLM serves it under `model` (--served-model-name), so clients never see the difference.
+    checkpoint: str | None = None
+    memory: ModelMemory | None = None
     image: str | None = None
     args: list[str] = []
     description: str = ""

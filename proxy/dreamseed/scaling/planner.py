@@ -24,16 +24,15 @@ def plan_start(name: str, machines: Mapping[str, BackendScaler], catalog: Catalo
     if backend.host is None or backend.gpu_memory_utilization is None:
         return Plan(True)
     plan = memory_plan(catalog, backend.host)
-    on_host = {n for n, b in catalog.backends.items() if b.host == backend.host and b.on_demand}
-    running = {n for n in on_host if n != name and machines.get(n) is not None
+    running = {n for n in plan.on_demand if n != name and machines.get(n) is not None
                and machines[n].state in ("starting", "ready", "draining")}
 
-    def share(n: str) -> float:
-        return catalog.backends[n].gpu_memory_utilization or 0.0
+    def footprint(n: str) -> float:
+        return plan.backends[n].footprint_gib
 
-    used = plan.always_on_share + sum(share(n) for n in running)
-    need = share(name)
-    if used + need <= plan.budget + 1e-9:
+    used = plan.always_on_gib + sum(footprint(n) for n in running)
+    need = footprint(name)
+    if used + need <= plan.budget_gib + 1e-9:
         return Plan(True)
     priority = scale.backends[name].priority
     candidates = sorted(
@@ -43,13 +42,13 @@ def plan_start(name: str, machines: Mapping[str, BackendScaler], catalog: Catalo
     evict: list[str] = []
     for candidate in candidates:
         evict.append(candidate)
-        used -= share(candidate)
-        if used + need <= plan.budget + 1e-9:
+        used -= footprint(candidate)
+        if used + need <= plan.budget_gib + 1e-9:
             return Plan(True, tuple(evict))
-    busy = ", ".join(f"{n} ({plan.gigabytes(share(n)):.1f} GB, {machines[n].state})" for n in sorted(running)) or "none"
+    busy = ", ".join(f"{n} ({footprint(n):.1f} GiB, {machines[n].state})" for n in sorted(running)) or "none"
     return Plan(False, reason=(
-        f"GPU memory budget of {backend.host}: {name} needs {plan.gigabytes(need):.1f} GB, "
-        f"{plan.gigabytes(max(plan.budget - used, 0)):.1f} GB free after the always-on backends and the running "
+        f"GPU memory budget of {backend.host}: {name} needs {need:.1f} GiB, "
+        f"{max(plan.budget_gib - used, 0):.1f} GiB free after the always-on backends and the running "
         f"on-demand ones ({busy}); none of those is idle with a lower priority"))
 
 
