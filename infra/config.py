@@ -74,6 +74,15 @@ class LocalConfig:
         )
 
 
+def non_negative(config: pulumi.Config, key: str, default: float) -> float:
+    value = config.get_float(key)
+    if value is None:
+        return default
+    if value < 0:
+        raise pulumi.RunError(f"dreamseed:{key} must be 0 (off) or more, not {value:g}")
+    return value
+
+
 @dataclass(frozen=True)
 class RemoteConfig:
     policies: Policies
@@ -82,6 +91,13 @@ class RemoteConfig:
     region: str
     instance_type: str
     instance_name: str
+    # A Lambda persistent filesystem (in `region`) holding the Hugging Face cache, so a new instance
+    # does not download the weights again while billed; "" for none.
+    file_system_name: str
+    # The instance terminates itself after this long without requests, and at most this long after
+    # it booted (0: never); see infra/scripts/idle_watchdog.py.
+    idle_minutes: float
+    max_lifetime_hours: float
     ssh_key_name: str
     ssh_user: str
     lambda_api_key: pulumi.Output[str]
@@ -98,6 +114,9 @@ class RemoteConfig:
             lambda_api_url=config.get("lambdaApiUrl") or "https://cloud.lambda.ai/api/v1",
             region=config.get("region") or "us-west-2",
             instance_type=config.get("instanceType") or "gpu_2x_a100",
+            file_system_name="dreamseed-models" if config.get("fileSystemName") is None else config.get("fileSystemName") or "",
+            idle_minutes=non_negative(config, "idleMinutes", 60),
+            max_lifetime_hours=non_negative(config, "maxLifetimeHours", 24),
             instance_name=config.get("instanceName") or "dreamseed-70b",
             ssh_key_name=config.require("sshKeyName"),
             ssh_user=config.get("sshUser") or "ubuntu",

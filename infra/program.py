@@ -238,7 +238,8 @@ def build_remote(config: RemoteConfig) -> dict[str, Any]:
             name=name, backend=backend, lambda_api_url=config.lambda_api_url, lambda_api_key=config.lambda_api_key,
             region=config.region, instance_type=config.instance_type, instance_name=config.instance_name,
             ssh_key_name=config.ssh_key_name, ssh_user=config.ssh_user, ssh_private_key=config.ssh_private_key,
-            hf_token=config.hf_token, vllm_api_key=config.vllm_api_key,
+            hf_token=config.hf_token, vllm_api_key=config.vllm_api_key, file_system_name=config.file_system_name,
+            idle_minutes=config.idle_minutes, max_lifetime_hours=config.max_lifetime_hours,
         ),
     )
     return {
@@ -251,6 +252,10 @@ def build_remote(config: RemoteConfig) -> dict[str, Any]:
         "url": f"http://127.0.0.1:{host.port}",
         "apiKey": pulumi.Output.secret(config.vllm_api_key),
         "gpuMemoryPlan": plan_summary(plan),
+        # The instance terminates itself when idle or too old (Lambda bills until then); Pulumi's
+        # state still names it, so bring it back with this.
+        "autoStop": {"idleMinutes": config.idle_minutes, "maxLifetimeHours": config.max_lifetime_hours},
+        "relaunch": pulumi.Output.concat(f"pulumi up --stack {pulumi.get_stack()} --replace '", host.instance.urn, "'"),
     }
 
 

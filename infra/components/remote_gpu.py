@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 import pulumi
 import pulumi_command as command
@@ -24,27 +25,86 @@ from .vllm import HF_CACHE, vllm_command
 # them. An absolute path would be stored in the state, and a `pulumi destroy` from another checkout
 # (or CI) could not run the delete command, leaving the instance billed.
 SCRIPT_IN_PROJECT = "infra/scripts/lambda_instance.py"
+WATCHDOG = Path(__file__).resolve().parents[1] / "scripts" / "idle_watchdog.py"
 VLLM_PORT = 8000
-HEALTH_WAIT_S = 3600  # first start downloads ~140 GB of weights
+HEALTH_WAIT_S = 3600  # first start downloads the weights (~40 GB for the AWQ 70B)
 
 
-def bootstrap_script(name: str, backend: Backend, port: int = VLLM_PORT) -> str:
-    """Shell run on the GPU host. Secrets arrive on standard input (HF token, then the API
-    key), so they never appear in this text, in Pulumi's state or in the process list; vLLM reads
-    the key from its environment (VLLM_API_KEY), not from an `--api-key` argument, which `ps` and
-    `docker inspect` would show."""
+@dataclass(frozen=True)
+class AutoStop:
+    """When the instance terminates itself (infra/scripts/idle_watchdog.py; 0 turns a limit off)."""
+
+    idle_minutes: float = 60
+    max_lifetime_hours: float = 24
+
+
+def watchdog_install(instance_id: str, lambda_api_url: str, auto_stop: AutoStop) -> str:
+    """Shell that installs the idle watchdog as a systemd service. The Lambda API key (read from
+    standard input into $LAMBDA_API_KEY before this runs) goes to a root-only environment file."""
+    settings = {
+        "LAMBDA_API_URL": lambda_api_url, "LAMBDA_INSTANCE_ID": instance_id,
+        "DREAMSEED_IDLE_SECONDS": f"{auto_stop.idle_minutes * 60:g}",
+        "DREAMSEED_MAX_LIFETIME_SECONDS": f"{auto_stop.max_lifetime_hours * 3600:g}",
+        "DREAMSEED_METRICS_URL": f"http://127.0.0.1:{VLLM_PORT}/metrics",
+    }
+    env_lines = "\n".join(f"{key}={value}" for key, value in settings.items())
+    return f"""sudo mkdir -p /opt/dreamseed /etc/dreamseed
+sudo tee /opt/dreamseed/idle_watchdog.py >/dev/null <<'DREAMSEED_WATCHDOG'
+{WATCHDOG.read_text(encoding="utf-8")}DREAMSEED_WATCHDOG
+sudo install -m 600 /dev/null /etc/dreamseed/watchdog.env
+{{ printf '%s\\n' {shlex.quote(env_lines)}; printf 'LAMBDA_API_KEY=%s\\n' "$LAMBDA_API_KEY"; }} \\
+  | sudo tee /etc/dreamseed/watchdog.env >/dev/null
+sudo tee /etc/systemd/system/dreamseed-idle-watchdog.service >/dev/null <<'DREAMSEED_UNIT'
+[Unit]
+Description=DreamSeed: terminate this instance when idle or past its maximum lifetime
+After=network-online.target docker.service
+
+[Service]
+EnvironmentFile=/etc/dreamseed/watchdog.env
+ExecStart=/usr/bin/python3 /opt/dreamseed/idle_watchdog.py
+Restart=always
+RestartSec=30
+
+[Install]
+WantedBy=multi-user.target
+DREAMSEED_UNIT
+sudo systemctl daemon-reload
+sudo systemctl enable dreamseed-idle-watchdog >/dev/null
+sudo systemctl restart dreamseed-idle-watchdog
+"""
+
+
+def bootstrap_script(name: str, backend: Backend, port: int = VLLM_PORT, *, file_system_name: str = "",
+                     watchdog: str = "") -> str:
+    """Shell run on the GPU host. Secrets arrive on standard input (HF token, the vLLM API key,
+    then the Lambda API key for the watchdog), so they never appear in this text, in Pulumi's state
+    or in the process list; vLLM reads its key from its environment (VLLM_API_KEY), not from an
+    `--api-key` argument, which `ps` and `docker inspect` would show. With a persistent filesystem
+    the Hugging Face cache lives on it (Lambda mounts it at /lambda/nfs/NAME), so the weights are
+    downloaded once, not by every new instance."""
     assert backend.image is not None
     container = container_name(name)
     args = " ".join(shlex.quote(a) for a in vllm_command(backend, port))
     tries = HEALTH_WAIT_S // 10
+    if file_system_name:
+        mount = f"/lambda/nfs/{file_system_name}"
+        cache = f"""CACHE={shlex.quote(mount + "/huggingface")}
+if ! mountpoint -q {shlex.quote(mount)}; then
+  echo "persistent filesystem {file_system_name} is not mounted at {mount}" >&2; exit 1
+fi
+mkdir -p "$CACHE"
+"""
+    else:
+        cache = 'CACHE="$HOME/.cache/huggingface"\nmkdir -p "$CACHE"\n'
     return f"""set -eu
 IFS= read -r HF_TOKEN
 IFS= read -r VLLM_API_KEY
+IFS= read -r LAMBDA_API_KEY
 export HF_TOKEN VLLM_API_KEY
-docker pull {shlex.quote(backend.image)}
+{watchdog}{cache}docker pull {shlex.quote(backend.image)}
 docker rm -f {container} >/dev/null 2>&1 || true
 docker run -d --name {container} --gpus all --ipc=host --restart unless-stopped \\
-  -p 127.0.0.1:{port}:{port} -v "$HOME/.cache/huggingface:{HF_CACHE}" -e HF_TOKEN -e VLLM_API_KEY \\
+  -p 127.0.0.1:{port}:{port} -v "$CACHE:{HF_CACHE}" -e HF_TOKEN -e VLLM_API_KEY \\
   {shlex.quote(backend.image)} {args}
 i=0
 until curl -sf -o /dev/null http://127.0.0.1:{port}/health; do
@@ -72,6 +132,9 @@ class RemoteGpuHostArgs:
     ssh_private_key: pulumi.Input[str]
     hf_token: pulumi.Input[str]
     vllm_api_key: pulumi.Input[str]
+    file_system_name: str = ""
+    idle_minutes: float = 60
+    max_lifetime_hours: float = 24
 
 
 class RemoteGpuHost(pulumi.ComponentResource):
@@ -91,16 +154,18 @@ class RemoteGpuHost(pulumi.ComponentResource):
                 "LAMBDA_INSTANCE_TYPE": args.instance_type,
                 "LAMBDA_INSTANCE_NAME": args.instance_name,
                 "LAMBDA_SSH_KEY_NAME": args.ssh_key_name,
+                "LAMBDA_FILE_SYSTEM": args.file_system_name,
             },
-            # Another region, type or name replaces the instance: the old one is terminated first
-            # (create-before-delete would keep both running, and billed, until the end of the update).
-            triggers=[args.region, args.instance_type, args.instance_name],
+            # Another region, type, name or filesystem replaces the instance: the old one is terminated
+            # first (create-before-delete would keep both running, and billed, until the end of the update).
+            triggers=[args.region, args.instance_type, args.instance_name, args.file_system_name],
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )
         described = self.instance.stdout.apply(json.loads)
         self.instance_id = described.apply(lambda d: str(d["id"]))
         self.public_ip = described.apply(lambda d: str(d["ip"]))
         backend = args.backend
+        auto_stop = AutoStop(args.idle_minutes, args.max_lifetime_hours)
         self.server = command.remote.Command(
             f"{resource_name}-vllm",
             connection=command.remote.ConnectionArgs(
@@ -109,12 +174,16 @@ class RemoteGpuHost(pulumi.ComponentResource):
                 private_key=args.ssh_private_key,
                 dial_error_limit=60,  # a new instance may take minutes to accept SSH (15 s per try)
             ),
-            create=bootstrap_script(args.name, backend),
+            create=self.instance_id.apply(lambda instance_id: bootstrap_script(
+                args.name, backend, file_system_name=args.file_system_name,
+                watchdog=watchdog_install(instance_id, args.lambda_api_url, auto_stop))),
             delete=f"docker rm -f dreamseed-{args.name} || true",
             stdin=pulumi.Output.concat(pulumi.Output.secret(args.hf_token), "\n",
-                                        pulumi.Output.secret(args.vllm_api_key), "\n"),
-            # A new image, model or vLLM argument re-runs the bootstrap.
-            triggers=[backend.image, *vllm_command(backend, VLLM_PORT), self.instance_id],
+                                        pulumi.Output.secret(args.vllm_api_key), "\n",
+                                        pulumi.Output.secret(args.lambda_api_key), "\n"),
+            # A new image, model, vLLM argument or auto-stop limit re-runs the bootstrap.
+            triggers=[backend.image, *vllm_command(backend, VLLM_PORT), self.instance_id,
+                      f"{auto_stop.idle_minutes:g}", f"{auto_stop.max_lifetime_hours:g}"],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance], delete_before_replace=True),
         )
         self.port = VLLM_PORT

@@ -10,7 +10,8 @@ Run by the remote70b stack's `command.local.Command`:
 
 Settings come from the environment: LAMBDA_API_KEY, LAMBDA_API_URL, LAMBDA_REGION,
 LAMBDA_INSTANCE_TYPE, LAMBDA_INSTANCE_NAME, LAMBDA_SSH_KEY_NAME, and optionally
-LAMBDA_WAIT_SECONDS (default 1800) and LAMBDA_POLL_SECONDS (default 10).
+LAMBDA_FILE_SYSTEM (a persistent filesystem in the region, attached so the model weights outlive
+the instance), LAMBDA_WAIT_SECONDS (default 1800) and LAMBDA_POLL_SECONDS (default 10).
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ def check_capacity(instance_type: str, region: str) -> str:
     return f"{instance_type} ({spec.get('description', '?')})" + (f", ${price / 100:.2f}/hour" if price else "")
 
 
+def check_file_system(name: str, region: str) -> None:
+    """Fail before launching when the persistent filesystem is missing from ``region``: a
+    filesystem attaches only in its own region, and without it every new instance downloads the
+    weights again while billed."""
+    file_systems = api("GET", "/file-systems").get("data", [])
+    regions = sorted({(fs.get("region") or {}).get("name", "?") for fs in file_systems if fs.get("name") == name})
+    if region not in regions:
+        where = f"it exists in {', '.join(regions)}" if regions else "it does not exist"
+        raise LambdaError(f"persistent filesystem {name!r} is not in {region}: {where}. Create it in the Lambda "
+                          f"console (Storage, region {region}), or set dreamseed:fileSystemName to '' to download "
+                          "the weights on every new instance")
+
+
 def create() -> dict[str, Any]:
     name = os.environ["LAMBDA_INSTANCE_NAME"]
     wanted = {"name": name, "region": os.environ["LAMBDA_REGION"], "instance_type": os.environ["LAMBDA_INSTANCE_TYPE"]}
@@ -92,14 +106,20 @@ def create() -> dict[str, Any]:
         print(f"reusing instance {instance_id} named {name}", file=sys.stderr)
     else:
         offer = check_capacity(wanted["instance_type"], wanted["region"])
+        file_system = os.environ.get("LAMBDA_FILE_SYSTEM", "")
+        if file_system:
+            check_file_system(file_system, wanted["region"])
         print(f"launching {offer} in {wanted['region']}", file=sys.stderr)
-        launched = api("POST", "/instance-operations/launch", {
+        launch: dict[str, Any] = {
             "region_name": os.environ["LAMBDA_REGION"],
             "instance_type_name": os.environ["LAMBDA_INSTANCE_TYPE"],
             "ssh_key_names": [os.environ["LAMBDA_SSH_KEY_NAME"]],
             "quantity": 1,
             "name": name,
-        })
+        }
+        if file_system:
+            launch["file_system_names"] = [file_system]
+        launched = api("POST", "/instance-operations/launch", launch)
         instance_id = launched["data"]["instance_ids"][0]
         print(f"launched instance {instance_id}", file=sys.stderr)
     deadline = time.monotonic() + float(os.environ.get("LAMBDA_WAIT_SECONDS", "1800"))

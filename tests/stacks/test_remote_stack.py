@@ -161,6 +161,9 @@ class FakeLambda(BaseHTTPRequestHandler):
         if self.path == "/api/v1/instance-types":
             self._reply(200, {"data": instance_types()})
             return
+        if self.path == "/api/v1/file-systems":
+            self._reply(200, {"data": self.state.get("file_systems", [])})
+            return
         instance = instances.get(self.path.rsplit("/", 1)[-1])
         if instance is None:
             self._reply(404, {"error": {"code": "global/object-does-not-exist", "message": "not found"}})
