@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import pulumi
@@ -219,6 +220,34 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
     }
 
 
+def load_instance_script() -> Any:
+    """infra/scripts/lambda_instance.py, the stand-alone script the instance command runs."""
+    spec = importlib.util.spec_from_file_location("lambda_instance", ROOT / "infra" / "scripts" / "lambda_instance.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lambda_preflight(config: RemoteConfig) -> None:
+    """At preview (which `pulumi up` runs first), ask Lambda's API whether `up` can launch what the
+    stack asks for: the instance runs already, or its type exists and has capacity in the region
+    now, and the persistent filesystem is there. A refusal names what is free instead. When the
+    API cannot be reached from here, say so and leave the check to the create command."""
+    script = load_instance_script()
+    wanted = {"name": config.instance_name, "region": config.region, "instance_type": config.instance_type}
+    # The plain key, for this one call; it is never exported or logged.
+    key = pulumi.Config().get("lambdaApiKey")
+    try:
+        found = script.preflight(wanted, config.file_system_name, base_url=config.lambda_api_url, key=key, timeout=20)
+    except script.UnreachableError as exc:
+        pulumi.log.warn(f"Lambda's API did not answer ({exc}); capacity is checked again before launching")
+        return
+    except script.LambdaError as exc:
+        raise pulumi.RunError(f"Lambda Cloud: {exc}") from None
+    pulumi.log.info(f"Lambda Cloud: {found}")
+
+
 def build_remote(config: RemoteConfig) -> dict[str, Any]:
     policies = config.policies
     plan = checked_memory_plan(policies, config.gpu_host)
@@ -232,6 +261,8 @@ def build_remote(config: RemoteConfig) -> dict[str, Any]:
     if backend.image is None:
         raise pulumi.RunError(f"backend {name!r} has no `image` in backends.yaml")
     check_instance_type(config.instance_type, config.gpu_host, plan)
+    if pulumi.runtime.is_dry_run():
+        lambda_preflight(config)
     host = RemoteGpuHost(
         "gpu-host",
         RemoteGpuHostArgs(

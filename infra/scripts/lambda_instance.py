@@ -31,17 +31,23 @@ class LambdaError(Exception):
     pass
 
 
-def api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    url = os.environ.get("LAMBDA_API_URL", "https://cloud.lambda.ai/api/v1").rstrip("/") + path
+class UnreachableError(LambdaError):
+    """The API did not answer at all (no network, wrong URL), as opposed to answering with an error."""
+
+
+def api(method: str, path: str, body: dict[str, Any] | None = None, *, base_url: str | None = None,
+        key: str | None = None, timeout: float = 60) -> dict[str, Any]:
+    """One call to Lambda's API; base URL and key default to $LAMBDA_API_URL and $LAMBDA_API_KEY."""
+    base = base_url or os.environ.get("LAMBDA_API_URL", "https://cloud.lambda.ai/api/v1")
     request = urllib.request.Request(
-        url,
+        base.rstrip("/") + path,
         method=method,
         data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {os.environ['LAMBDA_API_KEY']}", "Content-Type": "application/json",
+        headers={"Authorization": f"Bearer {key or os.environ['LAMBDA_API_KEY']}", "Content-Type": "application/json",
                  "Accept": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             answer: dict[str, Any] = json.loads(response.read() or b"{}")
             return answer
     except urllib.error.HTTPError as exc:
@@ -51,8 +57,8 @@ def api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str,
             error = {}
         detail = f"{error.get('code', '')} {error.get('message', '')}"
         raise LambdaError(f"{method} {path}: HTTP {exc.code} {detail}".strip()) from None
-    except urllib.error.URLError as exc:
-        raise LambdaError(f"{method} {path}: {exc.reason}") from None
+    except (urllib.error.URLError, TimeoutError) as exc:
+        raise UnreachableError(f"{method} {path}: {getattr(exc, 'reason', exc)}") from None
 
 
 def describe(instance: dict[str, Any]) -> dict[str, Any]:
@@ -61,11 +67,11 @@ def describe(instance: dict[str, Any]) -> dict[str, Any]:
             "instance_type": (instance.get("instance_type") or {}).get("name")}
 
 
-def check_capacity(instance_type: str, region: str) -> str:
+def check_capacity(instance_type: str, region: str, **connection: Any) -> str:
     """Fail before launching when Lambda does not offer ``instance_type`` or has none free in
     ``region`` now (GET /instance-types lists, per type, the regions with capacity), naming what is
     available instead. Returns a line with the type's description and hourly price."""
-    catalog: dict[str, Any] = api("GET", "/instance-types").get("data", {})
+    catalog: dict[str, Any] = api("GET", "/instance-types", **connection).get("data", {})
     available = {name: sorted(r["name"] for r in entry.get("regions_with_capacity_available", []))
                  for name, entry in catalog.items()}
     now = "; ".join(f"{name} in {', '.join(regions)}" for name, regions in sorted(available.items()) if regions)
@@ -80,11 +86,11 @@ def check_capacity(instance_type: str, region: str) -> str:
     return f"{instance_type} ({spec.get('description', '?')})" + (f", ${price / 100:.2f}/hour" if price else "")
 
 
-def check_file_system(name: str, region: str) -> None:
+def check_file_system(name: str, region: str, **connection: Any) -> None:
     """Fail before launching when the persistent filesystem is missing from ``region``: a
     filesystem attaches only in its own region, and without it every new instance downloads the
     weights again while billed."""
-    file_systems = api("GET", "/file-systems").get("data", [])
+    file_systems = api("GET", "/file-systems", **connection).get("data", [])
     regions = sorted({(fs.get("region") or {}).get("name", "?") for fs in file_systems if fs.get("name") == name})
     if region not in regions:
         where = f"it exists in {', '.join(regions)}" if regions else "it does not exist"
@@ -93,16 +99,34 @@ def check_file_system(name: str, region: str) -> None:
                           "the weights on every new instance")
 
 
+def running_instance(wanted: dict[str, str], **connection: Any) -> str | None:
+    """The id of a live instance that is what the stack asks for, if there is one. Only one of the
+    same name, type and region is reused: one of the same name in another region or of another type
+    is the one a replacement is about to terminate."""
+    live = [describe(i) for i in api("GET", "/instances", **connection).get("data", []) if i.get("status") in LIVE]
+    existing = [i for i in live if all(i[key] == value for key, value in wanted.items())]
+    return str(existing[0]["id"]) if existing else None
+
+
+def preflight(wanted: dict[str, str], file_system: str, **connection: Any) -> str:
+    """What `pulumi preview` checks before anything is launched: the instance already runs, or the
+    type exists and has capacity in the region, and the persistent filesystem is there."""
+    instance_id = running_instance(wanted, **connection)
+    if instance_id is not None:
+        return f"instance {instance_id} ({wanted['instance_type']} in {wanted['region']}) is running"
+    offer = check_capacity(wanted["instance_type"], wanted["region"], **connection)
+    if file_system:
+        check_file_system(file_system, wanted["region"], **connection)
+    return f"{offer} has capacity in {wanted['region']} now"
+
+
 def create() -> dict[str, Any]:
     name = os.environ["LAMBDA_INSTANCE_NAME"]
     wanted = {"name": name, "region": os.environ["LAMBDA_REGION"], "instance_type": os.environ["LAMBDA_INSTANCE_TYPE"]}
-    live = [describe(i) for i in api("GET", "/instances").get("data", []) if i.get("status") in LIVE]
-    # Reuse only an instance that is what this stack asks for: one of the same name in another region
-    # or of another type is the one a replacement is about to terminate.
-    existing = [i for i in live if all(i[key] == value for key, value in wanted.items())]
-    launched_here = not existing
-    if existing:
-        instance_id = existing[0]["id"]
+    running = running_instance(wanted)
+    launched_here = running is None
+    if running is not None:
+        instance_id = running
         print(f"reusing instance {instance_id} named {name}", file=sys.stderr)
     else:
         offer = check_capacity(wanted["instance_type"], wanted["region"])

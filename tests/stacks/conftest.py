@@ -108,13 +108,14 @@ def run_stack() -> Iterator[Runner]:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # Pulumi uses the thread's current loop
 
-    def run(stack: str, extra_config: dict[str, str | None] | None = None) -> tuple[RecordingMocks, dict[str, Any]]:
+    def run(stack: str, extra_config: dict[str, str | None] | None = None,
+            preview: bool = False) -> tuple[RecordingMocks, dict[str, Any]]:
         from infra.config import LocalConfig, RemoteConfig
         from infra.program import build_local, build_remote
 
         mocks = RecordingMocks()
         monitor = RecordingMonitor(mocks)
-        pulumi.runtime.set_mocks(mocks, project="dreamseed", stack=stack, preview=False, monitor=monitor)
+        pulumi.runtime.set_mocks(mocks, project="dreamseed", stack=stack, preview=preview, monitor=monitor)
         # A None in extra_config removes that key (a setting the operator did not make).
         config = {k: v for k, v in {**stack_config(stack), **(extra_config or {})}.items() if v is not None}
         secret_keys = [f"dreamseed:{k}" for k in SECRETS]

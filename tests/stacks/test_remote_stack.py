@@ -306,3 +306,41 @@ def test_a_type_or_region_without_capacity_fails_before_launching_and_says_what_
     assert unknown.returncode == 1 and "Lambda offers no instance type 'gpu_2x_a100_80gb'" in unknown.stderr
     assert "gpu_8x_a100_80gb_sxm4" in unknown.stderr and "dreamseed:instanceType" in unknown.stderr
     assert state["calls"] == []  # nothing was launched, nothing is billed
+
+
+# --- preview asks Lambda's API whether `up` could launch ---------------------------------------
+
+
+def test_preview_refuses_a_type_or_region_without_capacity_naming_what_is_free(run_stack: Runner, fake_lambda) -> None:
+    url, state = fake_lambda
+    with pytest.raises(pulumi.RunError) as refused:
+        run_stack("remote70b", {"dreamseed:lambdaApiUrl": url, "dreamseed:lambdaApiKey": "test-key"}, preview=True)
+    message = str(refused.value)  # the default gpu_2x_a100 has no capacity anywhere in the fake catalog
+    assert "Lambda Cloud: no gpu_2x_a100 is free in us-west-2 now" in message
+    assert "gpu_2x_h100_sxm5 in us-east-1, us-south-1" in message and "Set dreamseed:region" in message
+    assert not [call for call in state["calls"] if call[0].endswith("/launch")]  # nothing launched
+
+    # With capacity, the filesystem must be in the region too.
+    settings = {"dreamseed:lambdaApiUrl": url, "dreamseed:lambdaApiKey": "test-key",
+                "dreamseed:instanceType": "gpu_2x_h100_sxm5", "dreamseed:region": "us-east-1"}
+    with pytest.raises(pulumi.RunError, match="persistent filesystem 'dreamseed-models' is not in us-east-1"):
+        run_stack("remote70b", settings, preview=True)
+    state["file_systems"] = [{"id": "fs1", "name": "dreamseed-models", "region": {"name": "us-east-1"}}]
+    run_stack("remote70b", settings, preview=True)
+
+    # A wrong key is named as such, without the key.
+    with pytest.raises(pulumi.RunError) as bad_key:
+        run_stack("remote70b", {**settings, "dreamseed:lambdaApiKey": "nope-SECRET"}, preview=True)
+    assert "HTTP 401" in str(bad_key.value) and "nope-SECRET" not in str(bad_key.value)
+
+
+def test_preview_accepts_the_running_instance_even_when_its_type_is_sold_out(run_stack: Runner, fake_lambda) -> None:
+    url, state = fake_lambda
+    state["instances"]["inst9"] = {"id": "inst9", "name": "dreamseed-70b", "status": "active", "ip": "203.0.113.9",
+                                   "region": {"name": "us-west-2"}, "instance_type": {"name": "gpu_2x_a100"}}
+    run_stack("remote70b", {"dreamseed:lambdaApiUrl": url, "dreamseed:lambdaApiKey": "test-key"}, preview=True)
+
+
+def test_preview_goes_on_when_lambdas_api_cannot_be_reached(run_stack: Runner) -> None:
+    # Nothing listens on port 9: the create command checks again before it launches.
+    run_stack("remote70b", {"dreamseed:lambdaApiUrl": "http://127.0.0.1:9/api/v1"}, preview=True)
