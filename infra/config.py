@@ -40,7 +40,6 @@ class LocalConfig:
     grafana_admin_password: pulumi.Output[str]
     proxy_api_keys: pulumi.Output[str] | None
     proxy_admin_key: pulumi.Output[str] | None
-    ssh_private_key: pulumi.Output[str] | None
 
     @classmethod
     def load(cls) -> LocalConfig:
@@ -69,8 +68,6 @@ class LocalConfig:
             grafana_admin_password=config.require_secret("grafanaAdminPassword"),
             proxy_api_keys=config.get_secret("proxyApiKeys"),
             proxy_admin_key=config.get_secret("proxyAdminKey"),
-            # Needed only with remoteStack: the tunnel to the 70B host logs in with it.
-            ssh_private_key=config.require_secret("sshPrivateKey") if remote_stack else config.get_secret("sshPrivateKey"),
         )
 
 

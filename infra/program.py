@@ -137,11 +137,12 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         for name, backend in policies.catalog.backends.items():
             if backend.host is None or backend.host == config.gpu_host:
                 continue
-            assert config.ssh_private_key is not None  # required by LocalConfig when remoteStack is set
             tunnel = SshTunnel(
                 f"tunnel-{name}",
                 SshTunnelArgs(network=network.name, alias=name, ssh_host=remote.require_output("publicIp"),
-                              ssh_user=remote.require_output("sshUser"), ssh_private_key=config.ssh_private_key,
+                              ssh_user=remote.require_output("sshUser"),
+                              tunnel_private_key=remote.require_output("tunnelPrivateKey"),
+                              ssh_host_key=remote.require_output("sshHostKey"),
                               remote_port=remote.require_output("port")),
                 opts=on_host,
             )
@@ -282,6 +283,10 @@ def build_remote(config: RemoteConfig) -> dict[str, Any]:
         # vLLM answers on the host's loopback only; reach it through SSH (the local stack's tunnel).
         "url": f"http://127.0.0.1:{host.port}",
         "apiKey": pulumi.Output.secret(config.vllm_api_key),
+        # For the local stack's tunnel: a key that can only forward to vLLM's port, and the host key
+        # to pin (read over the SSH connection that created the instance).
+        "tunnelPrivateKey": pulumi.Output.secret(host.tunnel_private_key),
+        "sshHostKey": host.ssh_host_key,
         "gpuMemoryPlan": plan_summary(plan),
         # The instance terminates itself when idle or too old (Lambda bills until then); Pulumi's
         # state still names it, so bring it back with this.

@@ -74,6 +74,31 @@ sudo systemctl restart dreamseed-idle-watchdog
 """
 
 
+def tunnel_access_script(port: int = VLLM_PORT, host_key: str = "/etc/ssh/ssh_host_ed25519_key.pub") -> str:
+    """Shell run on the GPU host (as the SSH user) that makes the tunnel's own key: it may forward
+    to 127.0.0.1:`port` and nothing else (no shell, no command, no other port, no agent), and
+    replaces the one made before. Prints JSON: that private key and the host's public key, which the
+    local stack's tunnel pins. The login key never leaves the remote stack."""
+    return f"""set -eu
+umask 077
+mkdir -p "$HOME/.ssh"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+ssh-keygen -q -t ed25519 -N '' -C dreamseed-tunnel -f "$work/key"
+keys="$HOME/.ssh/authorized_keys"
+touch "$keys"
+{{ grep -v ' dreamseed-tunnel$' "$keys" || true
+  printf 'restrict,port-forwarding,permitopen="127.0.0.1:{port}",command="/bin/false" %s\\n' "$(cat "$work/key.pub")"
+}} > "$work/authorized_keys"
+cat "$work/authorized_keys" > "$keys"
+python3 - "$work/key" {shlex.quote(host_key)} <<'DREAMSEED_JSON'
+import json, sys
+key, host_key = (open(path, encoding="utf-8").read() for path in sys.argv[1:3])
+print(json.dumps({{"tunnel_key": key, "host_key": " ".join(host_key.split()[:2])}}))
+DREAMSEED_JSON
+"""
+
+
 def bootstrap_script(name: str, backend: Backend, port: int = VLLM_PORT, *, file_system_name: str = "",
                      watchdog: str = "") -> str:
     """Shell run on the GPU host. Secrets arrive on standard input (HF token, the vLLM API key,
@@ -186,5 +211,18 @@ class RemoteGpuHost(pulumi.ComponentResource):
                       f"{auto_stop.idle_minutes:g}", f"{auto_stop.max_lifetime_hours:g}"],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance], delete_before_replace=True),
         )
+        # The tunnel's restricted key and the host key to pin, over the same SSH connection.
+        self.tunnel_access = command.remote.Command(
+            f"{resource_name}-tunnel-access",
+            connection=command.remote.ConnectionArgs(host=self.public_ip, user=args.ssh_user,
+                                                     private_key=args.ssh_private_key, dial_error_limit=60),
+            create=tunnel_access_script(VLLM_PORT),
+            triggers=[self.instance_id],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance], additional_secret_outputs=["stdout"]),
+        )
+        access = self.tunnel_access.stdout.apply(json.loads)
+        # stdout is a secret, so the key stays one; the host key is public and is pinned in plain sight.
+        self.tunnel_private_key: pulumi.Output[str] = access.apply(lambda a: str(a["tunnel_key"]))
+        self.ssh_host_key: pulumi.Output[str] = pulumi.Output.unsecret(access.apply(lambda a: str(a["host_key"])))
         self.port = VLLM_PORT
         self.register_outputs({"instance_id": self.instance_id, "public_ip": self.public_ip})

@@ -2,7 +2,10 @@
 
 The remote 70B's vLLM is bound to 127.0.0.1 on its host, so nothing on the internet can reach
 it; this container holds an SSH port-forward to it and the proxy talks to the container. SSH
-encrypts the traffic and the API key authenticates the requests.
+encrypts the traffic and the API key authenticates the requests. The tunnel logs in with a key
+that can do nothing but forward to that one port (remote_gpu.tunnel_access_script makes it), and
+checks the host against the host key the remote stack read when it created the instance: a
+restart never trusts a new host key blindly.
 """
 
 from __future__ import annotations
@@ -16,15 +19,21 @@ from infra import images
 
 from .common import pulled, secret_env
 
-# Reconnects are Docker's job (restart: always); ServerAlive makes a dead link exit quickly.
-TUNNEL_SCRIPT = """\
+# Reconnects are Docker's job (restart: always); ServerAlive makes a dead link exit quickly. Only
+# the pinned host key is accepted. LOCAL_BIND is 0.0.0.0 in the container (the proxy reaches it over
+# the Docker network; nothing publishes the port).
+SSH_SCRIPT = """\
 set -eu
-apk add --no-cache openssh-client >/dev/null
 umask 077
-printf '%s\\n' "$SSH_PRIVATE_KEY" > /tmp/id
-exec ssh -i /tmp/id -N -o ExitOnForwardFailure=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=3 \\
-  -o StrictHostKeyChecking=accept-new -p "$SSH_PORT" -L "0.0.0.0:$LOCAL_PORT:127.0.0.1:$REMOTE_PORT" "$SSH_TARGET"
+dir=$(mktemp -d)
+printf '%s\\n' "$SSH_PRIVATE_KEY" > "$dir/id"
+if [ "$SSH_PORT" = 22 ]; then known="$SSH_HOST"; else known="[$SSH_HOST]:$SSH_PORT"; fi
+printf '%s %s\\n' "$known" "$SSH_HOST_KEY" > "$dir/known_hosts"
+exec ssh -i "$dir/id" -N -o ExitOnForwardFailure=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=3 \\
+  -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$dir/known_hosts" -o IdentitiesOnly=yes -o BatchMode=yes \\
+  -p "$SSH_PORT" -L "${LOCAL_BIND:-0.0.0.0}:$LOCAL_PORT:127.0.0.1:$REMOTE_PORT" "$SSH_USER@$SSH_HOST"
 """
+TUNNEL_SCRIPT = "apk add --no-cache openssh-client >/dev/null\n" + SSH_SCRIPT
 
 
 @dataclass
@@ -33,7 +42,9 @@ class SshTunnelArgs:
     alias: str
     ssh_host: pulumi.Input[str]
     ssh_user: pulumi.Input[str]
-    ssh_private_key: pulumi.Input[str]
+    # The remote stack's restricted tunnel key and the host key it read from the instance.
+    tunnel_private_key: pulumi.Input[str]
+    ssh_host_key: pulumi.Input[str]
     remote_port: pulumi.Input[int]
     local_port: int = 8000
     ssh_port: int = 22
@@ -51,8 +62,10 @@ class SshTunnel(pulumi.ComponentResource):
             image=pulled(f"{resource_name}-image", images.TUNNEL, self).image_id,
             command=["sh", "-c", TUNNEL_SCRIPT],
             envs=[
-                secret_env("SSH_PRIVATE_KEY", args.ssh_private_key),
-                pulumi.Output.concat("SSH_TARGET=", args.ssh_user, "@", args.ssh_host),
+                secret_env("SSH_PRIVATE_KEY", args.tunnel_private_key),
+                pulumi.Output.concat("SSH_USER=", args.ssh_user),
+                pulumi.Output.concat("SSH_HOST=", args.ssh_host),
+                pulumi.Output.concat("SSH_HOST_KEY=", args.ssh_host_key),
                 f"SSH_PORT={args.ssh_port}",
                 f"LOCAL_PORT={args.local_port}",
                 # Numbers read from another stack arrive as floats (8000.0): make it a port again.

@@ -27,8 +27,11 @@ SECRETS = {
 
 INSTANCE = {"id": "0920582c7ff041399e34823a0be62549", "ip": "198.51.100.7", "name": "dreamseed-70b",
             "region": "us-west-2", "instance_type": "gpu_2x_a100"}
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheRentedInstanceForPinning"
+TUNNEL_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----TUNNEL-SECRET-KEY"
 REMOTE_OUTPUTS = {"publicIp": INSTANCE["ip"], "sshUser": "ubuntu", "port": 8000, "apiKey": SECRETS["vllmApiKey"],
-                  "url": "http://127.0.0.1:8000", "backend": "general70"}
+                  "url": "http://127.0.0.1:8000", "backend": "general70", "sshHostKey": HOST_KEY,
+                  "tunnelPrivateKey": TUNNEL_KEY}
 
 
 @dataclass
@@ -65,6 +68,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
         outputs = dict(args.inputs)
         if args.typ == "command:local:Command":
             outputs["stdout"] = json.dumps(INSTANCE)
+        elif args.typ == "command:remote:Command" and args.name.endswith("tunnel-access"):
+            outputs["stdout"] = json.dumps({"tunnel_key": TUNNEL_KEY, "host_key": HOST_KEY})
         elif args.typ == "pulumi:pulumi:StackReference":
             outputs["outputs"] = REMOTE_OUTPUTS
         elif args.typ == "docker:index/remoteImage:RemoteImage":
@@ -140,6 +145,11 @@ def run_stack() -> Iterator[Runner]:
 
     yield run
     loop.close()
+
+
+def remote_command(mocks: RecordingMocks, name: str) -> Recorded:
+    (found,) = [r for r in mocks.of_type("command:remote:Command") if r.name == name]
+    return found
 
 
 def plain_occurrences(value: Any, needle: str) -> int:

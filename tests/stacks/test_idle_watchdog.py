@@ -21,7 +21,7 @@ import pytest
 from dreamseed.policy import load_policies
 from infra.components.remote_gpu import AutoStop, bootstrap_script, watchdog_install
 
-from .conftest import SECRETS, Runner, secret_occurrences
+from .conftest import SECRETS, Runner, remote_command, secret_occurrences
 from .test_remote_stack import fake_lambda  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,7 +202,7 @@ def test_the_bootstrap_keeps_the_weights_on_the_persistent_filesystem() -> None:
 
 def test_the_stack_installs_the_watchdog_with_its_limits_and_the_key_only_on_stdin(run_stack: Runner) -> None:
     mocks, outputs = run_stack("remote70b", {"dreamseed:idleMinutes": "30", "dreamseed:maxLifetimeHours": "8"})
-    (server,) = mocks.of_type("command:remote:Command")
+    server = remote_command(mocks, "gpu-host-vllm")
     script = server.inputs["create"]
     assert "DREAMSEED_IDLE_SECONDS=1800" in script and "DREAMSEED_MAX_LIFETIME_SECONDS=28800" in script
     assert re.search(r"LAMBDA_INSTANCE_ID=0920582c7ff041399e34823a0be62549\b", script)

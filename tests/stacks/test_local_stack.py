@@ -12,7 +12,7 @@ import yaml
 from dreamseed.policy import load_policies
 from infra import images
 
-from .conftest import INSTANCE, SECRETS, RecordingMocks, Runner, plain_occurrences, secret_occurrences
+from .conftest import HOST_KEY, INSTANCE, SECRETS, TUNNEL_KEY, RecordingMocks, Runner, plain_occurrences, secret_occurrences
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINER = "docker:index/container:Container"
@@ -135,7 +135,9 @@ def test_secrets_stay_secret_in_every_input_and_output(local) -> None:
     for name in ("postgresPassword", "proxyApiKeys", "proxyAdminKey", "vllmApiKey"):
         assert secret_occurrences(proxy["envs"], SECRETS[name]) == 1, name
     assert secret_occurrences(containers(mocks)["dreamseed-general"]["envs"], SECRETS["hfToken"]) == 1
-    assert secret_occurrences(containers(mocks)["dreamseed-tunnel-general70"]["envs"], SECRETS["sshPrivateKey"]) == 1
+    # The tunnel holds the remote stack's restricted key, never the login key.
+    tunnel_env = containers(mocks)["dreamseed-tunnel-general70"]["envs"]
+    assert secret_occurrences(tunnel_env, TUNNEL_KEY) == 1 and secret_occurrences(tunnel_env, SECRETS["sshPrivateKey"]) == 0
     value, is_secret = outputs["databaseUrl"]
     assert is_secret and SECRETS["postgresPassword"] in value
     for key, (value, is_secret) in outputs.items():
@@ -149,7 +151,10 @@ def test_remote_70b_is_wired_through_the_stack_reference_and_a_tunnel(local) -> 
     assert [r.name for r in reference] == ["organization/dreamseed/remote70b"]
     tunnel = containers(mocks)["dreamseed-tunnel-general70"]
     env = env_of(tunnel)
-    assert f"SSH_TARGET=ubuntu@{INSTANCE['ip']}" in env and "REMOTE_PORT=8000" in env
+    assert f"SSH_HOST={INSTANCE['ip']}" in env and "SSH_USER=ubuntu" in env and "REMOTE_PORT=8000" in env
+    assert f"SSH_HOST_KEY={HOST_KEY}" in env  # pinned: StrictHostKeyChecking=yes against this key only
+    script = tunnel["command"][-1]
+    assert "StrictHostKeyChecking=yes" in script and "accept-new" not in script
     assert tunnel["networksAdvanced"][0]["aliases"] == ["general70"] and not tunnel.get("ports")
     proxy_env = env_of(containers(mocks)["dreamseed-proxy"])
     assert "DREAMSEED_GENERAL70_URL=http://dreamseed-tunnel-general70:8000" in proxy_env

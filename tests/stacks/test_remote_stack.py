@@ -18,7 +18,7 @@ import pytest
 
 from infra import images
 
-from .conftest import INSTANCE, SECRETS, Runner, plain_occurrences, secret_occurrences
+from .conftest import HOST_KEY, INSTANCE, SECRETS, TUNNEL_KEY, Runner, plain_occurrences, remote_command, secret_occurrences
 
 SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "scripts" / "lambda_instance.py"
 
@@ -49,7 +49,7 @@ def test_instance_is_created_and_deleted_through_the_lambda_api(remote) -> None:
 
 def test_bootstrap_runs_the_70b_with_the_seed_flags_over_ssh(remote) -> None:
     mocks, outputs = remote
-    (server,) = mocks.of_type("command:remote:Command")
+    server = remote_command(mocks, "gpu-host-vllm")
     script = server.inputs["create"]
     run = script[script.index("docker run"):]
     # The pre-quantized 70B (4-bit AWQ: fits two 40 GB A100s), served under the catalog's model id.
@@ -87,7 +87,7 @@ def test_remote_secrets_stay_secret(remote) -> None:
     for record in mocks.resources:
         for name, value in SECRETS.items():
             assert plain_occurrences(record.inputs, value) == 0, f"{name} in plain text in {record.name}"
-    (server,) = mocks.of_type("command:remote:Command")
+    server = remote_command(mocks, "gpu-host-vllm")
     # Secrets reach the host on standard input, never in the command text.
     assert secret_occurrences(server.inputs["stdin"], SECRETS["hfToken"]) == 1
     assert secret_occurrences(server.inputs["stdin"], SECRETS["vllmApiKey"]) == 1
@@ -95,6 +95,10 @@ def test_remote_secrets_stay_secret(remote) -> None:
     (instance,) = mocks.of_type("command:local:Command")
     assert secret_occurrences(instance.inputs["environment"], SECRETS["lambdaApiKey"]) == 1
     assert outputs["apiKey"] == (SECRETS["vllmApiKey"], True)
+    # The tunnel's restricted key is a secret output; the host key to pin is public.
+    assert outputs["tunnelPrivateKey"] == (TUNNEL_KEY, True) and outputs["sshHostKey"] == (HOST_KEY, False)
+    access = remote_command(mocks, "gpu-host-tunnel-access")
+    assert "permitopen=\"127.0.0.1:8000\"" in access.inputs["create"] and "restrict," in access.inputs["create"]
 
 
 def test_every_catalog_backend_on_the_remote_host_is_served(remote) -> None:
