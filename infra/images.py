@@ -9,6 +9,8 @@ GRAFANA = "grafana/grafana:11.3.1"
 # Hugging Face text-embeddings-inference, CPU build: serves an OpenAI-compatible /v1/embeddings
 # without taking GPU memory from the LLMs.
 EMBEDDINGS = "ghcr.io/huggingface/text-embeddings-inference:cpu-1.9.4"
+# Between the proxy and the Docker socket: allows only the scaler's calls (components/docker_gate.py).
+SOCKET_PROXY = "wollomatic/socket-proxy:1.13.1"
 # The SSH tunnel to the remote 70B host runs in a small Alpine container.
 TUNNEL = "alpine:3.20.3"
 

@@ -18,8 +18,10 @@ import pulumi_docker as docker
 from dreamseed.policy import DockerActuator, MemoryPlan, Policies, memory_plan
 
 from .components.common import backends_on, container_name
+from .components.docker_gate import DockerGate, DockerGateArgs
 from .components.embeddings import EmbeddingServer, EmbeddingServerArgs
 from .components.monitoring import Monitoring, MonitoringArgs
+from .components.proxy import NAME as PROXY_NAME
 from .components.proxy import ProxyService, ProxyServiceArgs
 from .components.remote_gpu import RemoteGpuHost, RemoteGpuHostArgs
 from .components.tunnel import SshTunnel, SshTunnelArgs
@@ -167,6 +169,12 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         secret_env["DREAMSEED_ADMIN_KEY"] = config.proxy_admin_key
 
     plain_env: dict[str, pulumi.Input[str]] = dict(backend_urls)
+    # The scaler reaches Docker only through the gate, and only for the declared on-demand containers.
+    on_demand_containers = [container_name(n) for n, b in backends_on(policies, config.gpu_host).items() if b.on_demand]
+    if on_demand_containers:
+        gate = DockerGate("docker-gate", DockerGateArgs(network=network.name, containers=on_demand_containers,
+                                                        allow_from=PROXY_NAME), opts=on_host)
+        plain_env["DOCKER_HOST"] = gate.docker_host
     # rag.yaml is the one place the embedding model is named. An embedding server is declared only
     # when rag.yaml embeds through one whose URL the deployment supplies (`kind: openai` with
     # `url_env`): it serves rag.yaml's model, and its URL reaches the proxy under that variable. The
@@ -188,7 +196,6 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         ProxyServiceArgs(
             network=network.name, build_context=ROOT, policy_files=policy_files, port=config.proxy_port,
             bind_address=config.proxy_bind_address, env=plain_env, secret_env=secret_env,
-            docker_socket=any(b.on_demand for b in backends_on(policies, config.gpu_host).values()),
         ),
         opts=on_host,
     )

@@ -14,7 +14,7 @@ from .common import python_healthcheck, secret_env
 
 CONTAINER_PORT = 8080
 POLICY_DIR = "/app/policies"
-DOCKER_SOCKET = "/var/run/docker.sock"
+NAME = "dreamseed-proxy"
 
 
 @dataclass
@@ -26,8 +26,6 @@ class ProxyServiceArgs:
     bind_address: str
     env: dict[str, pulumi.Input[str]] = field(default_factory=dict)
     secret_env: dict[str, pulumi.Input[str]] = field(default_factory=dict)
-    # The scaler starts and stops on-demand backends through the Docker API.
-    docker_socket: bool = False
 
 
 class ProxyService(pulumi.ComponentResource):
@@ -48,20 +46,19 @@ class ProxyService(pulumi.ComponentResource):
         envs += [secret_env(k, v) for k, v in sorted(args.secret_env.items())]
         self.container = docker.Container(
             resource_name,
-            name="dreamseed-proxy",
-            image=self.image.image_name,
+            name=NAME,
+            # By digest: a rebuilt image (same tag, new content) replaces the container.
+            image=self.image.repo_digest,
             command=["serve", "--host", "0.0.0.0", "--port", str(CONTAINER_PORT), "--policies", POLICY_DIR],
             envs=envs,
             # Policies travel with the deployment: a changed file replaces the container.
             uploads=[docker.ContainerUploadArgs(file=f"{POLICY_DIR}/{name}", content=content)
                      for name, content in sorted(args.policy_files.items())],
             ports=[docker.ContainerPortArgs(internal=CONTAINER_PORT, external=args.port, ip=args.bind_address)],
-            volumes=[docker.ContainerVolumeArgs(host_path=DOCKER_SOCKET, container_path=DOCKER_SOCKET)]
-            if args.docker_socket else [],
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=args.network, aliases=["proxy"])],
             healthcheck=python_healthcheck(f"http://127.0.0.1:{CONTAINER_PORT}/healthz"),
             restart="unless-stopped",
             opts=child,
         )
-        self.target = f"dreamseed-proxy:{CONTAINER_PORT}"
-        self.register_outputs({"image": self.image.image_name})
+        self.target = f"{NAME}:{CONTAINER_PORT}"
+        self.register_outputs({"image": self.image.repo_digest})

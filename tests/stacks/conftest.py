@@ -74,6 +74,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
             outputs["outputs"] = REMOTE_OUTPUTS
         elif args.typ == "docker:index/remoteImage:RemoteImage":
             outputs["imageId"] = f"sha256:{args.inputs['name']}"
+        elif args.typ == "docker:index/image:Image":  # a local build: the digest of what was built
+            outputs["repoDigest"] = f"{args.inputs['imageName'].split(':')[0]}@sha256:{'ab' * 32}"
         return f"{args.name}-id", outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:

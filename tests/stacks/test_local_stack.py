@@ -94,9 +94,35 @@ def test_on_demand_coder_is_created_stopped_for_the_scaler(local) -> None:
         inputs = containers(mocks)[always_on]
         assert inputs.get("start", True) is True and inputs["restart"] == "unless-stopped"
     assert outputs["onDemandContainers"] == (["dreamseed-code"], False)
-    # The scaler drives Docker through its socket.
-    socket = {"hostPath": "/var/run/docker.sock", "containerPath": "/var/run/docker.sock"}
-    assert socket in containers(mocks)["dreamseed-proxy"]["volumes"]
+
+
+def test_the_proxy_reaches_docker_only_through_the_gate(local) -> None:
+    mocks, _ = local
+    found = containers(mocks)
+    proxy, gate = found["dreamseed-proxy"], found["dreamseed-docker-gate"]
+    # The internet-facing proxy holds no Docker socket: it is not root on the host.
+    assert not proxy.get("volumes") and "DOCKER_HOST=tcp://dreamseed-docker-gate:2375" in env_of(proxy)
+    holders = [name for name, inputs in found.items()
+               if any(v.get("hostPath") == "/var/run/docker.sock" for v in inputs.get("volumes", []))]
+    assert holders == ["dreamseed-docker-gate"]
+    assert gate["volumes"] == [{"hostPath": "/var/run/docker.sock", "containerPath": "/var/run/docker.sock",
+                                "readOnly": True}]
+    command = gate["command"]
+    assert "-allowfrom=dreamseed-proxy" in command and not gate.get("ports")  # not published, one client
+    assert r"-allowGET=/v1\.[0-9]{2}/containers/(dreamseed\-code)/json" in command
+    assert r"-allowPOST=/v1\.[0-9]{2}/containers/(dreamseed\-code)/(start|stop)" in command
+    assert not [flag for flag in command if flag.startswith(("-allowDELETE", "-allowPUT", "-allowHEAD"))]
+
+
+def test_the_proxy_runs_as_an_unprivileged_user_from_its_image_digest(local) -> None:
+    mocks, _ = local
+    (built,) = mocks.of_type("docker:index/image:Image")
+    # By digest, so a rebuilt image under the same tag replaces the container.
+    assert containers(mocks)["dreamseed-proxy"]["image"] == f"dreamseed-proxy@sha256:{'ab' * 32}"
+    assert built.inputs["imageName"] == "dreamseed-proxy:0.1.0"
+    dockerfile = (ROOT / "infra" / "proxy.Dockerfile").read_text(encoding="utf-8")
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0") and "useradd --system --uid 10001 dreamseed" in dockerfile
 
 
 def test_only_the_proxy_is_published_beyond_localhost(local) -> None:
@@ -118,7 +144,7 @@ def test_images_are_pinned(local) -> None:
     pulled = [r.inputs["name"] for r in mocks.of_type("docker:index/remoteImage:RemoteImage")]
     built = [r.inputs["imageName"] for r in mocks.of_type("docker:index/image:Image")]
     assert set(pulled) == {"vllm/vllm-openai:v0.11.0", images.POSTGRES_PGVECTOR, images.PROMETHEUS, images.GRAFANA,
-                           images.TUNNEL}
+                           images.TUNNEL, images.SOCKET_PROXY}
     assert images.is_pinned(images.EMBEDDINGS)  # declared only when rag.yaml embeds through a server
     assert built == ["dreamseed-proxy:0.1.0"]
     for image in pulled + built:
@@ -202,7 +228,7 @@ def test_components_parent_their_children(local) -> None:
         assert "$dreamseed:index:" in record.parent, f"{record.name} is not parented to a component: {record.parent}"
     kinds = {r.type for r in mocks.resources if r.type.startswith("dreamseed:index:")}
     assert kinds == {"dreamseed:index:VllmBackend", "dreamseed:index:VectorDatabase", "dreamseed:index:Monitoring",
-                     "dreamseed:index:ProxyService", "dreamseed:index:SshTunnel"}
+                     "dreamseed:index:ProxyService", "dreamseed:index:SshTunnel", "dreamseed:index:DockerGate"}
 
 
 def refused_edit(run_stack: Runner, tmp_path: Path, file: str, old: str, new: str) -> pytest.ExceptionInfo:

@@ -1,6 +1,8 @@
 """How an on-demand backend is started and stopped, and how we know it is ready.
 
-`docker`: the Docker Engine API on its unix socket (httpx's UDS transport), on a container that
+`docker`: the Docker Engine API on its unix socket (httpx's UDS transport), or where `DOCKER_HOST`
+points (Docker's own convention: `tcp://host:port`, `unix:///path`; the local stack points it at a
+socket proxy that allows only these calls on the declared containers), on a container that
 `infra/` declared and left stopped. Calls, as Docker documents them:
     POST /v{api}/containers/{name}/start          204 started, 304 already running
     POST /v{api}/containers/{name}/stop?t=GRACE   204 stopped, 304 already stopped
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Mapping
 from typing import Protocol
 
 import httpx
@@ -43,19 +47,32 @@ class Actuator(Protocol):
     async def aclose(self) -> None: ...
 
 
+def docker_endpoint(spec: DockerActuator, environ: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
+    """(base URL, unix socket or None) of the Docker Engine API: `DOCKER_HOST` when set, else the
+    actuator's socket."""
+    host = environ.get("DOCKER_HOST", "")
+    if host.startswith("tcp://"):
+        return f"http://{host.removeprefix('tcp://').rstrip('/')}/v{spec.api_version}", None
+    if host and not host.startswith("unix://"):
+        raise ActuatorError(f"DOCKER_HOST={host!r}: only tcp://host:port and unix:///path are supported")
+    return f"http://docker/v{spec.api_version}", host.removeprefix("unix://") or spec.socket
+
+
 class DockerEngine:
     def __init__(self, spec: DockerActuator, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.spec = spec
         self.description = f"docker container {spec.container}"
+        base_url, socket = docker_endpoint(spec)
+        self.where = socket or base_url
         self._client = httpx.AsyncClient(
-            transport=transport or httpx.AsyncHTTPTransport(uds=spec.socket),
-            base_url=f"http://docker/v{spec.api_version}", timeout=httpx.Timeout(10.0, read=spec.stop_grace + 30.0))
+            transport=transport or httpx.AsyncHTTPTransport(uds=socket),
+            base_url=base_url, timeout=httpx.Timeout(10.0, read=spec.stop_grace + 30.0))
 
     async def _call(self, method: str, path: str, ok: tuple[int, ...], **params: str | int) -> httpx.Response:
         try:
             response = await self._client.request(method, path, params=params or None)
         except httpx.HTTPError as exc:
-            raise ActuatorError(f"Docker Engine API at {self.spec.socket} unreachable: {exc}") from exc
+            raise ActuatorError(f"Docker Engine API at {self.where} unreachable: {exc}") from exc
         if response.status_code not in ok:
             try:
                 message = response.json().get("message", response.text)
