@@ -40,6 +40,8 @@ class LocalConfig:
     grafana_admin_password: pulumi.Output[str]
     proxy_api_keys: pulumi.Output[str] | None
     proxy_admin_key: pulumi.Output[str] | None
+    # Where Alertmanager sends alerts (a webhook: Slack, a pager...); unset, they show in Grafana only.
+    alert_webhook_url: pulumi.Output[str] | None
 
     @classmethod
     def load(cls) -> LocalConfig:
@@ -68,6 +70,7 @@ class LocalConfig:
             grafana_admin_password=config.require_secret("grafanaAdminPassword"),
             proxy_api_keys=config.get_secret("proxyApiKeys"),
             proxy_admin_key=config.get_secret("proxyAdminKey"),
+            alert_webhook_url=config.get_secret("alertWebhookUrl"),
         )
 
 

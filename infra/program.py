@@ -134,6 +134,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
 
     secret_env: dict[str, pulumi.Input[str]] = {}
     tunnel = None
+    remote_names: list[str] = []
     if config.remote_stack:
         remote = pulumi.StackReference(config.remote_stack)
         for name, backend in policies.catalog.backends.items():
@@ -148,6 +149,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
                               remote_port=remote.require_output("port")),
                 opts=on_host,
             )
+            remote_names.append(name)
             if backend.url_env:
                 backend_urls[backend.url_env] = tunnel.internal_url
             if backend.api_key_env:
@@ -181,6 +183,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
     # seed embeds in-process (fastembed), and a fixed `url` names the operator's own server: no
     # container for either. (The policy check already requires `url` or `url_env`, and `dim`.)
     embedder = policies.rag.embedder
+    embeddings_target: str | None = None
     if embedder.kind == "openai" and embedder.url_env is not None:
         embeddings = EmbeddingServer(
             "embeddings",
@@ -189,6 +192,7 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
             opts=on_host,
         )
         plain_env[embedder.url_env] = embeddings.internal_url
+        embeddings_target = embeddings.metrics_target
 
     policy_files = {p.name: p.read_text(encoding="utf-8") for p in sorted(policies.directory.glob("*.yaml"))}
     proxy = ProxyService(
@@ -211,6 +215,9 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
             grafana_port=config.grafana_port,
             grafana_admin_password=config.grafana_admin_password,
             protect_data=config.protect_data,
+            remote_vllm_targets={name: f"dreamseed-tunnel-{name}:8000" for name in remote_names},
+            embeddings_target=embeddings_target,
+            alert_webhook_url=config.alert_webhook_url,
         ),
         opts=on_host,
     )

@@ -39,7 +39,7 @@ def test_config_and_rules_pass_promtool(generated: Path) -> None:
     checked = promtool("check", "config", "prometheus.yml", cwd=generated)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = promtool("check", "rules", "rules.yml", cwd=generated)
-    assert rules.returncode == 0 and "SUCCESS: 25 rules found" in rules.stdout, rules.stdout + rules.stderr
+    assert rules.returncode == 0 and "SUCCESS: 27 rules found" in rules.stdout, rules.stdout + rules.stderr
 
 
 def test_alert_unit_tests_fire_and_stay_silent(generated: Path) -> None:
@@ -125,3 +125,94 @@ def test_a_real_prometheus_scrapes_the_proxy_and_answers_the_request_rate_query(
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+# dcgm-exporter's default counters (etc/default-counters.csv of NVIDIA/dcgm-exporter 4.8.2), the ones
+# the GPU panels and rules may use without a custom counters file.
+DCGM_DEFAULT_COUNTERS = {
+    "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_GPU_TEMP",
+    "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+    "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_ENC_UTIL", "DCGM_FI_DEV_DEC_UTIL",
+    "DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_RESERVED",
+}
+
+
+def test_the_gpu_panels_and_rules_use_the_exporters_default_counters() -> None:
+    rules = yaml.safe_load(alert_rules(SEED, "rtx5090"))
+    expressions = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    expressions += [expr for _, _, queries in PANELS for expr, _ in queries]
+    used = {name for expr in expressions for name in re.findall(r"\bDCGM_FI_[A-Z_]+", expr)}
+    assert {"DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_GPU_TEMP"} <= used  # memory, load, heat
+    assert used <= DCGM_DEFAULT_COUNTERS
+
+
+def test_alertmanager_config_passes_amtool(generated: Path) -> None:
+    assert shutil.which("amtool"), "amtool is missing: .ci/run installs Debian's prometheus-alertmanager package"
+    checked = subprocess.run(["amtool", "check-config", "alertmanager.yml"], cwd=generated, capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
+    assert " - 1 receivers" in checked.stdout and " - 1 inhibit rules" in checked.stdout
+
+
+def test_a_firing_alert_reaches_the_teams_webhook_through_a_real_alertmanager(fresh: Stack, tmp_path: Path) -> None:
+    """Prometheus (its alerting section as generated) -> Alertmanager (its config as generated) ->
+    the webhook: the path a page takes in a real deployment."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from infra.monitoring import alertmanager_config, prometheus_config
+    from support import free_port
+
+    received: list[dict[str, object]] = []
+
+    class Webhook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    manager_bin = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    assert manager_bin, "Alertmanager is missing: .ci/run installs Debian's prometheus-alertmanager package"
+    am_port, prom_port = free_port(), free_port()
+    (tmp_path / "alertmanager.yml").write_text(
+        alertmanager_config(f"http://127.0.0.1:{hook.server_address[1]}/alerts", group_wait="1s"))
+    # The generated rules, plus one that fires at once (the generated ones wait minutes, rightly).
+    (tmp_path / "rules.yml").write_text(alert_rules(SEED, "rtx5090"))
+    (tmp_path / "now.yml").write_text(yaml.safe_dump({"groups": [{"name": "delivery", "rules": [
+        {"alert": "DreamSeedDeliveryCheck", "expr": "vector(1)", "labels": {"severity": "page", "backend": "general"},
+         "annotations": {"summary": "a page on its way"}}]}]}))
+    (tmp_path / "prometheus.yml").write_text(prometheus_config(
+        fresh.url.removeprefix("http://"), {}, rule_files=("rules.yml", "now.yml"), scrape_interval="1s",
+        alertmanager=f"127.0.0.1:{am_port}"))
+    manager = subprocess.Popen([manager_bin, f"--config.file={tmp_path / 'alertmanager.yml'}",
+                                f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{am_port}",
+                                "--cluster.listen-address="],
+                               stdout=subprocess.DEVNULL, stderr=(tmp_path / "alertmanager.log").open("w"))
+    prometheus = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'data'}",
+                                   f"--web.listen-address=127.0.0.1:{prom_port}",
+                                   # An alert that fires before Alertmanager is discovered is dropped
+                                   # and resent only after this delay (1 minute by default).
+                                   "--rules.alert.resend-delay=1s"],
+                                  stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+    try:
+        deadline = time.monotonic() + 60
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert received, (tmp_path / "alertmanager.log").read_text()[-2000:] + (tmp_path / "prometheus.log").read_text()[-2000:]
+        message = received[0]
+        assert message["receiver"] == "team" and message["status"] == "firing"
+        (alert,) = message["alerts"]  # type: ignore[misc]
+        assert alert["labels"]["alertname"] == "DreamSeedDeliveryCheck" and alert["labels"]["severity"] == "page"
+        assert alert["annotations"]["summary"] == "a page on its way"
+    finally:
+        for process in (prometheus, manager):
+            process.terminate()
+            process.wait(timeout=10)
+        hook.shutdown()

@@ -16,6 +16,7 @@ from infra import images
 from .common import pulled, secret_env
 
 PORT = 8003
+METRICS_PORT = 9000  # text-embeddings-inference's Prometheus port (--prometheus-port, its default)
 
 
 @dataclass
@@ -28,6 +29,7 @@ class EmbeddingServerArgs:
 
 class EmbeddingServer(pulumi.ComponentResource):
     internal_url: str
+    metrics_target: str
 
     def __init__(self, resource_name: str, args: EmbeddingServerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("dreamseed:index:EmbeddingServer", resource_name, None, opts)
@@ -37,7 +39,7 @@ class EmbeddingServer(pulumi.ComponentResource):
             resource_name,
             name=name,
             image=image.image_id,
-            command=["--model-id", args.model, "--port", str(PORT)],
+            command=["--model-id", args.model, "--port", str(PORT), "--prometheus-port", str(METRICS_PORT)],
             envs=[secret_env("HF_TOKEN", args.hf_token), "HUGGINGFACE_HUB_CACHE=/data"],
             volumes=[docker.ContainerVolumeArgs(volume_name=args.hf_cache_volume, container_path="/data")],
             ports=[docker.ContainerPortArgs(internal=PORT, external=PORT, ip="127.0.0.1")],
@@ -46,4 +48,5 @@ class EmbeddingServer(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.internal_url = f"http://{name}:{PORT}"
+        self.metrics_target = f"{name}:{METRICS_PORT}"
         self.register_outputs({"internal_url": self.internal_url})

@@ -49,21 +49,56 @@ def _regex(names: list[str]) -> str:
 
 
 def prometheus_config(proxy_target: str, vllm_targets: dict[str, tuple[str, bool]],
-                      rule_files: tuple[str, ...] = ("rules.yml",), scrape_interval: str = "15s") -> str:
+                      rule_files: tuple[str, ...] = ("rules.yml",), scrape_interval: str = "15s", *,
+                      remote_vllm_targets: dict[str, str] | None = None, gpu_exporter: str | None = None,
+                      embeddings: str | None = None, alertmanager: str | None = None) -> str:
     """Scrape the proxy and every local vLLM server, each labelled with its backend name and
-    whether it is on demand (a stopped on-demand server is not an outage)."""
-    config = {
+    whether it is on demand (a stopped on-demand server is not an outage); the remote 70B through
+    its tunnel (its own job: a terminated rented host is not a page); the GPU exporter and the
+    embedding server when there are ones; and send alerts to Alertmanager."""
+    scrape_configs: list[dict[str, Any]] = [
+        {"job_name": "dreamseed-proxy", "static_configs": [{"targets": [proxy_target]}]},
+        {"job_name": "vllm", "static_configs": [
+            {"targets": [target], "labels": {"backend": name, "on_demand": str(on_demand).lower()}}
+            for name, (target, on_demand) in sorted(vllm_targets.items())
+        ]},
+    ]
+    if remote_vllm_targets:
+        scrape_configs.append({"job_name": "vllm-remote", "static_configs": [
+            {"targets": [target], "labels": {"backend": name, "on_demand": "false"}}
+            for name, target in sorted(remote_vllm_targets.items())]})
+    if gpu_exporter:
+        scrape_configs.append({"job_name": "gpu", "static_configs": [{"targets": [gpu_exporter]}]})
+    if embeddings:
+        scrape_configs.append({"job_name": "embeddings", "static_configs": [{"targets": [embeddings]}]})
+    config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "rule_files": list(rule_files),
-        "scrape_configs": [
-            {"job_name": "dreamseed-proxy", "static_configs": [{"targets": [proxy_target]}]},
-            {"job_name": "vllm", "static_configs": [
-                {"targets": [target], "labels": {"backend": name, "on_demand": str(on_demand).lower()}}
-                for name, (target, on_demand) in sorted(vllm_targets.items())
-            ]},
-        ],
     }
+    if alertmanager:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    config["scrape_configs"] = scrape_configs
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def alertmanager_config(webhook_url: str | None, group_wait: str = "30s") -> str:
+    """One receiver, the team's webhook (Slack, a pager, a chat bridge: anything that takes
+    Alertmanager's webhook JSON). Pages repeat hourly while they fire, tickets twice a day; both
+    say when they are resolved. Without a URL, alerts only show in Alertmanager and Grafana."""
+    receiver: dict[str, Any] = {"name": "team"}
+    if webhook_url:
+        receiver["webhook_configs"] = [{"url": webhook_url, "send_resolved": True}]
+    return yaml.safe_dump({
+        "route": {
+            "receiver": "team", "group_by": ["alertname", "backend"], "group_wait": group_wait,
+            "group_interval": "5m", "repeat_interval": "12h",
+            "routes": [{"matchers": ['severity="page"'], "receiver": "team", "repeat_interval": "1h"}],
+        },
+        # A page for a backend silences the ticket about the same backend.
+        "inhibit_rules": [{"source_matchers": ['severity="page"'], "target_matchers": ['severity="ticket"'],
+                           "equal": ["backend"]}],
+        "receivers": [receiver],
+    }, sort_keys=False)
 
 
 def _slow_ratio(window: str, groups: dict[float, list[str]]) -> str:
@@ -141,6 +176,11 @@ def alert_rules(policies: Policies, gpu_host: str) -> str:
          "labels": {"severity": "ticket"},
          "annotations": {"summary": "on-demand backend {{ $labels.backend }} could not start within the GPU memory "
                                     "budget"}},
+        {"alert": "DreamSeedGpuHot", "expr": "max by (gpu) (DCGM_FI_DEV_GPU_TEMP) > 85", "for": "10m",
+         "labels": {"severity": "ticket"},
+         "annotations": {"summary": "GPU {{ $labels.gpu }} has run above 85 C for 10 minutes; it will throttle"}},
+        {"alert": "DreamSeedGpuExporterDown", "expr": 'up{job="gpu"} == 0', "for": "5m",
+         "labels": {"severity": "ticket"}, "annotations": {"summary": "the GPU exporter is not scraped"}},
         {"alert": "DreamSeedPolicyReloadFailed",
          "expr": 'increase(dreamseed_policy_reloads_total{result="failure"}[15m]) > 0',
          "labels": {"severity": "ticket"},
@@ -200,6 +240,15 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
        "running {{backend}}"),
       ("sum by (backend) (vllm:num_requests_waiting) or sum by (backend) (llamacpp:requests_deferred)",
        "waiting {{backend}}"))),
+    # NVIDIA's dcgm-exporter on the GPU host (its default counters).
+    ("GPU memory used", "decmbytes",
+     (("max by (gpu) (DCGM_FI_DEV_FB_USED)", "used GPU {{gpu}}"),
+      ("max by (gpu) (DCGM_FI_DEV_FB_USED + DCGM_FI_DEV_FB_FREE)", "total GPU {{gpu}}"))),
+    ("GPU utilisation", "percent",
+     (("max by (gpu) (DCGM_FI_DEV_GPU_UTIL)", "GPU {{gpu}}"),)),
+    ("GPU temperature and power", "celsius",
+     (("max by (gpu) (DCGM_FI_DEV_GPU_TEMP)", "temperature GPU {{gpu}}"),
+      ("max by (gpu) (DCGM_FI_DEV_POWER_USAGE)", "power (W) GPU {{gpu}}"))),
     ("vLLM KV cache usage", "percentunit",
      (("max by (backend) (vllm:kv_cache_usage_perc)", "{{backend}}"),)),
     ("RAG retrieval P50 / P95", "s", tuple(
@@ -250,7 +299,11 @@ def write_all(directory: Any, policies: Policies, gpu_host: str, proxy_target: s
     (out / "grafana").mkdir(parents=True, exist_ok=True)
     targets = {name: (f"{container_name(name)}:{backend_port(b)}", b.on_demand)
                for name, b in local_backends(policies, gpu_host).items()}
-    (out / "prometheus.yml").write_text(prometheus_config(proxy_target, targets), encoding="utf-8")
+    remote = {name: f"dreamseed-tunnel-{name}:8000" for name in remote_backends(policies, gpu_host)}
+    (out / "prometheus.yml").write_text(prometheus_config(
+        proxy_target, targets, remote_vllm_targets=remote, gpu_exporter="dreamseed-gpu-exporter:9400",
+        alertmanager="dreamseed-alertmanager:9093"), encoding="utf-8")
+    (out / "alertmanager.yml").write_text(alertmanager_config("http://team-webhook.example/alerts"), encoding="utf-8")
     (out / "rules.yml").write_text(alert_rules(policies, gpu_host), encoding="utf-8")
     (out / "grafana" / "datasource.yaml").write_text(grafana_datasource("http://dreamseed-prometheus:9090"))
     (out / "grafana" / "dashboards.yaml").write_text(grafana_dashboard_provider("/var/lib/grafana/dashboards"))

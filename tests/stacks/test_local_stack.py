@@ -72,7 +72,7 @@ def test_a_new_catalog_backend_gets_its_own_container(run_stack: Runner, tmp_pat
     assert "DREAMSEED_TINY_URL=http://dreamseed-tiny:8005" in env_of(containers(mocks)["dreamseed-proxy"])
 
 
-def test_vllm_containers_request_the_gpu_and_nothing_else_does(local) -> None:
+def test_vllm_containers_and_the_gpu_exporter_request_the_gpu_and_nothing_else_does(local) -> None:
     mocks, _ = local
     for name, inputs in containers(mocks).items():
         gpu = inputs.get("deviceRequests")
@@ -82,8 +82,32 @@ def test_vllm_containers_request_the_gpu_and_nothing_else_does(local) -> None:
             assert inputs["ipcMode"] == "host"
             assert inputs["volumes"] == [{"volumeName": "dreamseed-hf-cache", "containerPath": "/root/.cache/huggingface"}]
             assert inputs["healthcheck"]["tests"][-1].endswith("/health', timeout=5)")
+        elif name == "dreamseed-gpu-exporter":  # reads the GPUs' counters; takes no memory from vLLM
+            assert gpu == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]
+            assert inputs["capabilities"] == {"adds": ["SYS_ADMIN"]} and not inputs.get("ports")
         else:
             assert gpu is None, name
+
+
+def test_prometheus_scrapes_the_gpu_and_the_remote_70b_and_alerts_go_to_the_webhook(run_stack: Runner) -> None:
+    mocks, _ = run_stack("local", {"dreamseed:alertWebhookUrl": "https://hooks.example/T0/SECRET-token"})
+    found = containers(mocks)
+    uploads = {u["file"]: u["content"] for u in found["dreamseed-prometheus"]["uploads"]}
+    config = yaml.safe_load(uploads["/etc/prometheus/prometheus.yml"])
+    jobs = {job["job_name"]: job["static_configs"] for job in config["scrape_configs"]}
+    assert jobs["gpu"] == [{"targets": ["dreamseed-gpu-exporter:9400"]}]
+    # The 70B through its tunnel, in a job of its own: an auto-stopped rented host is not a page.
+    assert jobs["vllm-remote"] == [{"targets": ["dreamseed-tunnel-general70:8000"],
+                                    "labels": {"backend": "general70", "on_demand": "false"}}]
+    assert "embeddings" not in jobs  # the seed embeds in-process
+    assert config["alerting"] == {"alertmanagers": [{"static_configs": [{"targets": ["dreamseed-alertmanager:9093"]}]}]}
+    uploads_of_alertmanager = found["dreamseed-alertmanager"]["uploads"]
+    assert secret_occurrences(uploads_of_alertmanager, "https://hooks.example/T0/SECRET-token") == 1  # holds a token
+    assert plain_occurrences(uploads_of_alertmanager, "SECRET-token") == 0
+    assert not found["dreamseed-alertmanager"].get("ports")
+    without, _ = run_stack("local")  # no webhook: alerts show in Alertmanager and Grafana only
+    (bare,) = containers(without)["dreamseed-alertmanager"]["uploads"]
+    assert "webhook_configs" not in yaml.safe_load(bare["content"])["receivers"][0]
 
 
 def test_on_demand_coder_is_created_stopped_for_the_scaler(local) -> None:
@@ -144,7 +168,7 @@ def test_images_are_pinned(local) -> None:
     pulled = [r.inputs["name"] for r in mocks.of_type("docker:index/remoteImage:RemoteImage")]
     built = [r.inputs["imageName"] for r in mocks.of_type("docker:index/image:Image")]
     assert set(pulled) == {"vllm/vllm-openai:v0.11.0", images.POSTGRES_PGVECTOR, images.PROMETHEUS, images.GRAFANA,
-                           images.TUNNEL, images.SOCKET_PROXY}
+                           images.TUNNEL, images.SOCKET_PROXY, images.ALERTMANAGER, images.GPU_EXPORTER}
     assert images.is_pinned(images.EMBEDDINGS)  # declared only when rag.yaml embeds through a server
     assert built == ["dreamseed-proxy:0.1.0"]
     for image in pulled + built:
