@@ -26,7 +26,7 @@ from .components.proxy import ProxyService, ProxyServiceArgs
 from .components.remote_gpu import RemoteGpuHost, RemoteGpuHostArgs
 from .components.tunnel import SshTunnel, SshTunnelArgs
 from .components.vector_db import VectorDatabase, VectorDatabaseArgs
-from .components.vllm import VllmBackend, VllmBackendArgs
+from .components.vllm import VllmBackend, VllmBackendArgs, health_url
 from .config import ROOT, LocalConfig, RemoteConfig
 from .monitoring import alert_rules
 
@@ -107,6 +107,8 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
     backend_urls: dict[str, pulumi.Input[str]] = {}
     vllm: dict[str, VllmBackend] = {}
     previous: docker.Container | None = None  # the always-on server started before this one
+    started_before: list[str] = []  # health URLs of the always-on servers before this one
+    always_on_health = [health_url(n, b) for n, b in backends_on(policies, config.gpu_host).items() if not b.on_demand]
     for name, backend in backends_on(policies, config.gpu_host).items():
         if backend.url_env is None:
             raise pulumi.RunError(
@@ -115,11 +117,13 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         vllm[name] = VllmBackend(
             f"vllm-{name}",
             VllmBackendArgs(name=name, backend=backend, network=network.name, hf_cache_volume=hf_cache.name,
-                            hf_token=config.hf_token, start_after=previous),
+                            hf_token=config.hf_token, start_after=previous,
+                            wait_for=list(started_before) if not backend.on_demand else always_on_health),
             opts=on_host,
         )
         if not backend.on_demand:
             previous = vllm[name].container
+            started_before.append(vllm[name].health_url)
         backend_urls[backend.url_env] = vllm[name].internal_url
 
     # scale.yaml's docker actuators must name the containers declared here, or the proxy's scaler

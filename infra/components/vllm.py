@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_docker as docker
@@ -33,6 +33,29 @@ def vllm_command(backend: Backend, port: int) -> list[str]:
     return command + list(backend.args)
 
 
+# The container's entrypoint: wait until every server in $DREAMSEED_START_AFTER answers /health, then
+# run vLLM with the container's command as its arguments. Servers sharing a GPU must not initialise
+# at once (each measures free memory while it starts and counts the other's allocations as its own);
+# `pulumi up` already creates them one after another, but after a reboot Docker's restart policy
+# starts them all together, and this makes them queue. The image's Python does the probing (vLLM's
+# image has no curl).
+START_SCRIPT = """\
+for url in $DREAMSEED_START_AFTER; do
+  echo "waiting for $url before initialising on the shared GPU" >&2
+  until python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$url" 2>/dev/null; do
+    sleep "${DREAMSEED_START_POLL:-5}"
+  done
+done
+exec vllm serve "$@"
+"""
+START_ENTRYPOINT = ["/bin/sh", "-c", START_SCRIPT, "vllm-after"]
+
+
+def health_url(name: str, backend: Backend) -> str:
+    """Where a backend's server answers /health on the stack's Docker network."""
+    return f"http://{container_name(name)}:{backend_port(backend)}/health"
+
+
 @dataclass
 class VllmBackendArgs:
     name: str
@@ -44,6 +67,9 @@ class VllmBackendArgs:
     # starts and counts the other's allocations as its own. An always-on server is created only once
     # this one (the previous always-on server) is healthy.
     start_after: docker.Container | None = None
+    # Health URLs this server waits for at every start (after a reboot too): the always-on servers
+    # before it on the GPU, or all of them for an on-demand one.
+    wait_for: list[str] = field(default_factory=list)
 
 
 class VllmBackend(pulumi.ComponentResource):
@@ -68,8 +94,9 @@ class VllmBackend(pulumi.ComponentResource):
             resource_name,
             name=name,
             image=image.image_id,
+            entrypoints=START_ENTRYPOINT,
             command=vllm_command(backend, port),
-            envs=[secret_env("HF_TOKEN", args.hf_token)],
+            envs=[secret_env("HF_TOKEN", args.hf_token), f"DREAMSEED_START_AFTER={' '.join(args.wait_for)}"],
             # All GPUs of the host; each server takes its catalog share of memory.
             device_requests=[docker.ContainerDeviceRequestArgs(driver="nvidia", count=-1, capabilities=["gpu"])],
             ipc_mode="host",  # vLLM's workers share memory through /dev/shm
@@ -89,4 +116,5 @@ class VllmBackend(pulumi.ComponentResource):
         )
         self.container_name = self.container.name
         self.internal_url = f"http://{name}:{port}"
+        self.health_url = health_url(args.name, backend)
         self.register_outputs({"container_name": self.container.name, "internal_url": self.internal_url})
