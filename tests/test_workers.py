@@ -1,0 +1,156 @@
+"""`dreamseed serve --workers 2`: two processes on one port, one proxy to its users and to Prometheus.
+
+Real processes and sockets: the proxy under test, a simulated vLLM behind it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support import Sim, start_proxy, start_sim, write_policies
+
+MODEL = "sim/general"
+
+
+@pytest.fixture
+def sim() -> Sim:
+    backend = start_sim(MODEL)
+    yield backend
+    backend.stop()
+
+
+def policies_for(sim: Sim, directory: Path, max_concurrency: int = 8) -> Path:
+    return write_policies(directory, {"general": {"url": sim.url, "model": MODEL, "context_length": 4096,
+                                                  "max_concurrency": max_concurrency, "max_queue": 64,
+                                                  "timeouts": {"connect": 5, "read": 60, "write": 30, "pool": 60}}},
+                          routing={"rules": [{"name": "default", "target": "general"}]})
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a /metrics page (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def worker_pids(proxy_pid: int) -> set[int]:
+    children = Path(f"/proc/{proxy_pid}/task/{proxy_pid}/children").read_text().split()
+    return {int(pid) for pid in children
+            if "dreamseed" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")}
+
+
+def test_two_workers_share_the_port_and_answer_metrics_as_one(sim: Sim, tmp_path: Path) -> None:
+    proxy = start_proxy(policies_for(sim, tmp_path / "p"), extra=["--workers", "2"])
+    try:
+        assert len(worker_pids(proxy.popen.pid)) == 2
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+        for _ in range(40):
+            # A new connection each time: the kernel spreads them over the workers.
+            with httpx.Client() as client:
+                response = client.post(f"{proxy.url}/v1/chat/completions", json=body)
+                assert response.status_code == 200
+        time.sleep(0.5)
+        for _ in range(8):
+            with httpx.Client() as client:
+                page = client.get(f"{proxy.url}/metrics").text
+            # Every scrape, whichever worker answers it, counts all 40 requests.
+            assert sample(page, "dreamseed_requests_total", backend="general", status="200") == 40
+            assert sample(page, "dreamseed_request_duration_seconds_count", backend="general") == 40
+        # Both workers served requests: each has its own counter file open (created at its first count).
+        for pid in worker_pids(proxy.popen.pid):
+            open_files = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()}
+            assert any(name.endswith(f"counter_{pid}.db") for name in open_files), open_files
+    finally:
+        proxy.stop()
+
+
+def test_in_flight_requests_are_summed_over_the_workers_and_limits_are_split(sim: Sim, tmp_path: Path) -> None:
+    sim.configure(ttft=3.0)  # requests stay in flight (or queued, up to pool: 60 s) while we look
+    proxy = start_proxy(policies_for(sim, tmp_path / "p", max_concurrency=4), extra=["--workers", "2"])
+    try:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 2}
+        results: list[int] = []
+
+        def send() -> None:
+            with httpx.Client(timeout=30) as client:
+                results.append(client.post(f"{proxy.url}/v1/chat/completions", json=body).status_code)
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)  # all sent; each worker has shared its state (every second)
+        # Each worker holds 4 // 2 = 2 connections: the backend never sees more than its 4.
+        assert sim.stats()["active"] <= 4
+        totals = []
+        for _ in range(6):
+            with httpx.Client() as client:
+                page = client.get(f"{proxy.url}/metrics").text
+            totals.append(sample(page, "dreamseed_in_flight_requests", backend="general")
+                           + sample(page, "dreamseed_queued_requests", backend="general"))
+        assert totals == [8.0] * 6  # one view: every request, from whichever worker answers
+        for thread in threads:
+            thread.join()
+        assert results == [200] * 8
+    finally:
+        proxy.stop()
+
+
+def test_a_policy_reload_reaches_every_worker(sim: Sim, tmp_path: Path) -> None:
+    policies = policies_for(sim, tmp_path / "p")
+    # No file watching: only the admin call reloads, and it must reach both workers.
+    proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "workers-admin"},
+                        extra=["--workers", "2", "--no-watch-policies"])
+    admin = {"authorization": "Bearer workers-admin"}
+    try:
+        def hashes() -> set[str]:
+            seen = set()
+            for _ in range(12):
+                with httpx.Client(headers=admin) as client:
+                    seen.add(client.get(f"{proxy.url}/admin/policies").json()["policy_hash"])
+            return seen
+
+        (before,) = hashes()
+        routing = policies / "routing.yaml"
+        routing.write_text(routing.read_text().replace("name: default", "name: everything"))
+        with httpx.Client(headers=admin) as client:
+            assert client.post(f"{proxy.url}/admin/policies/reload").status_code == 200
+        deadline = time.monotonic() + 10
+        while (seen := hashes()) != {next(iter(seen))} or before in seen:
+            assert time.monotonic() < deadline, seen  # the other worker reloaded too (SIGHUP via the parent)
+            time.sleep(0.2)
+    finally:
+        proxy.stop()
+
+
+def test_sigterm_drains_every_worker_and_stops_the_parent(sim: Sim, tmp_path: Path) -> None:
+    sim.configure(ttft=0.8)
+    proxy = start_proxy(policies_for(sim, tmp_path / "p"), extra=["--workers", "2"])
+    workers = worker_pids(proxy.popen.pid)
+    body = {"model": "auto", "messages": [{"role": "user", "content": "finish me"}], "max_tokens": 2}
+    results: list[int] = []
+
+    def send() -> None:
+        with httpx.Client(timeout=30) as client:
+            results.append(client.post(f"{proxy.url}/v1/chat/completions", json=body).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # in flight now
+    os.kill(proxy.popen.pid, signal.SIGTERM)
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 4  # in-flight requests finished
+    assert proxy.popen.wait(timeout=20) == 0
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
