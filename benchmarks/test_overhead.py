@@ -24,9 +24,10 @@ def chat_body(model: str, stream: bool) -> bytes:
                        "stream": stream, "max_tokens": 16}).encode()
 
 
-def compare(stack: BenchStack, *, stream: bool, concurrency: int, requests: int, rounds: int) -> dict[str, Any]:
+def compare(stack: BenchStack, *, stream: bool, concurrency: int, requests: int, rounds: int,
+            headers: dict[str, str] | None = None) -> dict[str, Any]:
     direct_request = build_request(stack.sim.url, "/v1/chat/completions", chat_body(MODEL, stream))
-    proxy_request = build_request(stack.proxy.url, "/v1/chat/completions", chat_body("auto", stream))
+    proxy_request = build_request(stack.proxy.url, "/v1/chat/completions", chat_body("auto", stream), headers)
     warm = max(concurrency * 4, 50)
     run(stack.sim.url, direct_request, concurrency=concurrency, total=warm)
     run(stack.proxy.url, proxy_request, concurrency=concurrency, total=warm)

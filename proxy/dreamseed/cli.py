@@ -11,8 +11,9 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
-from .logs import ACCESS_LOG_BUFFER, AccessLogQueue
+from .logs import ACCESS_LOG_BUFFER, AccessLogQueue, set_access_log
 from .logs import install as limit_repeats
 from .policy import AUTO_MODEL, BACKENDS_FILE, Policies, PolicyError, load_catalog, load_policies, memory_plan
 from .routing import Prompt, Router, UnknownModelError
@@ -189,15 +190,12 @@ def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, 
     # The access log: one JSON object per line on standard output (or --access-log-file), apart from
     # the diagnostics on stderr, written by a thread of its own (AccessLogQueue): a reader or disk that
     # stalls never stalls requests. One per process: with --workers, each writes whole lines.
-    access = logging.getLogger("dreamseed.access")
-    access.propagate = False
-    access.setLevel(logging.INFO if args.access_log else logging.WARNING)
-    destination: logging.Handler = (logging.FileHandler(args.access_log_file, encoding="utf-8")
-                                    if args.access_log_file else logging.StreamHandler(sys.stdout))
-    destination.setFormatter(logging.Formatter("%(message)s"))
+    destination: BinaryIO = (open(args.access_log_file, "ab") if args.access_log_file
+                             else sys.stdout.buffer)
     access_queue = AccessLogQueue(destination, args.access_log_buffer)
-    access.addHandler(access_queue)
-    access_queue.start()
+    if args.access_log:
+        set_access_log(access_queue)
+        access_queue.start()
     try:
         app = create_app(policies, url_overrides=url_overrides, on_shutdown=[*on_shutdown, access_queue.stop],
                          watch_policies=args.watch_policies, log_prompts=args.log_prompts)
@@ -214,6 +212,9 @@ def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, 
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         access_queue.stop()
+        set_access_log(None)
+        if args.access_log_file:
+            destination.close()
 
 
 def cmd_local_model_setup(args: argparse.Namespace) -> int:

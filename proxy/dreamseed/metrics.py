@@ -219,20 +219,26 @@ def state_metrics(backends: Mapping[str, BackendState], policy_hash: str) -> Ite
 def access_log_metrics() -> Iterator[Metric]:
     """The access log's queue (logs.AccessLogQueue): lines waiting for the writer thread, and lines
     dropped because the destination did not keep up."""
-    from .logs import AccessLogQueue
+    from .logs import access_log_sink
 
-    for handler in access_log.handlers:
-        if isinstance(handler, AccessLogQueue):
-            dropped = CounterMetricFamily("dreamseed_access_log_dropped", "Access log lines dropped because their "
-                                          "destination (standard output or --access-log-file) did not keep up.")
-            dropped.add_metric([], handler.dropped)
-            waiting = GaugeMetricFamily("dreamseed_access_log_queued", "Access log lines waiting to be written.")
-            waiting.add_metric([], handler.lines.qsize())
-            yield from (dropped, waiting)
+    sink = access_log_sink()
+    if sink is None:
+        return
+    dropped = CounterMetricFamily("dreamseed_access_log_dropped", "Access log lines dropped because their "
+                                  "destination (standard output or --access-log-file) did not keep up.")
+    dropped.add_metric([], sink.dropped)
+    waiting = GaugeMetricFamily("dreamseed_access_log_queued", "Access log lines waiting to be written.")
+    waiting.add_metric([], sink.lines.qsize())
+    yield from (dropped, waiting)
 
 
 def log_exchange(exchange: Exchange) -> None:
-    if not access_log.isEnabledFor(logging.INFO):
+    """The exchange's access log line: to the access log's queue (logs.AccessLogQueue) when
+    `serve` set one up, else through the `dreamseed.access` logger if something listens there."""
+    from .logs import access_log_sink
+
+    sink = access_log_sink()
+    if sink is None and not access_log.isEnabledFor(logging.INFO):
         return
     now = time.perf_counter()
     entry: dict[str, Any] = {
@@ -255,4 +261,8 @@ def log_exchange(exchange: Exchange) -> None:
     }
     if exchange.prompt is not None:
         entry["prompt"] = exchange.prompt
-    access_log.info(msgspec.json.encode(entry).decode())
+    line = msgspec.json.encode(entry)
+    if sink is not None:
+        sink.put(line + b"\n")  # no LogRecord on the request path: see AccessLogQueue
+    else:
+        access_log.info(line.decode())

@@ -1,0 +1,104 @@
+"""The proxy as users run it, and what each feature costs.
+
+`user` is the configuration the README's users run: client API keys on, the access log on (to a
+file), metrics on, the shipped routing rules (policies/routing.yaml) over four catalog backends,
+retrieval off. Each other variant turns one thing off or changes one thing, so its difference from
+`user` is that feature's cost: CPU per request of the proxy process and added P95 at 16 concurrent
+requests (backend 20 ms), each measured against the backend directly in the same rounds
+(test_overhead.compare). `access_log_pipe` writes the access log to standard output, read by this
+harness through a pipe; `rag` turns retrieval on (the seed's rag.yaml, the golden corpus ingested).
+
+All proxies run at once and are measured one after another in the same run; the table in
+benchmarks/README.md ("What each feature costs") comes from a full run of this file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from conftest import MODEL, BenchStack
+from support import ROOT, SEED_POLICIES, Process, rag_model_dir, start_proxy, write_policies
+from test_overhead import compare
+
+KEY = "bench-client-key"
+ADMIN = "bench-admin-key"
+VARIANTS = ("user", "no_keys", "no_access_log", "access_log_pipe", "one_rule", "rag")
+
+
+def catalog(url: str) -> dict[str, Any]:
+    """Four backends like the seed's, on the one simulated server (only general gets this traffic)."""
+    limits = {"context_length": 4096, "max_concurrency": 512,
+              "timeouts": {"connect": 5, "read": 30, "write": 10, "pool": 10}}
+    return {name: {"url": url, "model": model, **limits} for name, model in
+            (("general", MODEL), ("code", "bench/code"), ("fast", "bench/fast"), ("general70", "bench/general70"))}
+
+
+@pytest.fixture(scope="module")
+def proxies(bench_stack: BenchStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Process]]:
+    base = tmp_path_factory.mktemp("user-config")
+    seed_routing = yaml.safe_load((SEED_POLICIES / "routing.yaml").read_text(encoding="utf-8"))
+    shipped = write_policies(base / "shipped", catalog(bench_stack.sim.url), seed_routing)
+    one_rule = write_policies(base / "one-rule", catalog(bench_stack.sim.url),
+                              {"rules": [{"name": "default", "target": "general"}]})
+    with_rag = write_policies(base / "rag", catalog(bench_stack.sim.url), seed_routing)
+    rag = yaml.safe_load((SEED_POLICIES / "rag.yaml").read_text(encoding="utf-8"))
+    rag["embedder"] = {**rag.get("embedder", {}), "model_path": str(rag_model_dir())}
+    (with_rag / "rag.yaml").write_text(yaml.safe_dump(rag, allow_unicode=True), encoding="utf-8")
+    keys = {"DREAMSEED_API_KEYS": KEY, "DREAMSEED_ADMIN_KEY": ADMIN}
+    log_file = ["--access-log-file", str(base / "access.log")]
+    settings: dict[str, tuple[Path, dict[str, str], list[str]]] = {
+        "user": (shipped, keys, log_file),
+        "no_keys": (shipped, {}, log_file),
+        "no_access_log": (shipped, keys, ["--no-access-log"]),
+        "access_log_pipe": (shipped, keys, []),
+        "one_rule": (one_rule, keys, log_file),
+        "rag": (with_rag, {**keys, "DREAMSEED_STATE_DIR": str(base / "state")}, log_file),
+    }
+    started: dict[str, Process] = {}
+    try:
+        for name, (policies, env, extra) in settings.items():
+            started[name] = start_proxy(policies, env=env, extra=extra)
+        corpus = ROOT / "tests" / "data" / "golden_support" / "corpus.jsonl"
+        documents = [{"source": d["_id"], "text": f"{d['title']}\n\n{d['text']}"}
+                     for d in map(json.loads, corpus.read_text(encoding="utf-8").splitlines())]
+        ingested = httpx.post(f"{started['rag'].url}/admin/rag/ingest", json={"collection": "support",
+                              "documents": documents}, headers={"authorization": f"Bearer {ADMIN}"}, timeout=300)
+        assert ingested.status_code == 200, ingested.text
+        yield started
+    finally:
+        for process in started.values():
+            process.stop()
+
+
+def test_feature_costs_at_16_concurrent(benchmark, bench_stack: BenchStack, proxies: dict[str, Process]) -> None:  # type: ignore[no-untyped-def]
+    bench_stack.sim.configure(ttft=0.02, token_delay=0.0)
+    requests = bench_stack.scale(short=300, full=1600)
+    rounds = bench_stack.scale(short=2, full=3)
+
+    def measure() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in VARIANTS:
+            stack = BenchStack(bench_stack.sim, proxies[name], bench_stack.mode)
+            headers = {} if name == "no_keys" else {"authorization": f"Bearer {KEY}"}
+            result = compare(stack, stream=False, concurrency=16, requests=requests, rounds=rounds, headers=headers)
+            assert result["errors"] == 0, name
+            out[f"{name}_added_p95_ms"] = result["added_p95_ms"]
+            out[f"{name}_added_p50_ms"] = result["added_p50_ms"]
+            out[f"{name}_cpu_us"] = result["proxy_cpu_us_per_request"]
+            out[f"{name}_throughput_ratio"] = result["throughput_ratio"]
+        for name in VARIANTS[1:]:  # what turning one thing off (or on, for rag) changes against `user`
+            out[f"cost_{name}_cpu_us"] = out["user_cpu_us"] - out[f"{name}_cpu_us"]
+            out[f"cost_{name}_p95_ms"] = out["user_added_p95_ms"] - out[f"{name}_added_p95_ms"]
+        return out
+
+    result = benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    # The pipe variant's access log really went through the pipe, a line per request.
+    assert sum('"request_id"' in line for line in proxies["access_log_pipe"].lines) >= requests * rounds
