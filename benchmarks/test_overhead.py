@@ -19,15 +19,16 @@ from conftest import MODEL, BenchStack, rss_mb
 from loadgen import LoadResult, build_request, percentile, run
 
 
-def chat_body(model: str, stream: bool) -> bytes:
+def chat_body(model: str, stream: bool, max_tokens: int = 16) -> bytes:
     return json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of Korea?"}],
-                       "stream": stream, "max_tokens": 16}).encode()
+                       "stream": stream, "max_tokens": max_tokens}).encode()
 
 
 def compare(stack: BenchStack, *, stream: bool, concurrency: int, requests: int, rounds: int,
-            headers: dict[str, str] | None = None) -> dict[str, Any]:
-    direct_request = build_request(stack.sim.url, "/v1/chat/completions", chat_body(MODEL, stream))
-    proxy_request = build_request(stack.proxy.url, "/v1/chat/completions", chat_body("auto", stream), headers)
+            headers: dict[str, str] | None = None, max_tokens: int = 16) -> dict[str, Any]:
+    direct_request = build_request(stack.sim.url, "/v1/chat/completions", chat_body(MODEL, stream, max_tokens))
+    proxy_request = build_request(stack.proxy.url, "/v1/chat/completions", chat_body("auto", stream, max_tokens),
+                                  headers)
     warm = max(concurrency * 4, 50)
     run(stack.sim.url, direct_request, concurrency=concurrency, total=warm)
     run(stack.proxy.url, proxy_request, concurrency=concurrency, total=warm)

@@ -102,3 +102,23 @@ def test_feature_costs_at_16_concurrent(benchmark, bench_stack: BenchStack, prox
     benchmark.extra_info.update(result)
     # The pipe variant's access log really went through the pipe, a line per request.
     assert sum('"request_id"' in line for line in proxies["access_log_pipe"].lines) >= requests * rounds
+
+
+def test_user_config_streaming(benchmark, bench_stack: BenchStack, proxies: dict[str, Process]) -> None:  # type: ignore[no-untyped-def]
+    """Issue 17's streaming targets, as users run it: the added P95 time to first token, and what a
+    20-token stream at 10 ms a token adds to its total time, at 16 concurrent."""
+    sim = bench_stack.sim
+    sim.configure(ttft=0.02, token_delay=0.01, tokens=20)
+    requests = bench_stack.scale(short=200, full=800)
+    rounds = bench_stack.scale(short=2, full=3)
+    stack = BenchStack(sim, proxies["user"], bench_stack.mode)
+    try:
+        result = benchmark.pedantic(compare, args=(stack,), kwargs={
+            "stream": True, "concurrency": 16, "requests": requests, "rounds": rounds, "max_tokens": 20,
+            "headers": {"authorization": f"Bearer {KEY}"}}, rounds=1, iterations=1)
+    finally:
+        sim.configure(ttft=0.02, token_delay=0.0, tokens=16)  # the other suites' shape
+    benchmark.extra_info.update({"added_ttft_p95_ms": result["added_ttfb_p95_ms"],
+                                 "added_total_p95_ms": result["added_p95_ms"],
+                                 "direct_total_p95_ms": result["direct_p95_ms"], "errors": result["errors"]})
+    assert result["errors"] == 0

@@ -26,6 +26,7 @@ def serving_cpu_seconds(pid: int) -> float:
 
 def test_throughput_cpu_bound_1_and_2_workers(benchmark, bench_stack: BenchStack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     sim = bench_stack.sim
+    sim.configure(ttft=0.0, token_delay=0.0)  # answers at once: the proxy is the bottleneck (the sim is shared)
     policies = write_policies(
         tmp_path / "p",
         {"general": {"url": sim.url, "model": MODEL, "context_length": 4096, "max_concurrency": 512,
