@@ -205,6 +205,8 @@ def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, 
             http=protocol_with(HttpLimits(args.max_header_bytes, args.header_timeout, args.body_timeout,
                                           args.max_connections)),
             access_log=False,
+            # The proxy reads no client address, so uvicorn's X-Forwarded-* middleware is skipped.
+            proxy_headers=False,
             log_level=args.log_level,
             timeout_graceful_shutdown=args.shutdown_grace,
             lifespan="on",
