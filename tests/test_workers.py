@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import Sim, start_proxy, start_sim, write_policies
+from support import Sim, free_port, start_proxy, start_sim, write_policies
 
 MODEL = "sim/general"
 
@@ -44,9 +44,10 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 def worker_pids(proxy_pid: int) -> set[int]:
+    """The proxy's forked workers (same command line as the proxy; stand-in backends run other modules)."""
     children = Path(f"/proc/{proxy_pid}/task/{proxy_pid}/children").read_text().split()
     return {int(pid) for pid in children
-            if "dreamseed" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")}
+            if "dreamseed.cli" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")}
 
 
 def test_two_workers_share_the_port_and_answer_metrics_as_one(sim: Sim, tmp_path: Path) -> None:
@@ -154,3 +155,25 @@ def test_sigterm_drains_every_worker_and_stops_the_parent(sim: Sim, tmp_path: Pa
     assert proxy.popen.wait(timeout=20) == 0
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_workers_with_stand_in_backends_stop_cleanly(tmp_path: Path) -> None:
+    """The README's main job with --workers: the stand-ins are the parent's children too, and must
+    not be mistaken for workers (or reaped from under their owner) when they or the workers exit."""
+    policies = write_policies(tmp_path / "p", {"general": {"url": f"http://127.0.0.1:{free_port()}", "model": MODEL,
+                                                           "context_length": 4096}},
+                              routing={"rules": [{"name": "default", "target": "general"}]})
+    proxy = start_proxy(policies, extra=["--workers", "2", "--simulate-missing"])
+    with httpx.Client(timeout=30) as client:
+        answer = client.post(f"{proxy.url}/v1/chat/completions",
+                             json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200 and "Simulated" in answer.text
+    # A stand-in that dies is the parent's child too: the parent must go on supervising its workers.
+    children = {int(c) for c in Path(f"/proc/{proxy.popen.pid}/task/{proxy.popen.pid}/children").read_text().split()}
+    (stand_in,) = children - worker_pids(proxy.popen.pid)
+    os.kill(stand_in, signal.SIGKILL)
+    time.sleep(1.0)
+    assert proxy.popen.poll() is None and len(worker_pids(proxy.popen.pid)) == 2
+    os.kill(proxy.popen.pid, signal.SIGTERM)
+    assert proxy.popen.wait(timeout=30) == 0
+    assert "Traceback" not in proxy.log(), proxy.log()[-2000:]

@@ -132,13 +132,19 @@ def ask_parent_to_reload() -> None:
 # --- the parent ---------------------------------------------------------------------------
 
 
-def prepare_shared_directory(directory: Path) -> None:
-    """prometheus_client's multiprocess directory must start empty: stale files from an earlier run
-    would be summed in."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for path in directory.iterdir():
-        if path.suffix in (".db", ".json", ".tmp"):
-            path.unlink()
+def _reap(children: dict[int, int]) -> list[tuple[int, int]]:
+    """(pid, exit code) of the workers that have exited. Only the workers' pids are waited for:
+    the parent's other children (the stand-in backends) belong to their own Popen objects."""
+    exited = []
+    for pid in list(children):
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            exited.append((pid, 0))
+            continue
+        if done:
+            exited.append((pid, os.waitstatus_to_exitcode(status)))
+    return exited
 
 
 def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float) -> int:
@@ -176,11 +182,8 @@ def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float) ->
         restarts: list[float] = []
         deadline: float | None = None
         while children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
+            exited = _reap(children)
+            if not exited:
                 if stopping and deadline is None:
                     deadline = time.monotonic() + grace_s + 10
                 if deadline is not None and time.monotonic() > deadline:
@@ -188,19 +191,19 @@ def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float) ->
                         os.kill(child, signal.SIGKILL)
                 time.sleep(0.1)
                 continue
-            index = children.pop(pid)
-            if stopping:
-                continue
-            # A worker died while serving: replace it, unless they keep dying (then stop all).
-            now = time.monotonic()
-            restarts = [t for t in restarts if now - t < 60] + [now]
-            log.warning("worker %d (pid %d) exited with status %d; starting another", index, pid,
-                        os.waitstatus_to_exitcode(status))
-            if len(restarts) > 5 * workers:
-                log.error("workers keep dying: stopping")
-                pass_on(signal.SIGTERM, None)
-                continue
-            spawn(index)
+            for pid, code in exited:
+                index = children.pop(pid)
+                if stopping:
+                    continue
+                # A worker died while serving: replace it, unless they keep dying (then stop all).
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                log.warning("worker %d (pid %d) exited with status %d; starting another", index, pid, code)
+                if len(restarts) > 5 * workers:
+                    log.error("workers keep dying: stopping")
+                    pass_on(signal.SIGTERM, None)
+                    continue
+                spawn(index)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
