@@ -6,6 +6,7 @@ announces that it is listening, so tests talk to them over real sockets.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -202,3 +203,63 @@ def start_prometheus(directory: Path, proxy_url: str, backend_urls: dict[str, st
          f"--web.listen-address=127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=(directory / "prometheus.log").open("w"))
     return server, f"http://127.0.0.1:{port}/api/v1"
+
+
+class FakeDockerEngine:
+    """dockerd's answers to the three calls the docker actuator makes (start, stop, inspect) for one
+    container, on a unix socket as dockerd listens; 404 for any other container. Records every
+    request as (method, path) in `seen`."""
+
+    def __init__(self, path: str, container: str) -> None:
+        import socketserver
+        from http.server import BaseHTTPRequestHandler
+
+        engine = self
+        self.container = container
+        self.seen: list[tuple[str, str]] = []
+        self.running = False
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, status: int, body: dict[str, Any] | None = None) -> None:
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                engine.seen.append(("POST", self.path))
+                path = self.path.split("?", 1)[0]
+                if path.endswith(f"/containers/{engine.container}/start"):
+                    self._send(304 if engine.running else 204)
+                    engine.running = True
+                elif path.endswith(f"/containers/{engine.container}/stop"):
+                    self._send(204 if engine.running else 304)
+                    engine.running = False
+                else:
+                    self._send(404, {"message": f"No such container: {self.path.split('/')[3]}"})
+
+            def do_GET(self) -> None:
+                engine.seen.append(("GET", self.path))
+                if self.path.endswith(f"/containers/{engine.container}/json"):
+                    self._send(200, {"Name": f"/{engine.container}", "State": {"Running": engine.running}})
+                else:
+                    self._send(404, {"message": "No such container"})
+
+            def do_DELETE(self) -> None:
+                engine.seen.append(("DELETE", self.path))
+                self._send(404, {"message": "No such container"})
+
+            def address_string(self) -> str:
+                return "unix"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
-import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from support import ROOT, free_port, start_proxy, start_sim, write_policies
+from support import ROOT, FakeDockerEngine, free_port, start_proxy, start_sim, write_policies
 
 ADMIN = {"authorization": "Bearer scale-admin"}
 CODER = "Qwen/Qwen2.5-Coder-7B-Instruct"
@@ -202,61 +199,12 @@ def test_two_proxy_processes_sharing_a_database_start_the_backend_once(tmp_path:
         server.cleanup()
 
 
-class EngineAPI(BaseHTTPRequestHandler):
-    """The three Docker Engine API calls the docker actuator makes, on a unix socket."""
-
-    seen: list[tuple[str, str]] = []
-    running = False
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _send(self, status: int, body: dict[str, Any] | None = None) -> None:
-        data = json.dumps(body).encode() if body is not None else b""
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self) -> None:
-        type(self).seen.append(("POST", self.path))
-        if self.path == "/v1.43/containers/dreamseed-vllm-code/start":
-            self._send(304 if type(self).running else 204)
-            type(self).running = True
-        elif self.path == "/v1.43/containers/dreamseed-vllm-code/stop?t=30":
-            self._send(204 if type(self).running else 304)
-            type(self).running = False
-        else:
-            self._send(404, {"message": f"No such container: {self.path.split('/')[3]}"})
-
-    def do_GET(self) -> None:
-        type(self).seen.append(("GET", self.path))
-        if self.path == "/v1.43/containers/dreamseed-vllm-code/json":
-            self._send(200, {"Name": "/dreamseed-vllm-code", "State": {"Running": type(self).running}})
-        else:
-            self._send(404, {"message": "No such container"})
-
-
-class UnixHTTPServer(HTTPServer):
-    address_family = socket.AF_UNIX
-
-    def server_bind(self) -> None:
-        self.socket.bind(self.server_address)
-
-    def get_request(self) -> tuple[Any, Any]:
-        request, _ = self.socket.accept()
-        return request, ("unix", 0)
-
-
 def test_the_docker_actuator_speaks_the_engine_api_on_a_unix_socket(tmp_path: Path) -> None:
     from dreamseed.policy import DockerActuator
     from dreamseed.scaling import ActuatorError, DockerEngine
 
     path = str(tmp_path / "docker.sock")
-    server = UnixHTTPServer(path, EngineAPI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    EngineAPI.seen, EngineAPI.running = [], False
+    docker = FakeDockerEngine(path, "dreamseed-vllm-code")
 
     async def scenario() -> None:
         engine = DockerEngine(DockerActuator(container="dreamseed-vllm-code", socket=path))
@@ -278,8 +226,8 @@ def test_the_docker_actuator_speaks_the_engine_api_on_a_unix_socket(tmp_path: Pa
     try:
         asyncio.run(scenario())
     finally:
-        server.shutdown()
-    assert EngineAPI.seen[:6] == [
+        docker.stop()
+    assert docker.seen[:6] == [
         ("GET", "/v1.43/containers/dreamseed-vllm-code/json"),
         ("POST", "/v1.43/containers/dreamseed-vllm-code/start"),
         ("GET", "/v1.43/containers/dreamseed-vllm-code/json"),

@@ -1,6 +1,7 @@
 """The Docker gate: the proxy's real docker actuator works through it, and nothing else passes.
 
-A fake Docker Engine listens on a unix socket, as dockerd does, and records what reaches it. The
+A fake Docker Engine (support.FakeDockerEngine) listens on a unix socket, as dockerd does, and
+records what reaches it. The
 gate's allowlist is the one the local stack deploys (`gate_command`). Where the real
 wollomatic/socket-proxy binary is available (DREAMSEED_SOCKET_PROXY, or `socket-proxy` on PATH:
 built from its Go sources, which have no dependencies), the requests go through it on real
@@ -10,19 +11,14 @@ with socket-proxy's documented rule (the pattern anchored at both ends, per meth
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
 import socket
-import socketserver
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,6 +26,7 @@ import pytest
 from dreamseed.policy import DockerActuator
 from dreamseed.scaling.actuators import DockerEngine
 from infra.components.docker_gate import allowlist, gate_command
+from support import FakeDockerEngine, free_port
 
 CONTAINERS = ["dreamseed-code"]
 SOCKET_PROXY = os.environ.get("DREAMSEED_SOCKET_PROXY") or shutil.which("socket-proxy")
@@ -47,58 +44,12 @@ FORBIDDEN = [
 ]
 
 
-class FakeDockerEngine(BaseHTTPRequestHandler):
-    """The three calls the actuator makes, with dockerd's status codes; records every request."""
-
-    state: dict[str, Any]
-
-    def _answer(self, status: int, body: Any = None) -> None:
-        data = json.dumps(body).encode() if body is not None else b""
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _handle(self) -> None:
-        self.state["seen"].append((self.command, self.path))
-        path = self.path.split("?", 1)[0]
-        if self.command == "POST" and path.endswith("/start"):
-            self.state["running"] = True
-            self._answer(204)
-        elif self.command == "POST" and path.endswith("/stop"):
-            self.state["running"] = False
-            self._answer(204)
-        elif self.command == "GET" and path.endswith("/json"):
-            self._answer(200, {"State": {"Running": self.state["running"]}} if "/containers/dreamseed" in path else [])
-        else:
-            self._answer(200, {})
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def do_DELETE(self) -> None:
-        self._handle()
-
-    def address_string(self) -> str:
-        return "unix"
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def docker_engine(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def docker_engine(tmp_path: Path) -> Iterator[tuple[str, FakeDockerEngine]]:
     path = str(tmp_path / "docker.sock")
-    state: dict[str, Any] = {"seen": [], "running": False}
-    server = socketserver.ThreadingUnixStreamServer(path, type("Engine", (FakeDockerEngine,), {"state": state}))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield path, state
-    server.shutdown()
-    server.server_close()
+    engine = FakeDockerEngine(path, "dreamseed-code")
+    yield path, engine
+    engine.stop()
 
 
 def drive_the_actuator() -> list[bool | None]:
@@ -116,10 +67,10 @@ def drive_the_actuator() -> list[bool | None]:
 
 
 def test_the_allowlist_admits_exactly_the_actuators_calls(docker_engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    path, state = docker_engine
+    path, engine = docker_engine
     monkeypatch.setenv("DOCKER_HOST", f"unix://{path}")
     assert drive_the_actuator() == [True, False]
-    sent = {(method, target.split("?", 1)[0]) for method, target in state["seen"]}
+    sent = {(method, target.split("?", 1)[0]) for method, target in engine.seen}
     assert sent == {("POST", "/v1.43/containers/dreamseed-code/start"), ("POST", "/v1.43/containers/dreamseed-code/stop"),
                     ("GET", "/v1.43/containers/dreamseed-code/json")}
     rules = allowlist(CONTAINERS)
@@ -130,12 +81,6 @@ def test_the_allowlist_admits_exactly_the_actuators_calls(docker_engine, monkeyp
         assert method not in rules or not re.fullmatch(rules[method], target), (method, target)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -144,7 +89,7 @@ def listening(port: int) -> bool:
 @pytest.mark.skipif(SOCKET_PROXY is None, reason="the socket-proxy binary is not here (DREAMSEED_SOCKET_PROXY)")
 def test_through_the_real_socket_proxy_the_actuator_works_and_anything_else_is_refused(
         docker_engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    path, state = docker_engine
+    path, engine = docker_engine
     port = free_port()
     flags = [f for f in gate_command(CONTAINERS, allow_from="127.0.0.1/32")
              if not f.startswith(("-listenip", "-proxyport"))]
@@ -157,13 +102,13 @@ def test_through_the_real_socket_proxy_the_actuator_works_and_anything_else_is_r
             time.sleep(0.05)
         monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{port}")
         assert drive_the_actuator() == [True, False]  # the proxy's own actuator, through the gate
-        reached = len(state["seen"])
+        reached = len(engine.seen)
         assert reached == 4
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             for method, target in FORBIDDEN:
                 status = client.request(method, target).status_code
                 assert status in (403, 405), (method, target, status)
-        assert len(state["seen"]) == reached  # none of those reached Docker
+        assert len(engine.seen) == reached  # none of those reached Docker
     finally:
         gate.terminate()
         gate.wait(timeout=10)

@@ -22,16 +22,11 @@ import pytest
 
 from infra.components.remote_gpu import tunnel_access_script
 from infra.components.tunnel import SSH_SCRIPT
+from support import free_port
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 pytestmark = pytest.mark.skipif(not Path(SSHD).exists() or os.geteuid() != 0,
                                 reason="needs openssh-server and root (.ci/run installs it; CI runs as root)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Named(BaseHTTPRequestHandler):
