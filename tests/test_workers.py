@@ -33,6 +33,21 @@ def policies_for(sim: Sim, directory: Path, max_concurrency: int = 8) -> Path:
                           routing={"rules": [{"name": "default", "target": "general"}]})
 
 
+def send_in_background(url: str, content: str, count: int) -> tuple[list[threading.Thread], list[int]]:
+    """`count` chat requests at once, each on its own connection; their statuses land in the list."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    results: list[int] = []
+
+    def send() -> None:
+        with httpx.Client(timeout=30) as client:
+            results.append(client.post(f"{url}/v1/chat/completions", json=body).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
 def sample(text: str, name: str, **labels: str) -> float:
     """The value of one series in a /metrics page (0 when absent)."""
     for line in text.splitlines():
@@ -79,16 +94,7 @@ def test_in_flight_requests_are_summed_over_the_workers_and_limits_are_split(sim
     sim.configure(ttft=3.0)  # requests stay in flight (or queued, up to pool: 60 s) while we look
     proxy = start_proxy(policies_for(sim, tmp_path / "p", max_concurrency=4), extra=["--workers", "2"])
     try:
-        body = {"model": "auto", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 2}
-        results: list[int] = []
-
-        def send() -> None:
-            with httpx.Client(timeout=30) as client:
-                results.append(client.post(f"{proxy.url}/v1/chat/completions", json=body).status_code)
-
-        threads = [threading.Thread(target=send) for _ in range(8)]
-        for thread in threads:
-            thread.start()
+        threads, results = send_in_background(proxy.url, "slow", 8)
         time.sleep(2.0)  # all sent; each worker has shared its state (every second)
         # Each worker holds 4 // 2 = 2 connections: the backend never sees more than its 4.
         assert sim.stats()["active"] <= 4
@@ -137,16 +143,7 @@ def test_sigterm_drains_every_worker_and_stops_the_parent(sim: Sim, tmp_path: Pa
     sim.configure(ttft=0.8)
     proxy = start_proxy(policies_for(sim, tmp_path / "p"), extra=["--workers", "2"])
     workers = worker_pids(proxy.popen.pid)
-    body = {"model": "auto", "messages": [{"role": "user", "content": "finish me"}], "max_tokens": 2}
-    results: list[int] = []
-
-    def send() -> None:
-        with httpx.Client(timeout=30) as client:
-            results.append(client.post(f"{proxy.url}/v1/chat/completions", json=body).status_code)
-
-    threads = [threading.Thread(target=send) for _ in range(4)]
-    for thread in threads:
-        thread.start()
+    threads, results = send_in_background(proxy.url, "finish me", 4)
     time.sleep(0.3)  # in flight now
     os.kill(proxy.popen.pid, signal.SIGTERM)
     for thread in threads:

@@ -107,6 +107,16 @@ def start_tunnel(host: dict[str, object], remote_port: object, host_key_line: st
     return subprocess.Popen(["sh", "-c", SSH_SCRIPT], env=env, stderr=subprocess.PIPE, text=True), local_port
 
 
+def stop_tunnel(tunnel: subprocess.Popen[str]) -> str:
+    """End the tunnel (SIGTERM, then SIGKILL if it lingers on a loaded machine); its stderr."""
+    tunnel.terminate()
+    try:
+        return tunnel.communicate(timeout=10)[1]
+    except subprocess.TimeoutExpired:
+        tunnel.kill()
+        return tunnel.communicate()[1]
+
+
 def fetch(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
         return str(response.read().decode())
@@ -125,8 +135,7 @@ def test_the_tunnel_key_forwards_to_vllms_port_and_nothing_else(remote_host: dic
         wait_for_port(local_port)
         assert fetch(local_port) == "vllm"  # through SSH to the host's loopback
     finally:
-        tunnel.terminate()
-        tunnel.wait(timeout=10)
+        stop_tunnel(tunnel)
 
     # Another port on the same host: sshd refuses to open it.
     sideways, sideways_port = start_tunnel(remote_host, remote_host["other_port"], access["host_key"])
@@ -135,8 +144,7 @@ def test_the_tunnel_key_forwards_to_vllms_port_and_nothing_else(remote_host: dic
         with pytest.raises(Exception):  # noqa: B017 (the connection is closed without an answer)
             fetch(sideways_port)
     finally:
-        sideways.terminate()
-        _, errors = sideways.communicate(timeout=10)
+        errors = stop_tunnel(sideways)
     assert "administratively prohibited" in errors
 
     # A command (a shell) is not run: the key's forced command is /bin/false.
