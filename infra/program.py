@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -239,11 +241,13 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
     }
 
 
-def load_instance_script() -> Any:
-    """infra/scripts/lambda_instance.py, the stand-alone script the instance command runs."""
-    spec = importlib.util.spec_from_file_location("lambda_instance", ROOT / "infra" / "scripts" / "lambda_instance.py")
+def load_script(path: Path, name: str) -> Any:
+    """A stand-alone script (infra/scripts/: run by commands and on the rented host, outside any
+    package) as a module. Registered under `name`, as dataclasses need their module found."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -253,7 +257,7 @@ def lambda_preflight(config: RemoteConfig) -> None:
     stack asks for: the instance runs already, or its type exists and has capacity in the region
     now, and the persistent filesystem is there. A refusal names what is free instead. When the
     API cannot be reached from here, say so and leave the check to the create command."""
-    script = load_instance_script()
+    script = load_script(ROOT / "infra" / "scripts" / "lambda_instance.py", "lambda_instance")
     wanted = {"name": config.instance_name, "region": config.region, "instance_type": config.instance_type}
     # The plain key, for this one call; it is never exported or logged.
     key = pulumi.Config().get("lambdaApiKey")

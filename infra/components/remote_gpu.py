@@ -191,14 +191,15 @@ class RemoteGpuHost(pulumi.ComponentResource):
         self.public_ip = described.apply(lambda d: str(d["ip"]))
         backend = args.backend
         auto_stop = AutoStop(args.idle_minutes, args.max_lifetime_hours)
+        ssh = command.remote.ConnectionArgs(
+            host=self.public_ip,
+            user=args.ssh_user,
+            private_key=args.ssh_private_key,
+            dial_error_limit=60,  # a new instance may take minutes to accept SSH (15 s per try)
+        )
         self.server = command.remote.Command(
             f"{resource_name}-vllm",
-            connection=command.remote.ConnectionArgs(
-                host=self.public_ip,
-                user=args.ssh_user,
-                private_key=args.ssh_private_key,
-                dial_error_limit=60,  # a new instance may take minutes to accept SSH (15 s per try)
-            ),
+            connection=ssh,
             create=self.instance_id.apply(lambda instance_id: bootstrap_script(
                 args.name, backend, file_system_name=args.file_system_name,
                 watchdog=watchdog_install(instance_id, args.lambda_api_url, auto_stop))),
@@ -214,8 +215,7 @@ class RemoteGpuHost(pulumi.ComponentResource):
         # The tunnel's restricted key and the host key to pin, over the same SSH connection.
         self.tunnel_access = command.remote.Command(
             f"{resource_name}-tunnel-access",
-            connection=command.remote.ConnectionArgs(host=self.public_ip, user=args.ssh_user,
-                                                     private_key=args.ssh_private_key, dial_error_limit=60),
+            connection=ssh,
             create=tunnel_access_script(VLLM_PORT),
             triggers=[self.instance_id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance], additional_secret_outputs=["stdout"]),

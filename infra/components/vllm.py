@@ -51,9 +51,13 @@ exec vllm serve "$@"
 START_ENTRYPOINT = ["/bin/sh", "-c", START_SCRIPT, "vllm-after"]
 
 
+def server_url(name: str, backend: Backend) -> str:
+    """Where a backend's server answers on the stack's Docker network (the proxy's URL for it)."""
+    return f"http://{container_name(name)}:{backend_port(backend)}"
+
+
 def health_url(name: str, backend: Backend) -> str:
-    """Where a backend's server answers /health on the stack's Docker network."""
-    return f"http://{container_name(name)}:{backend_port(backend)}/health"
+    return f"{server_url(name, backend)}/health"
 
 
 @dataclass
@@ -115,6 +119,6 @@ class VllmBackend(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=[args.start_after] if args.start_after else None),
         )
         self.container_name = self.container.name
-        self.internal_url = f"http://{name}:{port}"
+        self.internal_url = server_url(args.name, backend)
         self.health_url = health_url(args.name, backend)
         self.register_outputs({"container_name": self.container.name, "internal_url": self.internal_url})

@@ -16,6 +16,7 @@ from typing import BinaryIO
 from .logs import ACCESS_LOG_BUFFER, AccessLogQueue, set_access_log
 from .logs import install as limit_repeats
 from .policy import AUTO_MODEL, BACKENDS_FILE, Policies, PolicyError, load_catalog, load_policies, memory_plan
+from .policy.checks import field_name
 from .routing import Prompt, Router, UnknownModelError
 from .workers import MULTIPROC_ENV, WORKERS_ENV, supervise
 
@@ -64,7 +65,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for host_name in catalog.hosts:
         plan = memory_plan(catalog, host_name)
         print(plan.table() + "\n")
-        lines += [f"{f'backends.{backend}.{field}' if backend else f'hosts.{host_name}'}: {message}"
+        lines += [f"{field_name(('backends', backend, field) if backend else ('hosts', host_name))}: {message}"
                   for backend, field, message in plan.problems()]
     for line in lines:
         print(f"  {line}", file=sys.stderr)

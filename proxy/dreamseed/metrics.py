@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .logs import access_log_sink
 from .policy import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -219,8 +220,6 @@ def state_metrics(backends: Mapping[str, BackendState], policy_hash: str) -> Ite
 def access_log_metrics() -> Iterator[Metric]:
     """The access log's queue (logs.AccessLogQueue): lines waiting for the writer thread, and lines
     dropped because the destination did not keep up."""
-    from .logs import access_log_sink
-
     sink = access_log_sink()
     if sink is None:
         return
@@ -235,8 +234,6 @@ def access_log_metrics() -> Iterator[Metric]:
 def log_exchange(exchange: Exchange) -> None:
     """The exchange's access log line: to the access log's queue (logs.AccessLogQueue) when
     `serve` set one up, else through the `dreamseed.access` logger if something listens there."""
-    from .logs import access_log_sink
-
     sink = access_log_sink()
     if sink is None and not access_log.isEnabledFor(logging.INFO):
         return

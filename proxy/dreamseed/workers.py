@@ -26,7 +26,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # prometheus_client must not be imported before `serve --workers` sets its directory
     from prometheus_client.core import Metric
@@ -62,13 +62,17 @@ def shared_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
 # --- state gauges, summed over the workers ------------------------------------------------
 
 
+def _shareable(families: Iterable[Metric]) -> list[dict[str, Any]]:
+    """The summed families as plain data: what a worker writes, and what merged_state adds up."""
+    return [{"name": f.name, "type": f.type, "documentation": f.documentation,
+             "samples": [[s.labels, s.value] for s in f.samples]} for f in families if f.name in SUMMED]
+
+
 def write_state(directory: Path, families: Iterable[Metric]) -> None:
     """This worker's summed families, for the others to read (written whole, then renamed)."""
-    data = [{"name": f.name, "type": f.type, "documentation": f.documentation,
-             "samples": [[s.labels, s.value] for s in f.samples]} for f in families if f.name in SUMMED]
     target = directory / f"state-{os.getpid()}.json"
     scratch = target.with_suffix(".tmp")
-    scratch.write_text(json.dumps(data), encoding="utf-8")
+    scratch.write_text(json.dumps(_shareable(families)), encoding="utf-8")
     scratch.replace(target)
 
 
@@ -76,33 +80,27 @@ def merged_state(directory: Path, own: Iterable[Metric]) -> Iterator[Metric]:
     """This worker's state families, the summed ones added up with every other live worker's."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    totals: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    kinds: dict[str, tuple[str, str, list[str]]] = {}
-    for family in own:
-        if family.name not in SUMMED:
-            yield family
-            continue
-        kinds[family.name] = (family.type, family.documentation, [])
-        bucket = totals.setdefault(family.name, {})
-        for sample in family.samples:
-            key = tuple(sorted(sample.labels.items()))
-            bucket[key] = bucket.get(key, 0.0) + sample.value
+    own = list(own)
+    yield from (family for family in own if family.name not in SUMMED)
+    shared = [_shareable(own)]
     for path in directory.glob("state-*.json"):
         pid = int(path.stem.removeprefix("state-"))
         if pid == os.getpid() or not _alive(pid):
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            shared.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             continue  # being replaced right now: its next write counts
-        for family in data:
-            kinds.setdefault(family["name"], (family["type"], family["documentation"], []))
-            bucket = totals.setdefault(family["name"], {})
-            for labels, value in family["samples"]:
-                key = tuple(sorted(labels.items()))
-                bucket[key] = bucket.get(key, 0.0) + value
+    totals: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    kinds: dict[str, tuple[str, str]] = {}  # name -> (type, documentation)
+    for family in (family for worker in shared for family in worker):
+        kinds.setdefault(family["name"], (family["type"], family["documentation"]))
+        bucket = totals.setdefault(family["name"], {})
+        for labels, value in family["samples"]:
+            key = tuple(sorted(labels.items()))
+            bucket[key] = bucket.get(key, 0.0) + value
     for name, samples in totals.items():
-        kind, documentation, _ = kinds[name]
+        kind, documentation = kinds[name]
         label_names = sorted({k for key in samples for k, _ in key})
         metric: GaugeMetricFamily | CounterMetricFamily = (
             CounterMetricFamily(name, documentation, labels=label_names) if kind == "counter"

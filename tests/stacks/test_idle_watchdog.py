@@ -5,7 +5,6 @@ Lambda API on real sockets."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -20,22 +19,13 @@ import pytest
 
 from dreamseed.policy import load_policies
 from infra.components.remote_gpu import AutoStop, bootstrap_script, watchdog_install
+from infra.program import load_script
 
 from .conftest import SECRETS, Runner, remote_command, secret_occurrences
 from .test_remote_stack import fake_lambda  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "infra" / "scripts" / "idle_watchdog.py"
-
-
-def load_script(path: Path, name: str) -> Any:
-    """Import a stand-alone script (it runs on the instance, outside any package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 watchdog_module = load_script(SCRIPT, "idle_watchdog")

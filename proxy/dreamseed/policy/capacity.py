@@ -46,8 +46,8 @@ class BackendMemory:
 
     name: str
     on_demand: bool
-    share: float
-    share_gib: float
+    share: float  # --gpu-memory-utilization
+    gpu_gib: float  # one GPU of the host
     overhead_gib: float
     declared: bool = False  # whether the catalog gives `memory` (else only share and overhead are known)
     weights_gib: float = 0.0  # as it runs
@@ -57,6 +57,10 @@ class BackendMemory:
     kv_kib_per_token: float = 0.0  # per GPU, at the KV cache's dtype
     kv_cache_fp8: bool = False
     kv_tokens_needed: int = 0  # context_length x max_concurrency
+
+    @property
+    def share_gib(self) -> float:
+        return self.share * self.gpu_gib
 
     @property
     def footprint_gib(self) -> float:
@@ -83,12 +87,12 @@ class BackendMemory:
     @property
     def share_needed(self) -> float:
         """The smallest --gpu-memory-utilization that holds weights, activations and the minimum KV cache."""
-        return (self.weights_gib + self.activations_gib + self.kv_gib_needed) / (self.share_gib / self.share)
+        return (self.weights_gib + self.activations_gib + self.kv_gib_needed) / self.gpu_gib
 
 
 def backend_memory(name: str, backend: Backend, host: GpuHost) -> BackendMemory:
     share = backend.gpu_memory_utilization or 0.0
-    base = BackendMemory(name=name, on_demand=backend.on_demand, share=share, share_gib=share * host.gpu_memory_gb,
+    base = BackendMemory(name=name, on_demand=backend.on_demand, share=share, gpu_gib=host.gpu_memory_gb,
                          overhead_gib=host.process_overhead_gib)
     memory = backend.memory
     if memory is None:
@@ -101,7 +105,7 @@ def backend_memory(name: str, backend: Backend, host: GpuHost) -> BackendMemory:
     weights = stored * bits / BITS[memory.weights_dtype] if load_time and bits else stored
     kv_fp8 = (arg_value(backend.args, "--kv-cache-dtype") or "auto").startswith("fp8")
     return BackendMemory(
-        name=name, on_demand=backend.on_demand, share=share, share_gib=base.share_gib,
+        name=name, on_demand=backend.on_demand, share=share, gpu_gib=base.gpu_gib,
         overhead_gib=base.overhead_gib, declared=True, weights_gib=weights, load_peak_gib=stored,
         activations_gib=memory.activations_gib, load_time_quantization=quantization if load_time else None,
         kv_kib_per_token=memory.kv_cache_kib_per_token * (0.5 if kv_fp8 else 1.0) / gpus, kv_cache_fp8=kv_fp8,
