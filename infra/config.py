@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pulumi
 
@@ -54,6 +55,11 @@ class LocalConfig:
                 "follows policies/rag.yaml (declared when embedder.kind is openai with url_env, serving "
                 "embedder.model). Remove it: pulumi config rm " + " ".join("dreamseed:" + k for k in retired))
         remote_stack = config.get("remoteStack") or None
+        webhook = config.get("alertWebhookUrl")  # the plain value, only to check its shape here
+        if webhook is not None and (urlsplit(webhook).scheme not in ("http", "https") or not urlsplit(webhook).hostname):
+            # Alertmanager would refuse its configuration and restart forever: say so at preview.
+            raise pulumi.RunError("dreamseed:alertWebhookUrl must be an http(s) URL, e.g. "
+                                  "https://hooks.slack.com/services/...; it is not one")
         return cls(
             policies=load_catalog_policies(config),
             docker_host=config.get("dockerHost") or "unix:///var/run/docker.sock",

@@ -105,6 +105,9 @@ def test_prometheus_scrapes_the_gpu_and_the_remote_70b_and_alerts_go_to_the_webh
     assert secret_occurrences(uploads_of_alertmanager, "https://hooks.example/T0/SECRET-token") == 1  # holds a token
     assert plain_occurrences(uploads_of_alertmanager, "SECRET-token") == 0
     assert not found["dreamseed-alertmanager"].get("ports")
+    with pytest.raises(pulumi.RunError) as bad:  # refused at preview, and the value is not echoed (a secret)
+        run_stack("local", {"dreamseed:alertWebhookUrl": "hooks.example/SECRET-token"})
+    assert "dreamseed:alertWebhookUrl must be an http(s) URL" in str(bad.value) and "SECRET" not in str(bad.value)
     without, _ = run_stack("local")  # no webhook: alerts show in Alertmanager and Grafana only
     (bare,) = containers(without)["dreamseed-alertmanager"]["uploads"]
     assert "webhook_configs" not in yaml.safe_load(bare["content"])["receivers"][0]
