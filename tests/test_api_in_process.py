@@ -99,3 +99,22 @@ def test_deeply_nested_metadata_in_an_admin_ingest_is_a_400(client: TestClient[L
         b"[" * 5000 + b"]" * 5000 + b"}}]}"
     response = client.post("/admin/rag/ingest", content=deep, headers={"authorization": "Bearer admin"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_relayed_routes_answer_alike_on_the_direct_path_and_through_litestar(client: TestClient[Litestar],
+                                                                            path: str) -> None:
+    """POST to a relayed path goes straight to the relay (ProxyApp); the same path with a
+    trailing slash goes through Litestar's router to the same handler. Both must answer the same
+    way: an OpenAI-shaped error with the request id, the rule, and the request counted."""
+    body = {"model": "nope", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}
+    answers = [client.post(p, json=body, headers={"x-request-id": f"req-{i}"}) for i, p in enumerate((path, path + "/"))]
+    for index, answer in enumerate(answers):
+        assert answer.status_code == ERRORS["model_not_found"].status, answer.text
+        assert answer.json()["error"]["code"] == "model_not_found"
+        assert answer.headers["x-request-id"] == f"req-{index}"
+    counted = client.get("/metrics").text
+    assert 'dreamseed_requests_total{backend="none",rule="none",status="404"} 2.0' in counted, counted
+    # Other methods on the relayed paths are Litestar's: 405 in the OpenAI shape.
+    refused = client.get(path)
+    assert refused.status_code == 405 and refused.json()["error"]["code"] == "method_not_allowed"
