@@ -54,6 +54,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
         self._in_head = True
+        self._in_body = False
         self._timer: asyncio.TimerHandle | None = None
 
     # -- timers ----------------------------------------------------------------------------
@@ -73,9 +74,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, answer: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self.cycle is None or not self.cycle.response_started:
+        # While a head is coming in, uvicorn's `cycle` is still the previous request's (kept-alive
+        # connection), whose answer went out long ago: the refusal is for this request.
+        if self._in_head or self.cycle is None or not self.cycle.response_started:
             self.transport.write(answer)
-        if self.cycle is not None:
+        if self.cycle is not None and not self._in_head:
             self.cycle.disconnected = True  # the app, if it is reading the body, sees the client gone
             self.cycle.message_event.set()
         self.transport.close()
@@ -93,17 +96,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._in_head:
+        if not self._in_body:  # a head's bytes (reset when a head is complete)
             self._head_bytes += len(data)
         super().data_received(data)
         if self._in_head and self._head_bytes > self.limits.max_header_bytes:
             self._refuse(TOO_LARGE)
+        # Timers are armed only for a request still unfinished when its bytes so far are parsed:
+        # most requests arrive whole in one read and never need one (a timer armed and cancelled
+        # for the head and again for the body cost a few microseconds a request).
+        elif self._timer is None and (self._in_body or self._in_head):
+            if self._in_body:
+                self._arm(self.limits.body_timeout, BODY_TIMEOUT)
+            else:
+                self._arm(self.limits.header_timeout, HEAD_TIMEOUT)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if not self._in_head:  # the next request on a kept-alive connection
-            self._in_head, self._head_bytes = True, 0
-            self._arm(self.limits.header_timeout, HEAD_TIMEOUT)
+        self._in_head = True  # (again, for the next request on a kept-alive connection)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -112,10 +121,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         length = next((v for k, v in self.headers if k == b"content-length"), b"0")
         chunked = any(k == b"transfer-encoding" for k, _ in self.headers)
-        if chunked or (length.isdigit() and int(length) > 0):
-            self._arm(self.limits.body_timeout, BODY_TIMEOUT)
+        self._in_body = chunked or (length.isdigit() and int(length) > 0)
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         self._disarm()
         super().on_message_complete()
 

@@ -113,3 +113,37 @@ def test_large_bodies_and_kept_alive_connections_still_work(proxy: tuple[Process
             while len(rest) < length:
                 rest += sock.recv(65536)
             time.sleep(0.5)
+
+
+def complete_request(sock: socket.socket) -> None:
+    """One whole request and its answer, leaving the connection kept alive."""
+    body = json.dumps({"model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock.sendall(HEAD + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200 "), head[:200]
+    length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+    rest = head.split(b"\r\n\r\n", 1)[1]
+    while len(rest) < length:
+        rest += sock.recv(65536)
+
+
+@pytest.mark.parametrize("second", ["slow head", "short body", "header flood"])
+def test_the_limits_hold_for_the_next_request_on_a_kept_alive_connection(proxy: tuple[Process, Sim],
+                                                                          second: str) -> None:
+    """The timers start with a request's first bytes, not only with the connection: a client that
+    sent one good request cannot then hold the connection with a slow or endless second one."""
+    with connect(proxy[0]) as sock:
+        complete_request(sock)
+        started = time.monotonic()
+        if second == "slow head":
+            sock.sendall(HEAD[:20])
+        elif second == "short body":
+            sock.sendall(HEAD + b"content-length: 100\r\n\r\n" + b'{"model": ')
+        else:
+            sock.sendall(HEAD + b"x-flood: " + b"a" * 100_000)
+        answer = read_all(sock)
+    expected = {"slow head": b"HTTP/1.1 408 ", "short body": b"HTTP/1.1 408 ", "header flood": b"HTTP/1.1 431 "}[second]
+    assert answer.startswith(expected), answer[:200]
+    assert time.monotonic() - started < 5
