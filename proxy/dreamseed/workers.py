@@ -7,8 +7,9 @@ hands each new connection to one of them. What they share, and how:
   under ``PROMETHEUS_MULTIPROC_DIR``), summed at scrape time; state gauges (requests in flight and
   queued, the access log's queue) are written by each worker every second and summed; health,
   circuit and scaler states are the answering worker's own (the workers probe the same backends).
-- Backend limits: each worker gets ``max_concurrency // N`` (at least 1) and ``max_queue // N``
-  slots, so together they never send a backend more than its catalog limit.
+- Backend limits: each worker gets ``max_concurrency // N`` and ``max_queue // N`` slots, so
+  together they never send a backend more than its catalog limit; a catalog with a backend whose
+  ``max_concurrency`` is below N is refused at start and on reload (each worker needs one slot).
 - On-demand backends: the scaler's Postgres advisory locks (scaling/coordination.py) already
   coordinate processes sharing a database; the embedded one is shared by all workers.
 - Policy reloads: every worker polls the files; SIGHUP to the parent reaches every worker, and an
