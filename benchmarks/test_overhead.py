@@ -39,9 +39,9 @@ def compare(stack: BenchStack, *, stream: bool, concurrency: int, requests: int,
         before = cpu_seconds(stack.sim.popen.pid)
         direct.append(run(stack.sim.url, direct_request, concurrency=concurrency, total=requests))
         backend_cpu += cpu_seconds(stack.sim.popen.pid) - before
-        before = cpu_seconds(stack.proxy.popen.pid)
+        before = serving_cpu_seconds(stack.proxy.popen.pid)
         proxied.append(run(stack.proxy.url, proxy_request, concurrency=concurrency, total=requests))
-        proxy_cpu += cpu_seconds(stack.proxy.popen.pid) - before
+        proxy_cpu += serving_cpu_seconds(stack.proxy.popen.pid) - before
 
     def pooled(results: list[LoadResult], attribute: str) -> list[float]:
         return [v for r in results for v in getattr(r, attribute)]
@@ -75,6 +75,13 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serving_cpu_seconds(pid: int) -> float:
+    """CPU time of the processes that serve: the proxy itself and its forked workers (--workers)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as found:
+        children = [int(c) for c in found.read().split()]
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])

@@ -6,7 +6,10 @@ retrieval off. Each other variant turns one thing off or changes one thing, so i
 `user` is that feature's cost: CPU per request of the proxy process and added P95 at 16 concurrent
 requests (backend 20 ms), each measured against the backend directly in the same rounds
 (test_overhead.compare). `access_log_pipe` writes the access log to standard output, read by this
-harness through a pipe; `rag` turns retrieval on (the seed's rag.yaml, the golden corpus ingested).
+harness through a pipe; `rag` turns retrieval on (the seed's rag.yaml, the golden corpus ingested);
+`workers2` is `user` with `serve --workers 2` (CPU: its two workers together); `floor` is not the
+proxy but bare_forwarder.py, uvicorn and the proxy's connection pool with nothing else: what any
+proxy built on them adds on this machine.
 
 All proxies run at once and are measured one after another in the same run; the table in
 benchmarks/README.md ("What each feature costs") comes from a full run of this file.
@@ -24,12 +27,12 @@ import pytest
 import yaml
 
 from conftest import MODEL, BenchStack
-from support import ROOT, SEED_POLICIES, Process, rag_model_dir, start_proxy, write_policies
+from support import ROOT, SEED_POLICIES, Process, _spawn, rag_model_dir, start_proxy, write_policies
 from test_overhead import compare
 
 KEY = "bench-client-key"
 ADMIN = "bench-admin-key"
-VARIANTS = ("user", "no_keys", "no_access_log", "access_log_pipe", "one_rule", "rag")
+VARIANTS = ("user", "no_keys", "no_access_log", "access_log_pipe", "one_rule", "rag", "workers2", "floor")
 
 
 def catalog(url: str) -> dict[str, Any]:
@@ -60,11 +63,13 @@ def proxies(bench_stack: BenchStack, tmp_path_factory: pytest.TempPathFactory) -
         "access_log_pipe": (shipped, keys, []),
         "one_rule": (one_rule, keys, log_file),
         "rag": (with_rag, {**keys, "DREAMSEED_STATE_DIR": str(base / "state")}, log_file),
+        "workers2": (shipped, keys, [*log_file, "--workers", "2"]),
     }
     started: dict[str, Process] = {}
     try:
         for name, (policies, env, extra) in settings.items():
             started[name] = start_proxy(policies, env=env, extra=extra)
+        started["floor"] = _spawn(["benchmarks/bare_forwarder.py", bench_stack.sim.url, MODEL])
         corpus = ROOT / "tests" / "data" / "golden_support" / "corpus.jsonl"
         documents = [{"source": d["_id"], "text": f"{d['title']}\n\n{d['text']}"}
                      for d in map(json.loads, corpus.read_text(encoding="utf-8").splitlines())]
@@ -121,4 +126,33 @@ def test_user_config_streaming(benchmark, bench_stack: BenchStack, proxies: dict
     benchmark.extra_info.update({"added_ttft_p95_ms": result["added_ttfb_p95_ms"],
                                  "added_total_p95_ms": result["added_p95_ms"],
                                  "direct_total_p95_ms": result["direct_p95_ms"], "errors": result["errors"]})
+    assert result["errors"] == 0
+
+
+def test_user_config_throughput(benchmark, bench_stack: BenchStack, proxies: dict[str, Process]) -> None:  # type: ignore[no-untyped-def]
+    """Issue 17's throughput targets, as users run it: at 64 concurrent with a 20 ms backend, and
+    CPU-bound (a backend that answers at once, 16 concurrent), each over direct in the same rounds."""
+    sim = bench_stack.sim
+    stack = BenchStack(sim, proxies["user"], bench_stack.mode)
+    headers = {"authorization": f"Bearer {KEY}"}
+    rounds = bench_stack.scale(short=2, full=3)
+
+    def measure() -> dict[str, Any]:
+        try:
+            sim.configure(ttft=0.02, token_delay=0.0)
+            wide = compare(stack, stream=False, concurrency=64, requests=bench_stack.scale(short=1600, full=6400),
+                           rounds=rounds, headers=headers)
+            sim.configure(ttft=0.0, token_delay=0.0, tokens=4)
+            bound = compare(stack, stream=False, concurrency=16, requests=bench_stack.scale(short=600, full=3000),
+                            rounds=rounds, headers=headers, max_tokens=4)
+        finally:
+            sim.configure(ttft=0.02, token_delay=0.0, tokens=16)  # the other suites' shape
+        return {"c64_throughput_ratio": wide["throughput_ratio"], "c64_added_p95_ms": wide["added_p95_ms"],
+                "cpu_bound_throughput_ratio": bound["throughput_ratio"],
+                "cpu_bound_cpu_us": bound["proxy_cpu_us_per_request"],
+                "cpu_bound_backend_cpu_us": bound["backend_cpu_us_per_request"],
+                "errors": wide["errors"] + bound["errors"]}
+
+    result = benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
     assert result["errors"] == 0

@@ -15,13 +15,7 @@ from typing import Any
 from conftest import MODEL, BenchStack
 from loadgen import build_request, run
 from support import start_proxy, write_policies
-from test_overhead import cpu_seconds
-
-
-def serving_cpu_seconds(pid: int) -> float:
-    """CPU time of the processes that serve: the proxy itself, or its forked workers."""
-    children = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children)
+from test_overhead import serving_cpu_seconds
 
 
 def test_throughput_cpu_bound_1_and_2_workers(benchmark, bench_stack: BenchStack, tmp_path) -> None:  # type: ignore[no-untyped-def]
