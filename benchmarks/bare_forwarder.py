@@ -45,6 +45,13 @@ def forwarder(backend: str, model: str) -> Any:
             pool.append(PooledTransport(backend, max_connections=512, keepalive_expiry=4.0))
         response = await pool[0].send(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body, TIMEOUTS)
         try:
+            if (response.header(b"content-type") or b"").startswith(b"text/event-stream"):  # relayed as it comes
+                await send({"type": "http.response.start", "status": response.status,
+                            "headers": [(b"content-type", b"text/event-stream")]})
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return
             answer = await response.aread()
         finally:
             await response.aclose()

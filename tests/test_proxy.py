@@ -98,6 +98,7 @@ def test_request_id_is_kept_returned_and_forwarded(fresh: Stack) -> None:
         assert fresh.sims["general"].stats()["last_headers"]["x-request-id"] == "trace-42"
         made = client.post("/v1/chat/completions", json=chat("hi"))
         assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
+        assert "server" not in made.headers  # the server software is not announced
         assert fresh.sims["general"].stats()["last_headers"]["x-request-id"] == made.headers["x-request-id"]
         # An id with spaces or control characters is replaced, not echoed.
         odd = client.post("/v1/chat/completions", json=chat("hi"), headers={"x-request-id": "a b"})

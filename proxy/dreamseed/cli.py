@@ -208,6 +208,7 @@ def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, 
             access_log=False,
             # The proxy reads no client address, so uvicorn's X-Forwarded-* middleware is skipped.
             proxy_headers=False,
+            server_header=False,  # no "server: uvicorn": what the proxy runs on is nobody's business
             log_level=args.log_level,
             timeout_graceful_shutdown=args.shutdown_grace,
             lifespan="on",
