@@ -61,6 +61,17 @@ def test_streaming_timing_knobs(client: httpx.Client, sim: Sim) -> None:
     assert len(arrivals) == 1 + 3 + 1 + 1  # role, tokens, finish, [DONE]
 
 
+def test_ttft_jitter_spreads_the_answer_times_within_its_range(client: httpx.Client, sim: Sim) -> None:
+    sim.configure(ttft=0.1, ttft_jitter=0.5, tokens=1)
+    took = []
+    for _ in range(12):
+        started = time.monotonic()
+        assert client.post("/v1/chat/completions", json=body()).status_code == 200
+        took.append(time.monotonic() - started)
+    assert min(took) >= 0.045  # 0.1 s less half, with the event loop's margin
+    assert max(took) - min(took) > 0.02  # spread, not exact (12 uniform draws over 0.05-0.15 s)
+
+
 def test_error_rate_and_status(client: httpx.Client, sim: Sim) -> None:
     sim.configure(error_rate=1.0, error_status=503)
     response = client.post("/v1/chat/completions", json=body())

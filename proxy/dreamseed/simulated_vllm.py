@@ -7,10 +7,12 @@ HTTP like to any backend. Run it with::
     python -m dreamseed.simulated_vllm --port 8000 --model mistralai/Mistral-7B-Instruct-v0.3 --ttft 0.05
 
 Behaviour knobs (flags at start, or ``POST /sim/config`` with a JSON object at run time):
-``ttft`` seconds to the first token, ``token_delay`` seconds between tokens, ``tokens`` per
-answer, ``error_rate`` (0-1) of requests answered with ``error_status``, ``hang_rate`` of
-requests that never answer, ``crash_after`` tokens after which a stream's connection is
-dropped, ``slow_start`` seconds during which the server is up but not ready (503).
+``ttft`` seconds to the first token, ``ttft_jitter`` (0-1) how far each request's ttft varies
+either way (uniformly; a real server's does, and clients then drift apart; 0 keeps exact
+timings), ``token_delay`` seconds between tokens, ``tokens`` per answer, ``error_rate`` (0-1)
+of requests answered with ``error_status``, ``hang_rate`` of requests that never answer,
+``crash_after`` tokens after which a stream's connection is dropped, ``slow_start`` seconds
+during which the server is up but not ready (503).
 ``GET /sim/stats`` reports what it saw (requests, finished and cancelled streams, the last
 request's headers and body); ``POST /sim/reset`` clears that.
 """
@@ -36,6 +38,7 @@ Scope = dict[str, Any]
 class Knobs:
     model: str = "simulated-model"
     ttft: float = 0.0
+    ttft_jitter: float = 0.0
     token_delay: float = 0.0
     tokens: int = 16
     error_rate: float = 0.0
@@ -197,10 +200,14 @@ class SimulatedVLLM:
             text += token
         return tokens, finish
 
+    def _ttft(self) -> float:
+        jitter = self.knobs.ttft_jitter
+        return self.knobs.ttft * (random.uniform(1 - jitter, 1 + jitter) if jitter else 1.0)
+
     async def complete(self, send: Any, request: dict[str, Any], chat: bool, disconnected: asyncio.Event) -> None:
         tokens, finish = self._answer(request)
         count, n = len(tokens), _choices(request)
-        delay = self.knobs.ttft + self.knobs.token_delay * max(count - 1, 0)
+        delay = self._ttft() + self.knobs.token_delay * max(count - 1, 0)
         if delay and await _sleep_or_disconnect(delay, disconnected):
             self.stats.cancelled += 1
             return
@@ -237,7 +244,7 @@ class SimulatedVLLM:
 
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
-        if knobs.ttft and await _sleep_or_disconnect(knobs.ttft, disconnected):
+        if knobs.ttft and await _sleep_or_disconnect(self._ttft(), disconnected):
             self.stats.cancelled += 1
             return
         if chat:  # vLLM's first chunk, sent with the first token, only names the role
