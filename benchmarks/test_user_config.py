@@ -114,7 +114,7 @@ def test_user_config_streaming(benchmark, bench_stack: BenchStack, proxies: dict
     20-token stream at 10 ms a token adds to its total time, at 16 concurrent."""
     sim = bench_stack.sim
     sim.configure(ttft=0.02, token_delay=0.01, tokens=20)
-    requests = bench_stack.scale(short=200, full=800)
+    requests = bench_stack.scale(short=400, full=800)
     rounds = bench_stack.scale(short=2, full=3)
     options = {"stream": True, "concurrency": 16, "requests": requests, "rounds": rounds, "max_tokens": 20,
                "headers": {"authorization": f"Bearer {KEY}"}}
