@@ -150,7 +150,7 @@ def test_user_config_throughput(benchmark, bench_stack: BenchStack, proxies: dic
             wide = compare(stack, stream=False, concurrency=64, requests=bench_stack.scale(short=1600, full=6400),
                            rounds=rounds, headers=headers)
             sim.configure(ttft=0.0, token_delay=0.0, tokens=4)
-            bound = compare(stack, stream=False, concurrency=16, requests=bench_stack.scale(short=600, full=3000),
+            bound = compare(stack, stream=False, concurrency=16, requests=bench_stack.scale(short=1500, full=3000),
                             rounds=rounds, headers=headers, max_tokens=4)
         finally:
             sim.configure(ttft=0.02, token_delay=0.0, tokens=16)  # the other suites' shape
