@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,16 @@ def start_prometheus(directory: Path, proxy_url: str, backend_urls: dict[str, st
     return server, f"http://127.0.0.1:{port}/api/v1"
 
 
+def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str | None = None) -> None:
+    """A whole answer from a fake server's request handler: status, length, body."""
+    handler.send_response(status)
+    if content_type is not None:
+        handler.send_header("content-type", content_type)
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class FakeDockerEngine:
     """dockerd's answers to the three calls the docker actuator makes (start, stop, inspect) for one
     container, on a unix socket as dockerd listens; 404 for any other container. Records every
@@ -212,7 +223,6 @@ class FakeDockerEngine:
 
     def __init__(self, path: str, container: str) -> None:
         import socketserver
-        from http.server import BaseHTTPRequestHandler
 
         engine = self
         self.container = container
@@ -221,12 +231,7 @@ class FakeDockerEngine:
 
         class Handler(BaseHTTPRequestHandler):
             def _send(self, status: int, body: dict[str, Any] | None = None) -> None:
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply(self, status, json.dumps(body).encode() if body is not None else b"", "application/json")
 
             def do_POST(self) -> None:
                 engine.seen.append(("POST", self.path))

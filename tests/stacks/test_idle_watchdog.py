@@ -20,6 +20,7 @@ import pytest
 from dreamseed.policy import load_policies
 from infra.components.remote_gpu import AutoStop, bootstrap_script, watchdog_install
 from infra.program import load_script
+from support import reply
 
 from .conftest import SECRETS, Runner, remote_command, secret_occurrences
 from .test_remote_stack import fake_lambda  # noqa: F401  (the fixture)
@@ -95,11 +96,7 @@ class FakeVllm(BaseHTTPRequestHandler):
     page: dict[str, str]
 
     def do_GET(self) -> None:
-        body = self.page["text"].encode()
-        self.send_response(200 if self.path == "/metrics" else 404)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        reply(self, 200 if self.path == "/metrics" else 404, self.page["text"].encode())
 
     def log_message(self, *args: Any) -> None:
         pass

@@ -17,6 +17,7 @@ import pulumi
 import pytest
 
 from infra import images
+from support import reply
 
 from .conftest import HOST_KEY, INSTANCE, SECRETS, TUNNEL_KEY, Runner, plain_occurrences, remote_command, secret_occurrences
 
@@ -142,12 +143,7 @@ class FakeLambda(BaseHTTPRequestHandler):
     state: dict[str, Any]
 
     def _reply(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply(self, status, json.dumps(body).encode(), "application/json")
 
     def _authorised(self) -> bool:
         if self.headers.get("authorization") != "Bearer test-key":

@@ -22,7 +22,7 @@ import pytest
 
 from infra.components.remote_gpu import tunnel_access_script
 from infra.components.tunnel import SSH_SCRIPT
-from support import free_port
+from support import free_port, reply
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 pytestmark = pytest.mark.skipif(not Path(SSHD).exists() or os.geteuid() != 0,
@@ -33,11 +33,7 @@ class Named(BaseHTTPRequestHandler):
     name = ""
 
     def do_GET(self) -> None:
-        body = self.name.encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        reply(self, 200, self.name.encode())
 
     def log_message(self, *args: object) -> None:
         pass
