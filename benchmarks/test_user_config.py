@@ -82,22 +82,33 @@ def proxies(bench_stack: BenchStack, tmp_path_factory: pytest.TempPathFactory) -
             process.stop()
 
 
+def load_16(bench_stack: BenchStack) -> tuple[int, int]:
+    """Requests per round and rounds of the 16-concurrent measures."""
+    return bench_stack.scale(short=300, full=1600), bench_stack.scale(short=2, full=3)
+
+
+def at_16_concurrent(bench_stack: BenchStack, proxies: dict[str, Process], names: tuple[str, ...]) -> dict[str, Any]:
+    """Each named proxy against the backend directly, one after another, 16 concurrent, not
+    streaming: `<name>_added_p95_ms`, `_added_p50_ms`, `_cpu_us` and `_throughput_ratio`."""
+    requests, rounds = load_16(bench_stack)
+    out: dict[str, Any] = {}
+    for name in names:
+        stack = BenchStack(bench_stack.sim, proxies[name], bench_stack.mode)
+        headers = {} if name == "no_keys" else {"authorization": f"Bearer {KEY}"}
+        result = compare(stack, stream=False, concurrency=16, requests=requests, rounds=rounds, headers=headers)
+        assert result["errors"] == 0, name
+        out[f"{name}_added_p95_ms"] = result["added_p95_ms"]
+        out[f"{name}_added_p50_ms"] = result["added_p50_ms"]
+        out[f"{name}_cpu_us"] = result["proxy_cpu_us_per_request"]
+        out[f"{name}_throughput_ratio"] = result["throughput_ratio"]
+    return out
+
+
 def test_feature_costs_at_16_concurrent(benchmark, bench_stack: BenchStack, proxies: dict[str, Process]) -> None:  # type: ignore[no-untyped-def]
     bench_stack.sim.configure(ttft=0.02, token_delay=0.0)
-    requests = bench_stack.scale(short=300, full=1600)
-    rounds = bench_stack.scale(short=2, full=3)
 
     def measure() -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in VARIANTS:
-            stack = BenchStack(bench_stack.sim, proxies[name], bench_stack.mode)
-            headers = {} if name == "no_keys" else {"authorization": f"Bearer {KEY}"}
-            result = compare(stack, stream=False, concurrency=16, requests=requests, rounds=rounds, headers=headers)
-            assert result["errors"] == 0, name
-            out[f"{name}_added_p95_ms"] = result["added_p95_ms"]
-            out[f"{name}_added_p50_ms"] = result["added_p50_ms"]
-            out[f"{name}_cpu_us"] = result["proxy_cpu_us_per_request"]
-            out[f"{name}_throughput_ratio"] = result["throughput_ratio"]
+        out = at_16_concurrent(bench_stack, proxies, VARIANTS)
         for name in VARIANTS[1:]:  # what turning one thing off (or on, for rag) changes against `user`
             out[f"cost_{name}_cpu_us"] = out["user_cpu_us"] - out[f"{name}_cpu_us"]
             out[f"cost_{name}_p95_ms"] = out["user_added_p95_ms"] - out[f"{name}_added_p95_ms"]
@@ -106,6 +117,7 @@ def test_feature_costs_at_16_concurrent(benchmark, bench_stack: BenchStack, prox
     result = benchmark.pedantic(measure, rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     # The pipe variant's access log really went through the pipe, a line per request.
+    requests, rounds = load_16(bench_stack)
     assert sum('"request_id"' in line for line in proxies["access_log_pipe"].lines) >= requests * rounds
 
 
@@ -171,24 +183,10 @@ def test_user_config_varied_backend(benchmark, bench_stack: BenchStack, proxies:
     again the moment its answer comes), and the proxy serves a bunch one request after another.
     Reported beside the exact-20 ms figures, not instead of them (benchmarks/README.md)."""
     sim = bench_stack.sim
-    requests = bench_stack.scale(short=300, full=1600)
-    rounds = bench_stack.scale(short=2, full=3)
-
-    def measure() -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in ("user", "floor"):
-            result = compare(BenchStack(sim, proxies[name], bench_stack.mode), stream=False, concurrency=16,
-                             requests=requests, rounds=rounds, headers={"authorization": f"Bearer {KEY}"})
-            out[f"{name}_added_p95_ms"] = result["added_p95_ms"]
-            out[f"{name}_added_p50_ms"] = result["added_p50_ms"]
-            out[f"{name}_cpu_us"] = result["proxy_cpu_us_per_request"]
-            out["errors"] = out.get("errors", 0) + result["errors"]
-        return out
-
     sim.configure(ttft=0.02, ttft_jitter=0.25, token_delay=0.0)
     try:
-        result = benchmark.pedantic(measure, rounds=1, iterations=1)
+        result = benchmark.pedantic(at_16_concurrent, args=(bench_stack, proxies, ("user", "floor")),
+                                    rounds=1, iterations=1)
     finally:
         sim.configure(ttft_jitter=0.0)  # the other suites' exact timings
     benchmark.extra_info.update(result)
-    assert result["errors"] == 0
