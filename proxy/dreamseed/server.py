@@ -104,11 +104,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # Timers are armed only for a request still unfinished when its bytes so far are parsed:
         # most requests arrive whole in one read and never need one (a timer armed and cancelled
         # for the head and again for the body cost a few microseconds a request).
-        elif self._timer is None and (self._in_body or self._in_head):
-            if self._in_body:
-                self._arm(self.limits.body_timeout, BODY_TIMEOUT)
-            else:
-                self._arm(self.limits.header_timeout, HEAD_TIMEOUT)
+        elif self._timer is None and self._in_body:
+            self._arm(self.limits.body_timeout, BODY_TIMEOUT)
+        elif self._timer is None and self._in_head:
+            self._arm(self.limits.header_timeout, HEAD_TIMEOUT)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
