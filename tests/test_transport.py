@@ -82,6 +82,38 @@ def test_keep_alive_connections_are_reused() -> None:
     run(main())
 
 
+def test_one_kept_alive_connection_parses_answers_of_every_framing_one_after_another() -> None:
+    """The connection's one parser starts over after each answer: lengths, chunks, statuses and
+    headers never leak from one answer into the next."""
+    answers = [
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-n: 1\r\ncontent-length: 7\r\n\r\n{\"a\":1}",
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"6\r\ndata: \r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 201 Created\r\nx-n: 4\r\ncontent-length: 3\r\n\r\nend",
+    ]
+
+    async def scripted(_: bytes, writer: asyncio.StreamWriter, *__: object) -> None:
+        writer.write(answers[len(server.requests) - 1])
+        await writer.drain()
+
+    async def main() -> None:
+        async with server as url:
+            transport = PooledTransport(url, max_connections=1, keepalive_expiry=10)
+            seen = []
+            for _ in answers:
+                response = await transport.send(request(), QUICK)
+                seen.append((response.status, response.header(b"x-n"), await response.aread()))
+                await response.aclose()
+            assert seen == [(200, b"1", b'{"a":1}'), (200, None, b"data: hello"), (400, None, b""),
+                            (201, b"4", b"end")]
+            assert server.connections == 1
+            await transport.aclose()
+
+    server = Server(scripted)
+    run(main())
+
+
 def test_idle_connections_expire() -> None:
     async def main() -> None:
         server = Server(ok)

@@ -45,16 +45,18 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        # One parser for the connection's life: llhttp starts over after each complete response,
+        # and a connection is reused only after one (see UpstreamResponse.aclose).
+        self.parser = httptools.HttpResponseParser(self)
+        self.chunks: deque[bytes] = deque()  # empty whenever the connection is reused
         self._reset()
 
     def _reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
         self.complete = False
         self.keep_alive = False
-        self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.error: Exception | None = None
         self.received_any = False
@@ -197,21 +199,29 @@ class UpstreamResponse:
                 return value
         return None
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive (de-chunked, never decoded)."""
+    async def next_chunk(self) -> bytes | None:
+        """The body's next bytes as they arrive (de-chunked, never decoded); None at its end."""
         connection = self._connection
-        while True:
-            if connection.chunks:
-                yield connection.take_chunk()
-                continue
+        while not connection.chunks:
             if connection.complete:
-                return
+                return None
             if connection.error is not None:
                 raise connection.error
             await connection.wait(self._read_timeout)
+        return connection.take_chunk()
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive."""
+        while (chunk := await self.next_chunk()) is not None:
+            yield chunk
 
     async def aread(self) -> bytes:
-        return b"".join([chunk async for chunk in self.aiter_raw()])
+        """The whole body. A loop over next_chunk, not aiter_raw: an async generator per response
+        costs its frame and the event loop's registration of it (a WeakSet add and remove)."""
+        chunks: list[bytes] = []
+        while (chunk := await self.next_chunk()) is not None:
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def aclose(self) -> None:
         """Give the connection back: to the idle list if the response was read to its end,
