@@ -209,6 +209,42 @@ def test_connect_refused_and_read_timeout() -> None:
     run(main())
 
 
+def test_the_read_timeout_is_the_longest_silence_not_the_whole_answer() -> None:
+    """A stream whose events come more often than the read timeout runs as long as it needs; one
+    that falls silent times out about one read timeout after its last event, also when the
+    answer started under a shorter first-byte timeout."""
+    async def trickle(request: bytes, writer: asyncio.StreamWriter, *_: object) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(6):  # 0.9 s in all, never more than 0.15 s apart
+            await asyncio.sleep(0.15)
+            writer.write(b"6\r\ntoken\n\r\n")
+            await writer.drain()
+        if b"/stall" in request:
+            await asyncio.sleep(2)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        async with Server(trickle) as url:
+            transport = PooledTransport(url, max_connections=2, keepalive_expiry=10)
+            timeouts = Timeouts(1, 0.4, 1, 1, first_byte=0.3)
+            response = await transport.send(request(), timeouts)
+            assert await response.aread() == b"token\n" * 6
+            await response.aclose()
+            response = await transport.send(request("/stall"), timeouts)
+            chunks = 0
+            with pytest.raises(httpx.ReadTimeout):
+                async for _ in response.aiter_raw():
+                    chunks += 1
+                    last = asyncio.get_running_loop().time()
+            silence = asyncio.get_running_loop().time() - last
+            await response.aclose()
+            assert chunks == 6 and 0.35 < silence < 0.8
+            await transport.aclose()
+
+    run(main())
+
+
 def test_broken_responses_raise_protocol_errors() -> None:
     async def truncated(_: bytes, writer: asyncio.StreamWriter, *__: object) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part")

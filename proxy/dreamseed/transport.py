@@ -43,6 +43,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0  # loop time the current wait times out at (see wait)
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         # One parser for the connection's life: llhttp starts over after each complete response,
@@ -52,6 +55,7 @@ class _Connection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        self._stop_timer()
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
@@ -109,7 +113,8 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > READ_BUFFER_LIMIT and self.transport is not None:
+        if self.buffered > READ_BUFFER_LIMIT and self.transport is not None and not self._read_paused:
+            self._read_paused = True
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
@@ -121,19 +126,38 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def wait(self, timeout: float | None) -> None:
-        """Wait for the next parser event (or the connection's end).
+        """Wait for the next parser event (or the connection's end), at most `timeout` seconds.
 
-        One future and one timer, not asyncio.wait_for: on Python 3.11 that adds a second
-        future, a done callback and an extra event loop pass before the waiting task resumes,
-        on every response this proxy relays."""
+        One future, not asyncio.wait_for: on Python 3.11 that adds a second future, a done
+        callback and an extra event loop pass before the waiting task resumes, on every response
+        this proxy relays. And one timer per connection that moves lazily, not a timer per wait:
+        a stream waits once per token, and each wait only moves the deadline forward; the timer,
+        when it fires early, sleeps again until the deadline (_check_deadline)."""
         waiter = self._waiter = self.loop.create_future()
-        timer = None if timeout is None else self.loop.call_later(timeout, _time_out, waiter)
+        if timeout is not None:
+            deadline = self._deadline = self.loop.time() + timeout
+            if self._timer is None or self._timer.when() > deadline:  # a shorter timeout than the last
+                self._stop_timer()
+                self._timer = self.loop.call_at(deadline, self._check_deadline)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits now; the next wait arms a timer again
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
+        else:
+            waiter.set_exception(httpx.ReadTimeout("backend sent nothing within the read timeout"))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def write(self, data: bytes, timeout: float | None) -> None:
         assert self.transport is not None
@@ -151,19 +175,16 @@ class _Connection(asyncio.Protocol):
         chunk = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks.clear()
         self.buffered = 0
-        if self.transport is not None and not self.closed:
+        if self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = False
             self.transport.resume_reading()
         return chunk
 
     def close(self) -> None:
         self.closed = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
-
-
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(httpx.ReadTimeout("backend sent nothing within the read timeout"))
 
 
 @dataclass(frozen=True, slots=True)
