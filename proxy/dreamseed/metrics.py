@@ -127,6 +127,8 @@ class ProxyMetrics:
                                      ["backend", "event", "reason"], registry=r)
         r.register(_StateCollector(state))
         self._children: dict[tuple[str, ...], Any] = {}
+        # Every request's series, looked up once per (rule, backend, status) instead of one by one.
+        self._answers: dict[tuple[str, str, int], tuple[Any, Any, Any, Any, Any, Any]] = {}
 
     def across_workers(self, directory: Path, state: Iterable[Metric]) -> CollectorRegistry:
         """A registry for one /metrics answer with --workers: every worker's counters and histograms
@@ -152,19 +154,30 @@ class ProxyMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def _answer_series(self, rule: str, backend: str, status: int) -> tuple[Any, Any, Any, Any, Any, Any]:
+        key = (rule, backend, status)
+        found = self._answers.get(key)
+        if found is None:
+            found = self._answers[key] = (
+                self._child(self.requests, rule, backend, str(status)), self._child(self.duration, backend),
+                self._child(self.ttft, backend), self._child(self.upstream, backend),
+                self._child(self.prompt_tokens, backend), self._child(self.completion_tokens, backend))
+        return found
+
     def record(self, exchange: Exchange) -> None:
         now = time.perf_counter()
-        backend = exchange.backend
-        self._child(self.requests, exchange.rule, backend, str(exchange.status)).inc()
-        self._child(self.duration, backend).observe(now - exchange.started)
+        requests, duration, ttft, upstream, prompt_tokens, completion_tokens = self._answer_series(
+            exchange.rule, exchange.backend, exchange.status)
+        requests.inc()
+        duration.observe(now - exchange.started)
         if exchange.status < 400 and exchange.first_byte is not None:
-            self._child(self.ttft, backend).observe(exchange.first_byte - exchange.started)
+            ttft.observe(exchange.first_byte - exchange.started)
         if exchange.upstream_started is not None and exchange.upstream_done is not None:
-            self._child(self.upstream, backend).observe(exchange.upstream_done - exchange.upstream_started)
+            upstream.observe(exchange.upstream_done - exchange.upstream_started)
         if exchange.prompt_tokens:
-            self._child(self.prompt_tokens, backend).inc(exchange.prompt_tokens)
+            prompt_tokens.inc(exchange.prompt_tokens)
         if exchange.completion_tokens:
-            self._child(self.completion_tokens, backend).inc(exchange.completion_tokens)
+            completion_tokens.inc(exchange.completion_tokens)
         if exchange.rag is not None:
             self._child(self.rag_requests, exchange.rule, exchange.rag).inc()
             if exchange.rag_hits:
