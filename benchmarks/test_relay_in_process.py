@@ -1,0 +1,112 @@
+"""The relay's own CPU per request, without a server or a load generator in the way.
+
+The proxy's ASGI app as users run it (client keys, the access log to a file, metrics, the shipped
+routing rules over four backends: test_user_config's `user`) is called in this process, one request
+at a time, against the simulated backend over the real connection pool; beside it, in the same
+rounds, bare_forwarder.py's app (the same pool, nothing else). What this process spends per request
+is the relay's CPU, the bare forwarder's is the floor, and the difference is what the features cost.
+
+The end-to-end measures (test_user_config.py) share two cores among the load generator, the
+backend and the proxy, and their CPU figures move by 10-20% between runs of one commit; this one
+moves by a few percent, so it is the figure to read when a change to the request path is meant to
+save a few microseconds (benchmarks/README.md, item 6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import uvloop
+import yaml
+
+from bare_forwarder import forwarder
+from conftest import MODEL, BenchStack
+from dreamseed.app import create_app
+from dreamseed.logs import AccessLogQueue, set_access_log
+from dreamseed.policy import load_policies
+from support import SEED_POLICIES, write_policies
+from test_overhead import chat_body
+from test_user_config import KEY, catalog
+
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+@asynccontextmanager
+async def running(app: App) -> AsyncIterator[None]:
+    """The app's lifespan, driven as a server drives it."""
+    inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    task = asyncio.ensure_future(app({"type": "lifespan"}, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    assert (await outbox.get())["type"] == "lifespan.startup.complete"
+    try:
+        yield
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await task
+
+
+async def cpu_per_request(app: App, body: bytes, count: int) -> float:
+    """CPU seconds of this process per request, `count` requests one after another."""
+    headers = [(b"host", b"bench"), (b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), (b"authorization", f"Bearer {KEY}".encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 2)}
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    began = time.process_time()
+    for _ in range(count):
+        await app(dict(scope), receive, send)
+    spent = time.process_time() - began
+    assert statuses == [200] * count, sorted(set(statuses))
+    return spent / count
+
+
+def test_relay_in_process(benchmark, bench_stack: BenchStack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sim = bench_stack.sim
+    sim.configure(ttft=0.0, token_delay=0.0, tokens=4)
+    seed_routing = yaml.safe_load((SEED_POLICIES / "routing.yaml").read_text(encoding="utf-8"))
+    policies = load_policies(write_policies(tmp_path / "policies", catalog(sim.url), seed_routing))
+    user = create_app(policies, environ={"DREAMSEED_API_KEYS": KEY}, watch_policies=False)
+    floor = forwarder(sim.url, MODEL)
+    body = chat_body("auto", False, 4)
+    count, rounds = bench_stack.scale(short=1500, full=5000), bench_stack.scale(short=3, full=5)
+    access_log = AccessLogQueue((tmp_path / "access.log").open("wb"))
+
+    async def measure() -> dict[str, float]:
+        figures: dict[str, list[float]] = {"user": [], "floor": []}
+        async with running(user), running(floor):
+            for app in (user, floor):  # warm up: connections, caches, the interpreter's specialisations
+                await cpu_per_request(app, body, 200)
+            for _ in range(rounds):
+                figures["user"].append(await cpu_per_request(user, body, count))
+                figures["floor"].append(await cpu_per_request(floor, body, count))
+        best = {name: min(values) * 1e6 for name, values in figures.items()}  # least disturbed round
+        return {"user_cpu_us": best["user"], "floor_cpu_us": best["floor"],
+                "features_cpu_us": best["user"] - best["floor"], "user_over_floor": best["user"] / best["floor"]}
+
+    access_log.start()
+    set_access_log(access_log)
+    try:
+        result = benchmark.pedantic(lambda: uvloop.run(measure()), rounds=1, iterations=1)
+    finally:
+        set_access_log(None)
+        access_log.stop()
+        sim.configure(ttft=0.02, token_delay=0.0, tokens=16)  # the other suites' shape
+    benchmark.extra_info.update(result)
+    lines = (tmp_path / "access.log").read_bytes().count(b"\n")
+    assert lines >= count * rounds, lines  # the user configuration really logged every request
