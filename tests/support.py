@@ -213,7 +213,8 @@ def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes, content_typ
         handler.send_header("content-type", content_type)
     handler.send_header("content-length", str(len(body)))
     handler.end_headers()
-    handler.wfile.write(body)
+    if body:  # a client done with a bodiless answer (204) may hang up before an empty write
+        handler.wfile.write(body)
 
 
 class FakeDockerEngine:
@@ -236,12 +237,14 @@ class FakeDockerEngine:
             def do_POST(self) -> None:
                 engine.seen.append(("POST", self.path))
                 path = self.path.split("?", 1)[0]
+                # As dockerd: the container has started (stopped) by the time the answer says so;
+                # the client's next call may come on another connection, handled by another thread.
                 if path.endswith(f"/containers/{engine.container}/start"):
-                    self._send(304 if engine.running else 204)
-                    engine.running = True
+                    was_running, engine.running = engine.running, True
+                    self._send(304 if was_running else 204)
                 elif path.endswith(f"/containers/{engine.container}/stop"):
-                    self._send(204 if engine.running else 304)
-                    engine.running = False
+                    was_running, engine.running = engine.running, False
+                    self._send(204 if was_running else 304)
                 else:
                     self._send(404, {"message": f"No such container: {self.path.split('/')[3]}"})
 
