@@ -240,6 +240,11 @@ def test_the_read_timeout_is_the_longest_silence_not_the_whole_answer() -> None:
             silence = asyncio.get_running_loop().time() - last
             await response.aclose()
             assert chunks == 6 and 0.35 < silence < 0.8
+            # Without a read timeout the body waits as long as it takes: the first-byte deadline
+            # the head arrived under is not carried over to it.
+            response = await transport.send(request(), Timeouts(1, None, 1, 1, first_byte=0.3))
+            assert await response.aread() == b"token\n" * 6
+            await response.aclose()
             await transport.aclose()
 
     run(main())

@@ -134,7 +134,9 @@ class _Connection(asyncio.Protocol):
         a stream waits once per token, and each wait only moves the deadline forward; the timer,
         when it fires early, sleeps again until the deadline (_check_deadline)."""
         waiter = self._waiter = self.loop.create_future()
-        if timeout is not None:
+        if timeout is None:
+            self._stop_timer()  # an earlier wait's deadline (a first-byte timeout, say) is not this one's
+        else:
             deadline = self._deadline = self.loop.time() + timeout
             if self._timer is None or self._timer.when() > deadline:  # a shorter timeout than the last
                 self._stop_timer()
@@ -242,7 +244,7 @@ class UpstreamResponse:
         chunks: list[bytes] = []
         while (chunk := await self.next_chunk()) is not None:
             chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return b"".join(chunks)  # one chunk (the usual case) comes back as is, not copied
 
     async def aclose(self) -> None:
         """Give the connection back: to the idle list if the response was read to its end,
