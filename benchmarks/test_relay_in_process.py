@@ -22,16 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-import yaml
 
 from bare_forwarder import forwarder
 from conftest import MODEL, BenchStack
 from dreamseed.app import create_app
 from dreamseed.logs import AccessLogQueue, set_access_log
 from dreamseed.policy import load_policies
-from support import SEED_POLICIES, write_policies
 from test_overhead import chat_body
-from test_user_config import KEY, catalog
+from test_user_config import KEY, shipped_policies
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -79,8 +77,7 @@ async def cpu_per_request(app: App, body: bytes, count: int) -> float:
 def test_relay_in_process(benchmark, bench_stack: BenchStack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sim = bench_stack.sim
     sim.configure(ttft=0.0, token_delay=0.0, tokens=4)
-    seed_routing = yaml.safe_load((SEED_POLICIES / "routing.yaml").read_text(encoding="utf-8"))
-    policies = load_policies(write_policies(tmp_path / "policies", catalog(sim.url), seed_routing))
+    policies = load_policies(shipped_policies(tmp_path / "policies", sim.url))
     user = create_app(policies, environ={"DREAMSEED_API_KEYS": KEY}, watch_policies=False)
     floor = forwarder(sim.url, MODEL)
     body = chat_body("auto", False, 4)

@@ -43,14 +43,19 @@ def catalog(url: str) -> dict[str, Any]:
             (("general", MODEL), ("code", "bench/code"), ("fast", "bench/fast"), ("general70", "bench/general70"))}
 
 
+def shipped_policies(directory: Path, url: str) -> Path:
+    """Policy files as users run them: the shipped routing rules (policies/routing.yaml) over catalog(url)."""
+    seed_routing = yaml.safe_load((SEED_POLICIES / "routing.yaml").read_text(encoding="utf-8"))
+    return write_policies(directory, catalog(url), seed_routing)
+
+
 @pytest.fixture(scope="module")
 def proxies(bench_stack: BenchStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Process]]:
     base = tmp_path_factory.mktemp("user-config")
-    seed_routing = yaml.safe_load((SEED_POLICIES / "routing.yaml").read_text(encoding="utf-8"))
-    shipped = write_policies(base / "shipped", catalog(bench_stack.sim.url), seed_routing)
+    shipped = shipped_policies(base / "shipped", bench_stack.sim.url)
     one_rule = write_policies(base / "one-rule", catalog(bench_stack.sim.url),
                               {"rules": [{"name": "default", "target": "general"}]})
-    with_rag = write_policies(base / "rag", catalog(bench_stack.sim.url), seed_routing)
+    with_rag = shipped_policies(base / "rag", bench_stack.sim.url)
     rag = yaml.safe_load((SEED_POLICIES / "rag.yaml").read_text(encoding="utf-8"))
     rag["embedder"] = {**rag.get("embedder", {}), "model_path": str(rag_model_dir())}
     (with_rag / "rag.yaml").write_text(yaml.safe_dump(rag, allow_unicode=True), encoding="utf-8")
