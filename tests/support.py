@@ -122,10 +122,17 @@ def start_sim(model: str, **knobs: Any) -> Sim:
     return sim
 
 
-def start_proxy(policies: Path, env: dict[str, str] | None = None, extra: list[str] | None = None) -> Process:
+def start_proxy(policies: Path, env: dict[str, str] | None = None, extra: list[str] | None = None,
+                workers: int | None = 1) -> Process:
+    """`dreamseed serve` on a free port, once healthy. One worker unless `workers` (or `--workers` in
+    `extra`) says otherwise: most tests look at one process's state (health, circuits, the scaler);
+    None runs the default, one per core, as users do (tests/test_workers.py covers several)."""
+    extra = list(extra or [])
+    if workers is not None and "--workers" not in extra:
+        extra += ["--workers", str(workers)]
     process = _spawn(
         ["-m", "dreamseed.cli", "serve", "--policies", str(policies), "--port", "0", "--log-level", "warning",
-         "--shutdown-grace", "2", *(extra or [])],
+         "--shutdown-grace", "2", *extra],
         env=env,
     )
     deadline = time.monotonic() + 20

@@ -1,7 +1,8 @@
 """On-demand backends for real: the proxy's `command` actuator starts and stops a simulated vLLM
 process (tests/backend_ctl.py stands in for `systemctl start vllm-coder`), requests that arrive
 while it is stopped are held (`wait`) or answered by the fallback (`fallback`), idle backends
-stop, two proxy processes sharing a database start it once, and the `docker` actuator speaks the
+stop, two proxy processes sharing a database start it once (and so do the workers of one `serve
+--workers N` without one), and the `docker` actuator speaks the
 Engine API to a server on a unix socket."""
 
 from __future__ import annotations
@@ -197,6 +198,29 @@ def test_two_proxy_processes_sharing_a_database_start_the_backend_once(tmp_path:
             proxy.stop()
         stop_backend(backend_dir, port)
         server.cleanup()
+
+
+def test_the_workers_of_one_serve_without_a_database_start_the_backend_once(tmp_path: Path, general: Any) -> None:
+    """`serve --workers 3` and no database: the workers coordinate through their shared directory
+    (a file lock per backend, last use as a file time), so the backend is started once however
+    the kernel spreads the requests over them."""
+    port, backend_dir = free_port(), tmp_path / "backend"
+    policies = on_demand_policies(tmp_path / "p", general.url, port, backend_dir, cold_start="wait", max_wait=90,
+                                  start_timeout=90)
+    proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "scale-admin"}, extra=["--workers", "3"])
+    try:
+        def spaced(index: int) -> httpx.Response:
+            time.sleep(0.05 * index)  # one at a time while the start runs: an idle worker takes each
+            return ask(proxy.url, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:  # each request on its own connection
+            responses = list(pool.map(spaced, range(12)))
+        assert all(r.status_code == 200 and r.headers.get("x-dreamseed-backend") == "code" for r in responses), \
+            [(r.status_code, r.headers.get("x-dreamseed-backend"), r.text[:150]) for r in responses]
+        assert calls(backend_dir, "start") == 1, (backend_dir / "calls.log").read_text()
+    finally:
+        proxy.stop()
+        stop_backend(backend_dir, port)
 
 
 def test_the_docker_actuator_speaks_the_engine_api_on_a_unix_socket(tmp_path: Path) -> None:

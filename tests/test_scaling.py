@@ -316,3 +316,32 @@ def test_the_transition_history_is_bounded() -> None:
         machine.stop_finished(now + 2)
     assert len(machine.history) == HISTORY
     assert machine.history[-1][2] == "stopped" and machine.history[-1][0] == 199 * 86400.0 + 2
+
+
+def test_the_host_coordinator_excludes_across_processes_and_shares_last_use(tmp_path: Any) -> None:
+    """What `serve --workers N` without a database uses: two coordinators stand for two workers
+    (a file lock conflicts between two open files even in one process, as between processes)."""
+    from dreamseed.scaling import HostCoordinator
+
+    first, second = HostCoordinator(tmp_path), HostCoordinator(tmp_path)
+
+    async def scenario() -> None:
+        assert await first.seconds_since_use("code") is None
+        order: list[str] = []
+
+        async def hold(coordinator: HostCoordinator, name: str) -> None:
+            async with coordinator.lock("code"):
+                order.append(f"{name} in")
+                await asyncio.sleep(0.2)
+                order.append(f"{name} out")
+
+        await asyncio.gather(hold(first, "first"), hold(second, "second"))
+        assert order in (["first in", "first out", "second in", "second out"],
+                         ["second in", "second out", "first in", "first out"])
+        async with first.lock("code"), second.lock("general"):  # one lock per backend
+            pass
+        await second.touch("code")
+        since = await first.seconds_since_use("code")
+        assert since is not None and since < 1.0
+
+    asyncio.run(scenario())

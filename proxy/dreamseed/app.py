@@ -35,7 +35,7 @@ from litestar.types import ASGIApp, Receive, Scope
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import Metric
 
-from . import __version__
+from . import __version__, slots
 from .auth import KeyRing
 from .backends import BackendState, backend_states
 from .errors import (
@@ -65,7 +65,7 @@ from .rag.retriever import Retriever
 from .rag.store import hits_as_dicts
 from .routing import UnknownModelError
 from .runtime import Generation, Runtime
-from .scaling import Coordinator, LocalCoordinator, PostgresCoordinator, Scaler
+from .scaling import Coordinator, HostCoordinator, LocalCoordinator, PostgresCoordinator, Scaler
 from .workers import STATE_INTERVAL_S, ask_parent_to_reload, merged_state, shared_directory, write_state
 
 AnyRequest = Request[Any, Any, Any]
@@ -152,8 +152,10 @@ class Proxy:
         shared = shared_directory(self.environ)
         if shared is not None:
             self._sharing = asyncio.get_running_loop().create_task(self._share_state(shared))
+        slots.listen(asyncio.get_running_loop())  # with --workers: slots other workers pass to ours
 
     async def aclose(self) -> None:
+        slots.stop_listening(asyncio.get_running_loop())
         if self._sharing is not None:
             self._sharing.cancel()
         if self.scaler is not None:
@@ -167,9 +169,12 @@ class Proxy:
         # Proxy processes that share a database coordinate starts and stops through it.
         found = self._retriever
         url = self.environ.get("DATABASE_URL") or (found.database.url if found and found.database else None)
-        coordinator: Coordinator = PostgresCoordinator(url) if url else LocalCoordinator()
+        # Workers of one `serve --workers N` without one coordinate through their shared directory.
+        shared = shared_directory(self.environ)
+        coordinator: Coordinator = (PostgresCoordinator(url) if url else HostCoordinator(shared) if shared
+                                    else LocalCoordinator())
         if url is None:
-            log.info("on-demand backends: no database, so no coordination with other proxy processes")
+            log.info("on-demand backends: no database, so no coordination with proxy processes of other serves")
         return Scaler(policies.scale, policies.catalog, lambda name: self.runtime.current.upstreams.get(name),
                       coordinator, on_event=self.metrics.count_scaler_event)
 

@@ -18,8 +18,8 @@ import msgspec
 
 from .health import Circuit
 from .policy import Backend, Catalog
+from .slots import slots_for
 from .transport import PooledTransport, Timeouts
-from .workers import share, worker_count
 
 if TYPE_CHECKING:
     from .scaling import Scaler
@@ -69,10 +69,10 @@ def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str]) -
     headers = {"accept-encoding": "identity"}  # relay bytes as the backend sent them
     if backend.api_key_env and environ.get(backend.api_key_env):
         headers["authorization"] = f"Bearer {environ[backend.api_key_env]}"
-    # With --workers N each process holds its part of the limits: together never more than the catalog's.
-    workers = worker_count(environ)
-    transport = PooledTransport(url, max_connections=share(backend.max_concurrency, workers),
-                                max_queue=backend.max_queue // workers, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    # With --workers N the limits are counted across the workers (slots.py): they hold for the backend.
+    transport = PooledTransport(url, max_connections=backend.max_concurrency, max_queue=backend.max_queue,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S,
+                                shared_slots=slots_for(name, backend.max_concurrency, backend.max_queue))
     client = httpx.AsyncClient(
         base_url=url,
         headers=headers,

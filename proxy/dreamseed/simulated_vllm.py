@@ -57,6 +57,7 @@ class Stats:
     cancelled: int = 0
     crashed: int = 0
     active: int = 0
+    peak_active: int = 0  # the most requests it held at once since the last reset
     errors: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
@@ -158,6 +159,7 @@ class SimulatedVLLM:
         disconnected = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
         self.stats.active += 1
+        self.stats.peak_active = max(self.stats.peak_active, self.stats.active)
         try:
             if knobs.hang_rate and random.random() < knobs.hang_rate:
                 await disconnected.wait()

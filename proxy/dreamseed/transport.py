@@ -26,10 +26,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httptools
 import httpx
+
+if TYPE_CHECKING:
+    from .slots import SharedSlots
 
 READ_BUFFER_LIMIT = 1024 * 1024  # pause reading a backend that gets this far ahead of its client
 
@@ -276,7 +280,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
     """Keep-alive HTTP/1.1 connections to one origin (see the module docstring)."""
 
     def __init__(self, origin: str, *, max_connections: int, keepalive_expiry: float,
-                 max_queue: int | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+                 max_queue: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                 shared_slots: SharedSlots | None = None) -> None:
         parts = urlsplit(origin)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -290,13 +295,20 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._max_queue = max_queue
         self._in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self.waiting = 0  # requests queued for a slot now
+        self._waiting = 0
         self._closed = False
+        # With `serve --workers N` the slots are counted with the other workers (slots.py), not here.
+        self._shared = shared_slots
 
     @property
     def in_use(self) -> int:
-        """Requests holding a connection now (in flight to the backend)."""
-        return self._in_use
+        """This process's requests holding a connection now (in flight to the backend)."""
+        return self._in_use if self._shared is None else self._shared.in_use
+
+    @property
+    def waiting(self) -> int:
+        """This process's requests queued for a slot now."""
+        return self._waiting if self._shared is None else self._shared.waiting
 
     async def send(self, data: bytes, timeouts: Timeouts) -> UpstreamResponse:
         """Send one complete request (head and body) and return once the response head is in.
@@ -341,14 +353,16 @@ class PooledTransport(httpx.AsyncBaseTransport):
     async def _acquire_slot(self, timeout: float | None) -> None:
         if self._closed:
             raise httpx.PoolTimeout("transport is closed")
-        if self._in_use < self._max and not self.waiting:
+        if self._shared is not None:
+            return await self._shared.acquire(timeout)
+        if self._in_use < self._max and not self._waiting:
             self._in_use += 1
             return
-        if self._max_queue is not None and self.waiting >= self._max_queue:
-            raise QueueFull(f"all {self._max} connections are busy and {self.waiting} requests already wait")
+        if self._max_queue is not None and self._waiting >= self._max_queue:
+            raise QueueFull(f"all {self._max} connections are busy and {self._waiting} requests already wait")
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        self.waiting += 1
+        self._waiting += 1
         try:
             await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
@@ -358,10 +372,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
                 self._hand_over()  # the slot reached us just as we gave up: pass it on
             raise
         finally:
-            self.waiting -= 1
+            self._waiting -= 1
         # A released slot was handed over to us; _in_use already counts it.
 
     def _hand_over(self) -> None:
+        if self._shared is not None:
+            self._shared.release()
+            return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

@@ -7,9 +7,9 @@ hands each new connection to one of them. What they share, and how:
   under ``PROMETHEUS_MULTIPROC_DIR``), summed at scrape time; state gauges (requests in flight and
   queued, the access log's queue) are written by each worker every second and summed; health,
   circuit and scaler states are the answering worker's own (the workers probe the same backends).
-- Backend limits: each worker gets ``max_concurrency // N`` and ``max_queue // N`` slots, so
-  together they never send a backend more than its catalog limit; a catalog with a backend whose
-  ``max_concurrency`` is below N is refused at start and on reload (each worker needs one slot).
+- Backend limits: ``max_concurrency`` and ``max_queue`` hold for the backend, whichever worker a
+  request reached: the workers count in one shared table (slots.py), and a waiting request gets
+  the next free slot in the order the requests came, near enough, whichever worker frees it.
 - On-demand backends: the scaler's Postgres advisory locks (scaling/coordination.py) already
   coordinate processes sharing a database; the embedded one is shared by all workers.
 - Policy reloads: every worker polls the files; SIGHUP to the parent reaches every worker, and an
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -38,6 +39,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SUMMED = frozenset({"dreamseed_in_flight_requests", "dreamseed_queued_requests", "dreamseed_access_log_dropped",
                     "dreamseed_access_log_queued"})
 STATE_INTERVAL_S = 1.0
+STARTUP_FAILURE = 3  # a worker's exit status when its app did not start (uvicorn's own code for it)
 
 log = logging.getLogger("dreamseed.workers")
 
@@ -50,9 +52,17 @@ def worker_count(environ: Mapping[str, str] = os.environ) -> int:
         return 1
 
 
-def share(limit: int, workers: int) -> int:
-    """One worker's part of a backend-wide limit: together never more than the limit, each at least 1."""
-    return max(limit // workers, 1)
+def cores_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container started with `--cpus 2` on a 64-core host sees 64 cores but gets the time of 2)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text(encoding="ascii").split()
+        if quota != "max":
+            cores = min(cores, max(math.ceil(int(quota) / int(period)), 1))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return cores
 
 
 def shared_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
@@ -146,11 +156,14 @@ def _reap(children: dict[int, int]) -> list[tuple[int, int]]:
     return exited
 
 
-def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float) -> int:
+def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float,
+              forget: Callable[[int], None] = lambda index: None) -> int:
     """Fork `workers` processes running `run_worker(index)`; pass SIGTERM, SIGINT and SIGHUP on;
-    replace a worker that dies while serving; return once all have exited after a stop."""
+    replace a worker that dies while serving (after `forget(index)` has cleared what it held);
+    return once all have exited after a stop."""
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
+    result = 0
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -160,6 +173,8 @@ def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float) ->
             code = 1
             try:
                 code = run_worker(index)
+            except SystemExit as exc:  # uvicorn exits with STARTUP_FAILURE when the app cannot start
+                code = exc.code if isinstance(exc.code, int) else 1
             finally:
                 os._exit(code)
         children[pid] = index
@@ -194,10 +209,16 @@ def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float) ->
                 index = children.pop(pid)
                 if stopping:
                     continue
+                if code == STARTUP_FAILURE:  # would fail again: stop them all, and say so in the exit status
+                    log.error("worker %d could not start; stopping", index)
+                    result = STARTUP_FAILURE
+                    pass_on(signal.SIGTERM, None)
+                    continue
                 # A worker died while serving: replace it, unless they keep dying (then stop all).
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < 60] + [now]
                 log.warning("worker %d (pid %d) exited with status %d; starting another", index, pid, code)
+                forget(index)
                 if len(restarts) > 5 * workers:
                     log.error("workers keep dying: stopping")
                     pass_on(signal.SIGTERM, None)
@@ -206,4 +227,4 @@ def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float) ->
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return result

@@ -35,18 +35,12 @@ def _problem(source: YamlSource, path: tuple[PathKey, ...], message: str) -> Pol
     return PolicyProblem(source.file, source.line_of(path), field_name(path), message)
 
 
-def check_catalog(source: YamlSource, catalog: Catalog, workers: int = 1) -> list[PolicyProblem]:
-    """The catalog's own consistency; ``workers`` is `serve --workers`: each worker holds at least
-    one of a backend's slots, so a backend must allow at least that many requests at once."""
+def check_catalog(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
+    """The catalog's own consistency."""
     problems: list[PolicyProblem] = []
     model_owner: dict[str, str] = {}
     for name, backend in catalog.backends.items():
         at = ("backends", name)
-        if backend.max_concurrency < workers:
-            problems.append(_problem(source, (*at, "max_concurrency"), (
-                f"{backend.max_concurrency} is fewer than the {workers} proxy workers (serve --workers): each worker "
-                f"holds at least one slot, so together they could send {workers} requests at once; run at most "
-                f"{backend.max_concurrency} workers or raise the limit")))
         if backend.url is None and backend.url_env is None:
             problems.append(_problem(source, at, "needs `url` or `url_env`"))
         if backend.url is not None:

@@ -26,15 +26,14 @@ from .schema import (
 )
 
 
-def load_policies(directory: str | Path, workers: int = 1) -> Policies:
-    """Read, validate and cross-check every policy file in ``directory`` (for a proxy of
-    ``workers`` processes: see check_catalog)."""
+def load_policies(directory: str | Path) -> Policies:
+    """Read, validate and cross-check every policy file in ``directory``."""
     directory = Path(directory)
     problems: list[PolicyProblem] = []
     catalog_src, catalog = _load_file(directory / BACKENDS_FILE, Catalog, problems)
     routing_src, routing = _load_file(directory / ROUTING_FILE, Routing, problems)
     if catalog is not None and catalog_src is not None:
-        problems += check_catalog(catalog_src, catalog, workers)
+        problems += check_catalog(catalog_src, catalog)
     if catalog is not None and routing is not None and routing_src is not None:
         problems += check_routing(routing_src, routing, catalog)
     rag = Rag()

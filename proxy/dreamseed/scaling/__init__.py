@@ -14,12 +14,13 @@ Two layers:
 
 
 from .actuators import Actuator, ActuatorError, Commands, DockerEngine, is_ready, make_actuator
-from .coordination import Coordinator, LocalCoordinator, PostgresCoordinator
+from .coordination import Coordinator, HostCoordinator, LocalCoordinator, PostgresCoordinator
 from .driver import Scaler
 from .machine import STATES, BackendScaler, ScalerState, Verdict
 from .planner import Plan, plan_start
 
 __all__ = [
-    "STATES", "Actuator", "ActuatorError", "BackendScaler", "Commands", "Coordinator", "DockerEngine", "LocalCoordinator",
-    "Plan", "PostgresCoordinator", "Scaler", "ScalerState", "Verdict", "is_ready", "make_actuator", "plan_start",
+    "STATES", "Actuator", "ActuatorError", "BackendScaler", "Commands", "Coordinator", "DockerEngine", "HostCoordinator",
+    "LocalCoordinator", "Plan", "PostgresCoordinator", "Scaler", "ScalerState", "Verdict", "is_ready", "make_actuator",
+    "plan_start",
 ]

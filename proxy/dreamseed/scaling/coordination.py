@@ -1,11 +1,17 @@
 """Mutual exclusion of starts and stops across proxy processes, and shared last use: a plain
-asyncio lock for one process, Postgres advisory locks and an activity table for several."""
+asyncio lock for one process, file locks and file times for the workers of one `serve --workers N`
+without a database, Postgres advisory locks and an activity table for processes sharing one."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
-from contextlib import AbstractAsyncContextManager
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
@@ -39,6 +45,53 @@ class LocalCoordinator:
 
     async def seconds_since_use(self, name: str) -> float | None:
         return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+class HostCoordinator:
+    """The workers of one `serve --workers N` with no database: an exclusive lock on a file per
+    backend in the workers' shared directory (the kernel lets it go if the holder dies), and the
+    backend's last use as another file's modification time."""
+
+    POLL_S = 0.05  # starts and stops are rare and take seconds: polling the lock is cheap enough
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.local = LocalCoordinator()
+
+    def _file(self, kind: str, name: str) -> Path:
+        return self.directory / f"scale-{kind}-{name.encode('utf-8').hex()}"
+
+    @asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        async with self.local.lock(name):
+            fd = os.open(self._file("lock", name), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(self.POLL_S)
+                yield
+            finally:
+                os.close(fd)  # closing the file lets the lock go
+
+    async def touch(self, name: str) -> None:
+        path = self._file("used", name)
+        try:
+            path.touch()
+            os.utime(path)
+        except OSError as exc:
+            log.warning("could not record activity of %s in %s: %s", name, self.directory, exc)
+
+    async def seconds_since_use(self, name: str) -> float | None:
+        try:
+            return max(time.time() - self._file("used", name).stat().st_mtime, 0.0)
+        except FileNotFoundError:
+            return None
 
     async def aclose(self) -> None:
         pass
