@@ -202,3 +202,26 @@ def test_workers_with_stand_in_backends_stop_cleanly(tmp_path: Path) -> None:
     os.kill(proxy.popen.pid, signal.SIGTERM)
     assert proxy.popen.wait(timeout=30) == 0
     assert "Traceback" not in proxy.log(), proxy.log()[-2000:]
+
+
+def test_the_default_is_one_worker_per_core_a_cgroup_quota_included(sim: Sim, tmp_path: Path) -> None:
+    from dreamseed.workers import cores_available
+
+    affinity = len(os.sched_getaffinity(0))
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert cores_available(cgroup) == affinity  # no cpu.max: the affinity
+    (cgroup / "cpu.max").write_text("max 100000\n")
+    assert cores_available(cgroup) == affinity
+    (cgroup / "cpu.max").write_text("150000 100000\n")  # docker run --cpus 1.5
+    assert cores_available(cgroup) == min(affinity, 2)
+    (cgroup / "cpu.max").write_text("20000 100000\n")
+    assert cores_available(cgroup) == 1
+
+    proxy = start_proxy(policies_for(sim, tmp_path / "p"), workers=None)
+    try:
+        expected = cores_available()
+        assert len(worker_pids(proxy.popen.pid)) == (expected if expected > 1 else 0)
+        assert any(f", {expected} workers)" in line for line in proxy.lines) == (expected > 1)
+    finally:
+        proxy.stop()
