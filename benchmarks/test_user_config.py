@@ -1,13 +1,14 @@
 """The proxy as users run it, and what each feature costs.
 
-`user` is the configuration the README's users run: client API keys on, the access log on (to a
+`user` is the configuration the README's users run: `dreamseed serve` with its default of one
+worker per core (two on the 2-core test machine), client API keys on, the access log on (to a
 file), metrics on, the shipped routing rules (policies/routing.yaml) over four catalog backends,
 retrieval off. Each other variant turns one thing off or changes one thing, so its difference from
 `user` is that feature's cost: CPU per request of the proxy process and added P95 at 16 concurrent
 requests (backend 20 ms), each measured against the backend directly in the same rounds
 (test_overhead.compare). `access_log_pipe` writes the access log to standard output, read by this
 harness through a pipe; `rag` turns retrieval on (the seed's rag.yaml, the golden corpus ingested);
-`workers2` is `user` with `serve --workers 2` (CPU: its two workers together); `floor` is not the
+`one_worker` is `user` with `serve --workers 1` (CPU figures count every worker); `floor` is not the
 proxy but bare_forwarder.py, uvicorn and the proxy's connection pool with nothing else: what any
 proxy built on them adds on this machine.
 
@@ -32,7 +33,7 @@ from test_overhead import compare
 
 KEY = "bench-client-key"
 ADMIN = "bench-admin-key"
-VARIANTS = ("user", "no_keys", "no_access_log", "access_log_pipe", "one_rule", "rag", "workers2", "floor")
+VARIANTS = ("user", "no_keys", "no_access_log", "access_log_pipe", "one_rule", "rag", "one_worker", "floor")
 
 
 def catalog(url: str) -> dict[str, Any]:
@@ -68,12 +69,12 @@ def proxies(bench_stack: BenchStack, tmp_path_factory: pytest.TempPathFactory) -
         "access_log_pipe": (shipped, keys, []),
         "one_rule": (one_rule, keys, log_file),
         "rag": (with_rag, {**keys, "DREAMSEED_STATE_DIR": str(base / "state")}, log_file),
-        "workers2": (shipped, keys, [*log_file, "--workers", "2"]),
+        "one_worker": (shipped, keys, [*log_file, "--workers", "1"]),
     }
     started: dict[str, Process] = {}
     try:
         for name, (policies, env, extra) in settings.items():
-            started[name] = start_proxy(policies, env=env, extra=extra)
+            started[name] = start_proxy(policies, env=env, extra=extra, workers=None)  # None: serve's default
         started["floor"] = _spawn(["benchmarks/bare_forwarder.py", bench_stack.sim.url, MODEL])
         corpus = ROOT / "tests" / "data" / "golden_support" / "corpus.jsonl"
         documents = [{"source": d["_id"], "text": f"{d['title']}\n\n{d['text']}"}
