@@ -134,6 +134,24 @@ def test_long_queries_are_embedded_from_their_beginning_and_end() -> None:
     assert " … " in cut and 56 <= embedder.token_counts([cut])[0] <= 68
 
 
+def test_each_workers_embedder_gets_its_share_of_the_cores() -> None:
+    """With `serve --workers N` every worker loads the model: each ONNX session gets cores // N
+    threads (at least one), so N workers embedding at once do not run N x cores threads."""
+    from dreamseed.policy import EmbedderPolicy
+    from dreamseed.rag.embedders import FastEmbedder
+    from dreamseed.workers import cores_available
+    from support import rag_model_dir
+
+    def threads(environ: dict[str, str]) -> int:
+        model = FastEmbedder(EmbedderPolicy(model_path=str(rag_model_dir())), environ)._model.model
+        return int(model.model.get_session_options().intra_op_num_threads)  # type: ignore[attr-defined]
+
+    cores = cores_available()
+    assert threads({"DREAMSEED_WORKERS": str(max(cores, 2))}) == 1
+    assert threads({"DREAMSEED_WORKERS": str(4 * cores)}) == 1
+    assert threads({}) == 0  # one process: ONNX Runtime's default (one per core)
+
+
 def test_a_broken_eval_set_names_the_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "qrels").mkdir()
     (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n', encoding="utf-8")

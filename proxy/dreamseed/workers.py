@@ -65,6 +65,14 @@ def cores_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     return cores
 
 
+def threads_per_worker(environ: Mapping[str, str] = os.environ) -> int | None:
+    """Threads a worker's compute pools (ONNX Runtime's) may use: the cores split between the
+    workers, so N workers embedding at once do not run N x cores threads; None with one worker
+    (the library's own default, one per core)."""
+    workers = worker_count(environ)
+    return max(cores_available() // workers, 1) if workers > 1 else None
+
+
 def shared_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
     found = environ.get(MULTIPROC_ENV)
     return Path(found) if found and worker_count(environ) > 1 else None

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 
 from ..policy import EmbedderPolicy
+from ..workers import threads_per_worker
 from .database import state_directory
 
 log = logging.getLogger("dreamseed.rag")
@@ -108,11 +109,14 @@ class FastEmbedder:
             # No ONNX Runtime memory arena: with one, the process keeps the largest batch's buffers for
             # good (32 inputs of 512 tokens: 1.3 -> 3.1 GB RSS, never given back); without, memory goes
             # back to its baseline after a large request, at no measurable cost for MiniLM on CPU.
+            # With `serve --workers N`, each worker's session gets its share of the cores.
+            threads = threads_per_worker(environ)
             if path is not None:
-                self._model = TextEmbedding(policy.model, specific_model_path=str(path), enable_cpu_mem_arena=False)
+                self._model = TextEmbedding(policy.model, specific_model_path=str(path), enable_cpu_mem_arena=False,
+                                            threads=threads)
             else:
                 self._model = TextEmbedding(policy.model, cache_dir=str(state_directory(environ) / "models" / "cache"),
-                                            enable_cpu_mem_arena=False)
+                                            enable_cpu_mem_arena=False, threads=threads)
         except Exception as exc:  # fastembed raises plain exceptions for missing files and failed downloads
             where = f"from {path}" if path else "from the model hub (unreachable? run `dreamseed rag setup-model`)"
             raise EmbedderError(f"cannot load embedding model {policy.model!r} {where}: {exc}") from exc
