@@ -139,3 +139,27 @@ async def test_a_dead_workers_slots_are_freed_for_the_others(table: Table) -> No
     assert totals(table) == (1, 0, 0)
     await a.acquire(1)
     assert totals(table) == (2, 0, 0) and a.in_use == 2
+
+
+def test_a_worker_killed_while_holding_the_lock_does_not_stop_the_others(table: Table) -> None:
+    pid = os.fork()
+    if pid == 0:  # a worker that takes the lock and dies with it (SIGKILL inside an update)
+        table.lock.acquire()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    table.forget(1)  # what the parent does before replacing it: must not hang
+    assert table.lock.acquire(timeout=1.0)
+    table.lock.release()
+
+
+def test_backends_are_told_apart_by_their_whole_names(table: Table) -> None:
+    async def scenario() -> None:
+        prefix = "백엔드-" * 30  # far longer than any fixed-size name field
+        first = SharedSlots(table, 0, prefix + "a", 1, 0)
+        second = SharedSlots(table, 0, prefix + "b", 1, 0)
+        await first.acquire(1)
+        await second.acquire(1)  # its own slot, not first's
+        with pytest.raises(QueueFull):
+            await first.acquire(1)
+
+    asyncio.run(scenario())

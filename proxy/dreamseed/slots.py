@@ -22,6 +22,8 @@ A worker that dies takes its slots with it: the parent clears its column before 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import mmap
 import multiprocessing
 import os
@@ -32,8 +34,10 @@ import httpx
 
 from .transport import QueueFull
 
+log = logging.getLogger("dreamseed.slots")
+
 MAX_BACKENDS = 64  # distinct backend names a `serve` sees over its life, reloads included
-NAME_BYTES = 64
+NAME_BYTES = 32  # an entry is found by a digest of the backend's name (names have no length limit)
 _HEAD = 3  # per backend: slots taken (grants included), requests waiting (granted ones included), grants
 _PER_WORKER = 4  # per worker: slots held, requests waiting, oldest waiter's arrival (ns), slots granted
 _HELD, _WAITING, _OLDEST, _GRANTED = range(_PER_WORKER)
@@ -56,7 +60,7 @@ class Table:
 
     def counters(self, name: str) -> memoryview:
         """The int64 counters of a backend, its entry made on first use (call with the lock held)."""
-        encoded = name.encode("utf-8")[:NAME_BYTES].ljust(NAME_BYTES, b"\0")
+        encoded = hashlib.blake2b(name.encode("utf-8"), digest_size=NAME_BYTES).digest()
         for index in range(MAX_BACKENDS):
             start = index * self._entry_bytes
             found = self._memory[start:start + NAME_BYTES]
@@ -78,7 +82,12 @@ class Table:
         """A dead worker's slots and waiters no longer count (its requests died with it); its slots
         go to the other workers' waiters."""
         if not self.lock.acquire(timeout=1.0):
-            return  # held by the dead worker itself: nothing can be done safely
+            # Held for a second: by the dead worker, killed inside a few-microsecond update (the
+            # live ones never hold it longer). Left so, it would stop every worker for good: take
+            # it over (a semaphore may be released by any process) and put its column right below.
+            log.error("worker %d died holding the slot table's lock: taking it over", worker)
+            self.lock.release()
+            self.lock.acquire()
         try:
             for counts in self._entries():
                 base = _HEAD + _PER_WORKER * worker
