@@ -47,14 +47,21 @@ def compare(stack: BenchStack, *, stream: bool, concurrency: int, requests: int,
         return [v for r in results for v in getattr(r, attribute)]
 
     d_lat, p_lat = pooled(direct, "latencies"), pooled(proxied, "latencies")
-    d_first, p_first = pooled(direct, "first_bytes"), pooled(proxied, "first_bytes")
     out: dict[str, Any] = {"concurrency": concurrency, "stream": stream, "requests": requests * rounds}
+    def added(attribute: str, q: float) -> float:
+        """What the proxy adds at percentile q: each round's proxied minus that round's direct (run
+        back to back), the median over the rounds. A stall of this shared machine during one
+        sub-run (CI read a bare forwarder's streaming P95 12 ms over direct once) then moves one
+        round, not the figure; pooled over the rounds it moved the gate."""
+        return statistics.median(percentile(getattr(p, attribute), q) - percentile(getattr(d, attribute), q)
+                                 for d, p in zip(direct, proxied, strict=True)) * 1e3
+
     for q in (50, 95, 99):
         out[f"direct_p{q}_ms"] = percentile(d_lat, q) * 1e3
         out[f"proxy_p{q}_ms"] = percentile(p_lat, q) * 1e3
-        out[f"added_p{q}_ms"] = out[f"proxy_p{q}_ms"] - out[f"direct_p{q}_ms"]
+        out[f"added_p{q}_ms"] = added("latencies", q)
     for q in (50, 95):
-        out[f"added_ttfb_p{q}_ms"] = (percentile(p_first, q) - percentile(d_first, q)) * 1e3
+        out[f"added_ttfb_p{q}_ms"] = added("first_bytes", q)
     out["direct_rps"] = statistics.median(r.throughput for r in direct)
     out["proxy_rps"] = statistics.median(r.throughput for r in proxied)
     out["throughput_ratio"] = out["proxy_rps"] / out["direct_rps"]
@@ -90,7 +97,7 @@ def test_overhead_20ms_backend(benchmark, bench_stack: BenchStack, stream: bool,
     """The seed's 7B target shape: a backend answering in 20 ms."""
     bench_stack.sim.configure(ttft=0.02, token_delay=0.0)
     requests = bench_stack.scale(short=max(concurrency * 25, 100), full=max(concurrency * 100, 400))
-    rounds = bench_stack.scale(short=2, full=3)
+    rounds = bench_stack.scale(short=3, full=3)  # three: the added figures are medians over rounds (compare)
     result = benchmark.pedantic(
         compare, args=(bench_stack,), kwargs={"stream": stream, "concurrency": concurrency, "requests": requests,
                                               "rounds": rounds}, rounds=1, iterations=1)

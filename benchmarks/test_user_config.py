@@ -90,7 +90,7 @@ def proxies(bench_stack: BenchStack, tmp_path_factory: pytest.TempPathFactory) -
 
 def load_16(bench_stack: BenchStack) -> tuple[int, int]:
     """Requests per round and rounds of the 16-concurrent measures."""
-    return bench_stack.scale(short=300, full=1600), bench_stack.scale(short=2, full=3)
+    return bench_stack.scale(short=300, full=1600), bench_stack.scale(short=3, full=3)  # 3: medians (compare)
 
 
 def at_16_concurrent(bench_stack: BenchStack, proxies: dict[str, Process], names: tuple[str, ...]) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def test_user_config_streaming(benchmark, bench_stack: BenchStack, proxies: dict
     sim = bench_stack.sim
     sim.configure(ttft=0.02, token_delay=0.01, tokens=20)
     requests = bench_stack.scale(short=400, full=800)
-    rounds = bench_stack.scale(short=2, full=3)
+    rounds = bench_stack.scale(short=3, full=3)  # three: the added figures are medians over rounds (compare)
     options = {"stream": True, "concurrency": 16, "requests": requests, "rounds": rounds, "max_tokens": 20,
                "headers": {"authorization": f"Bearer {KEY}"}}
 
