@@ -225,3 +225,30 @@ def test_the_default_is_one_worker_per_core_a_cgroup_quota_included(sim: Sim, tm
         assert any(f", {expected} workers)" in line for line in proxy.lines) == (expected > 1)
     finally:
         proxy.stop()
+
+
+def test_a_backend_busy_at_its_limit_stays_healthy_and_its_probes_queue_no_request(sim: Sim, tmp_path: Path) -> None:
+    """Probes have connections of their own: a backend whose one slot is held for 3 s by a request
+    is probed on time by both workers (not behind the request, where a 1 s probe timeout would open the circuit),
+    and nothing but the request counts as in flight or queued."""
+    sim.configure(ttft=3.0)
+    policies = write_policies(tmp_path / "p", {"general": {
+        "url": sim.url, "model": MODEL, "context_length": 4096, "max_concurrency": 1, "max_queue": 8,
+        "health": {"interval": 0.2, "timeout": 1, "unhealthy_threshold": 1},
+        "timeouts": {"connect": 5, "read": 60, "write": 30, "pool": 60}}},
+        routing={"rules": [{"name": "default", "target": "general"}]})
+    proxy = start_proxy(policies, env={"DREAMSEED_ADMIN_KEY": "k"}, extra=["--workers", "2"])
+    try:
+        threads, results = send_in_background(proxy.url, "slow", 1)
+        time.sleep(2.2)  # ten probe intervals while the request holds the only slot
+        with httpx.Client(headers={"authorization": "Bearer k"}) as client:
+            general = client.get(f"{proxy.url}/admin/backends").json()["backends"]["general"]
+            page = client.get(f"{proxy.url}/metrics").text
+        assert general["state"] == "up" and general["circuit"] == "closed", general
+        assert sample(page, "dreamseed_in_flight_requests", backend="general") == 1.0
+        assert sample(page, "dreamseed_queued_requests", backend="general") == 0.0
+        for thread in threads:
+            thread.join()
+        assert results == [200]
+    finally:
+        proxy.stop()

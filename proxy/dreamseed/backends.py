@@ -1,7 +1,9 @@
-"""Live connections to the backends in the catalog: one pooled ``httpx.AsyncClient`` each.
+"""Live connections to the backends in the catalog: per backend, a request pool and a client for probes.
 
-Clients are built once at startup and closed at shutdown. The pool size is the backend's
-``max_concurrency``, so the proxy never sends a backend more requests than it can take.
+Pools are built once per policy generation and closed when no generation uses them. The request
+pool's size is the backend's ``max_concurrency`` (across the workers, slots.py), so the proxy never
+sends a backend more requests than it can take; health and readiness probes have connections of
+their own, outside that limit.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ log = logging.getLogger("dreamseed.backends")
 # vLLM's HTTP server (uvicorn) closes idle keep-alive connections after 5 s. Expiring ours
 # sooner means we never send a request down a socket the server is about to close.
 KEEPALIVE_EXPIRY_S = 4.0
+PROBE_CONNECTIONS = 2  # a health probe and a scaler readiness check at once
 
 
 @dataclass(slots=True)
@@ -43,6 +46,13 @@ class Upstream:
     timeouts: Timeouts | None = None
     circuit: Circuit | None = None
     _heads: dict[str, bytes] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        """Close the request pool and the probes' connections."""
+        if self.client is not None:
+            await self.client.aclose()
+        if self.transport is not None:
+            await self.transport.aclose()
 
     def request_bytes(self, path: str, body: bytes, extra_headers: list[tuple[bytes, bytes]]) -> bytes:
         """A complete POST request for this backend. The head's constant part (request line,
@@ -73,11 +83,15 @@ def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str]) -
     transport = PooledTransport(url, max_connections=backend.max_concurrency, max_queue=backend.max_queue,
                                 keepalive_expiry=KEEPALIVE_EXPIRY_S,
                                 shared_slots=slots_for(name, backend.max_concurrency, backend.max_queue))
+    # Health and readiness probes get connections of their own: a backend busy at its limit must
+    # not make its probe wait for a slot (and time out, and open the circuit), nor have the probe
+    # take a slot or show as a queued request.
+    probes = PooledTransport(url, max_connections=PROBE_CONNECTIONS, keepalive_expiry=KEEPALIVE_EXPIRY_S)
     client = httpx.AsyncClient(
         base_url=url,
         headers=headers,
         timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
-        transport=transport,  # httpx's client API over a lean pool (transport.py says why)
+        transport=probes,  # httpx's client API over a lean pool (transport.py says why)
         # Never let HTTP_PROXY or similar settings reroute traffic meant for our own backends.
         trust_env=False,
     )
@@ -126,8 +140,7 @@ class Upstreams:
 
     async def aclose(self) -> None:
         for upstream in self._by_name.values():
-            if upstream.client is not None:
-                await upstream.client.aclose()
+            await upstream.aclose()
 
 
 class BackendState(msgspec.Struct, omit_defaults=True):

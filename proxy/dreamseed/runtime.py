@@ -165,8 +165,7 @@ class Runtime:
         transport = upstream.transport
         while transport is not None and (transport.in_use or transport.waiting) and time.monotonic() < deadline:
             await asyncio.sleep(RETIRE_POLL_S)
-        if upstream.client is not None:
-            await upstream.client.aclose()
+        await upstream.aclose()
         self._retiring.remove(upstream)
 
     async def aclose(self) -> None:
@@ -176,5 +175,4 @@ class Runtime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.current.upstreams.aclose()
         for upstream in self._retiring:
-            if upstream.client is not None:
-                await upstream.client.aclose()
+            await upstream.aclose()

@@ -302,13 +302,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
 
     @property
     def in_use(self) -> int:
-        """This process's requests holding a connection now (in flight to the backend)."""
-        return self._in_use if self._shared is None else self._shared.in_use
+        """This pool's requests holding a connection now (in flight to the backend)."""
+        return self._in_use
 
     @property
     def waiting(self) -> int:
-        """This process's requests queued for a slot now."""
-        return self._waiting if self._shared is None else self._shared.waiting
+        """This pool's requests queued for a slot now."""
+        return self._waiting
 
     async def send(self, data: bytes, timeouts: Timeouts) -> UpstreamResponse:
         """Send one complete request (head and body) and return once the response head is in.
@@ -354,7 +354,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
         if self._closed:
             raise httpx.PoolTimeout("transport is closed")
         if self._shared is not None:
-            return await self._shared.acquire(timeout)
+            self._waiting += 1  # counted here too: a reload's old pool drains by its own requests
+            try:
+                await self._shared.acquire(timeout)
+            finally:
+                self._waiting -= 1
+            self._in_use += 1
+            return
         if self._in_use < self._max and not self._waiting:
             self._in_use += 1
             return
@@ -377,6 +383,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
 
     def _hand_over(self) -> None:
         if self._shared is not None:
+            self._in_use -= 1
             self._shared.release()
             return
         while self._waiters:
