@@ -152,14 +152,12 @@ def test_a_worker_killed_while_holding_the_lock_does_not_stop_the_others(table: 
     table.lock.release()
 
 
-def test_backends_are_told_apart_by_their_whole_names(table: Table) -> None:
-    async def scenario() -> None:
-        prefix = "백엔드-" * 30  # far longer than any fixed-size name field
-        first = SharedSlots(table, 0, prefix + "a", 1, 0)
-        second = SharedSlots(table, 0, prefix + "b", 1, 0)
+@in_loop
+async def test_backends_are_told_apart_by_their_whole_names(table: Table) -> None:
+    prefix = "백엔드-" * 30  # far longer than any fixed-size name field
+    first = SharedSlots(table, 0, prefix + "a", 1, 0)
+    second = SharedSlots(table, 0, prefix + "b", 1, 0)
+    await first.acquire(1)
+    await second.acquire(1)  # its own slot, not first's
+    with pytest.raises(QueueFull):
         await first.acquire(1)
-        await second.acquire(1)  # its own slot, not first's
-        with pytest.raises(QueueFull):
-            await first.acquire(1)
-
-    asyncio.run(scenario())

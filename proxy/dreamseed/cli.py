@@ -165,19 +165,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"DreamSeed proxy listening on http://{host}:{port} (policies: {Path(args.policies).resolve()}{workers})",
               flush=True)
 
-        table = slots.share_between(args.workers) if args.workers > 1 else None
-
-        def run_worker(index: int) -> int:
-            if table is not None:
-                slots.attach(index)
+        if args.workers == 1:
             # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends a single process
             # before `finally` below runs; stopping the stand-ins at app shutdown happens before that.
-            own = [stand_ins.stop] if args.workers == 1 else []
-            return serve_on(sock, args, policies, stand_ins.url_overrides, own)
+            return serve_on(sock, args, policies, stand_ins.url_overrides, [stand_ins.stop])
+        table = slots.share_between(args.workers)
 
-        if args.workers == 1:
-            return run_worker(0)
-        assert table is not None
+        def run_worker(index: int) -> int:
+            slots.attach(index)
+            return serve_on(sock, args, policies, stand_ins.url_overrides, [])
+
         return supervise(args.workers, run_worker, args.shutdown_grace, forget=table.forget)
     finally:
         stand_ins.stop()

@@ -41,6 +41,7 @@ NAME_BYTES = 32  # an entry is found by a digest of the backend's name (names ha
 _HEAD = 3  # per backend: slots taken (grants included), requests waiting (granted ones included), grants
 _PER_WORKER = 4  # per worker: slots held, requests waiting, oldest waiter's arrival (ns), slots granted
 _HELD, _WAITING, _OLDEST, _GRANTED = range(_PER_WORKER)
+_UNUSED = b"\0" * NAME_BYTES  # an entry no backend has taken yet
 
 
 class Table:
@@ -64,19 +65,17 @@ class Table:
         for index in range(MAX_BACKENDS):
             start = index * self._entry_bytes
             found = self._memory[start:start + NAME_BYTES]
-            if found == encoded or found == b"\0" * NAME_BYTES:
+            if found == encoded or found == _UNUSED:
                 self._memory[start:start + NAME_BYTES] = encoded
-                view = memoryview(self._memory)[start + NAME_BYTES:start + self._entry_bytes]
-                return view.cast("q")
+                return self._counts_at(start)
         raise RuntimeError(f"more than {MAX_BACKENDS} backend names in one serve: restart it")
 
+    def _counts_at(self, start: int) -> memoryview:
+        return memoryview(self._memory)[start + NAME_BYTES:start + self._entry_bytes].cast("q")
+
     def _entries(self) -> list[memoryview]:
-        views = []
-        for index in range(MAX_BACKENDS):
-            start = index * self._entry_bytes
-            if self._memory[start:start + NAME_BYTES] != b"\0" * NAME_BYTES:
-                views.append(memoryview(self._memory)[start + NAME_BYTES:start + self._entry_bytes].cast("q"))
-        return views
+        starts = (index * self._entry_bytes for index in range(MAX_BACKENDS))
+        return [self._counts_at(start) for start in starts if self._memory[start:start + NAME_BYTES] != _UNUSED]
 
     def forget(self, worker: int) -> None:
         """A dead worker's slots and waiters no longer count (its requests died with it); its slots
@@ -88,9 +87,9 @@ class Table:
             log.error("worker %d died holding the slot table's lock: taking it over", worker)
             self.lock.release()
             self.lock.acquire()
+        base = _HEAD + _PER_WORKER * worker
         try:
             for counts in self._entries():
-                base = _HEAD + _PER_WORKER * worker
                 freed = counts[base + _HELD] + counts[base + _GRANTED]
                 counts[1] -= counts[base + _WAITING]
                 counts[2] -= counts[base + _GRANTED]

@@ -82,8 +82,7 @@ class HostCoordinator:
     async def touch(self, name: str) -> None:
         path = self._file("used", name)
         try:
-            path.touch()
-            os.utime(path)
+            path.touch()  # made if missing, else its modification time set to now
         except OSError as exc:
             log.warning("could not record activity of %s in %s: %s", name, self.directory, exc)
 
