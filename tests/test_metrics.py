@@ -186,3 +186,37 @@ def test_an_access_log_buffer_below_one_line_is_refused(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "serve", "--port", "0",
                                  "--access-log-buffer", value], capture_output=True, text=True, timeout=30)
         assert result.returncode == 2 and "--access-log-buffer" in result.stderr and says in result.stderr
+
+
+def test_the_proxys_counters_and_histograms_read_as_prometheus_clients_own() -> None:
+    """CounterVec and HistogramVec (plain floats on the request path) must write the page
+    prometheus_client's Counter and Histogram write for the same events: cumulative buckets, a
+    value equal to a bound counted in that bound's bucket, +Inf, _count and _sum."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from dreamseed.metrics import ProxyMetrics
+    from dreamseed.policy import LATENCY_BUCKETS
+
+    ours = ProxyMetrics(lambda: iter(()))
+    theirs = CollectorRegistry()
+    requests = Counter("dreamseed_requests", ours.requests.documentation, ["rule", "backend", "status"],
+                       registry=theirs)
+    duration = Histogram("dreamseed_request_duration_seconds", ours.duration.documentation, ["backend"],
+                         buckets=LATENCY_BUCKETS, registry=theirs)
+    events = [("default", "general", "200", 0.1), ("default", "general", "200", 0.0999),
+              ("code", "coder", "200", 0.5), ("code", "coder", "502", 250.0), ("default", "general", "200", 0.0)]
+    for rule, backend, status, seconds in events:
+        requests.labels(rule, backend, status).inc()
+        ours.requests.inc(rule, backend, status)
+        duration.labels(backend).observe(seconds)
+        ours.duration.observe(ours.duration.cell(backend), seconds)
+
+    def page(registry: CollectorRegistry, names: tuple[str, ...]) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines()
+                if line.split("{")[0].split(" ")[0] in names and not line.endswith("_created")]
+
+    names = ("dreamseed_requests_total", "dreamseed_request_duration_seconds_bucket",
+             "dreamseed_request_duration_seconds_count", "dreamseed_request_duration_seconds_sum")
+    expected = page(theirs, names)
+    assert 'dreamseed_request_duration_seconds_bucket{backend="general",le="0.1"} 3.0' in expected
+    assert sorted(page(ours.registry, names)) == sorted(expected)

@@ -4,11 +4,14 @@ Real processes and sockets: the proxy under test, a simulated vLLM behind it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -65,27 +68,83 @@ def worker_pids(proxy_pid: int) -> set[int]:
             if "dreamseed.cli" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")}
 
 
+def shared_counts(pids: set[int]) -> dict[int, float]:
+    """Requests each worker has shared in its counts file (workers.write_counts), by pid."""
+    found: dict[int, float] = {}
+    for pid in pids:
+        for path in Path(tempfile.gettempdir()).glob(f"dreamseed-workers-*/counts-{pid}-*.json"):
+            counts = json.loads(path.read_bytes())
+            found[pid] = sum(cell[0] for _, cell in counts["dreamseed_requests"])
+    return found
+
+
+def scrape_until(url: str, done: Callable[[str], bool], timeout: float = 5.0) -> str:
+    """A /metrics page on which `done` holds: the workers share their counts every second."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with httpx.Client() as client:
+            page = client.get(f"{url}/metrics").text
+        if done(page) or time.monotonic() > deadline:
+            return page
+        time.sleep(0.1)
+
+
 def test_two_workers_share_the_port_and_answer_metrics_as_one(sim: Sim, tmp_path: Path) -> None:
     proxy = start_proxy(policies_for(sim, tmp_path / "p"), extra=["--workers", "2"])
     try:
-        assert len(worker_pids(proxy.popen.pid)) == 2
+        workers = worker_pids(proxy.popen.pid)
+        assert len(workers) == 2
         body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
         for _ in range(40):
             # A new connection each time: the kernel spreads them over the workers.
             with httpx.Client() as client:
                 response = client.post(f"{proxy.url}/v1/chat/completions", json=body)
                 assert response.status_code == 200
-        time.sleep(0.5)
+        scrape_until(proxy.url, lambda page: sample(page, "dreamseed_requests_total", status="200") == 40)
         for _ in range(8):
             with httpx.Client() as client:
                 page = client.get(f"{proxy.url}/metrics").text
             # Every scrape, whichever worker answers it, counts all 40 requests.
             assert sample(page, "dreamseed_requests_total", backend="general", status="200") == 40
             assert sample(page, "dreamseed_request_duration_seconds_count", backend="general") == 40
-        # Both workers served requests: each has its own counter file open (created at its first count).
-        for pid in worker_pids(proxy.popen.pid):
-            open_files = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()}
-            assert any(name.endswith(f"counter_{pid}.db") for name in open_files), open_files
+        # Both workers served requests (so the pages above are sums, not one worker's view).
+        shared = shared_counts(workers)
+        assert sorted(shared) == sorted(workers) and all(shared.values()) and sum(shared.values()) == 40, shared
+    finally:
+        proxy.stop()
+
+
+def test_a_killed_workers_counts_stay_in_the_sum(sim: Sim, tmp_path: Path) -> None:
+    """Counters never go back: a worker killed outright is replaced, and what it had shared stays
+    in every page, under the replacement's own counts."""
+    proxy = start_proxy(policies_for(sim, tmp_path / "p"), extra=["--workers", "2"])
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+
+    def send(count: int) -> None:
+        for _ in range(count):
+            with httpx.Client() as client:  # a new connection each time: both workers serve
+                assert client.post(f"{proxy.url}/v1/chat/completions", json=body).status_code == 200
+
+    def total(page: str) -> float:
+        return sample(page, "dreamseed_requests_total", backend="general", status="200")
+
+    try:
+        workers = worker_pids(proxy.popen.pid)
+        send(30)
+        scrape_until(proxy.url, lambda page: total(page) == 30)
+        time.sleep(1.2)  # both have shared their latest counts
+        victim = max(workers, key=lambda pid: shared_counts({pid}).get(pid, 0))
+        assert shared_counts({victim})[victim] > 0
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while len(worker_pids(proxy.popen.pid) - {victim}) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(worker_pids(proxy.popen.pid) - {victim}) == 2  # replaced
+        for _ in range(6):
+            with httpx.Client() as client:
+                assert total(client.get(f"{proxy.url}/metrics").text) == 30
+        send(10)
+        assert total(scrape_until(proxy.url, lambda page: total(page) == 40)) == 40
     finally:
         proxy.stop()
 

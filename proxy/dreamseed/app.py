@@ -66,7 +66,15 @@ from .rag.store import hits_as_dicts
 from .routing import UnknownModelError
 from .runtime import Generation, Runtime
 from .scaling import Coordinator, HostCoordinator, LocalCoordinator, PostgresCoordinator, Scaler
-from .workers import STATE_INTERVAL_S, ask_parent_to_reload, merged_state, shared_directory, write_state
+from .workers import (
+    STATE_INTERVAL_S,
+    ask_parent_to_reload,
+    merged_state,
+    others_counts,
+    shared_directory,
+    write_counts,
+    write_state,
+)
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -158,6 +166,9 @@ class Proxy:
         slots.stop_listening(asyncio.get_running_loop())
         if self._sharing is not None:
             self._sharing.cancel()
+            shared = shared_directory(self.environ)
+            if shared is not None:
+                self._write_shared(shared)  # this worker's last counts stay in the others' sums
         if self.scaler is not None:
             await self.scaler.aclose()
         if self._runtime is not None:
@@ -195,20 +206,26 @@ class Proxy:
         return state_metrics(self.backend_states(), self._runtime.current.policy_hash)
 
     def metrics_text(self) -> bytes:
-        """The /metrics page: this process's registry, or with --workers all workers' figures as one."""
+        """The /metrics page: this process's figures, or with --workers all workers' figures as one."""
         shared = shared_directory(self.environ)
         if shared is None:
             return generate_latest(self.metrics.registry)
-        return generate_latest(self.metrics.across_workers(shared, merged_state(shared, self._state_metrics())))
+        return generate_latest(self.metrics.registry_with(others_counts(shared),
+                                                          merged_state(shared, self._state_metrics())))
 
     async def _share_state(self, directory: Path) -> None:
-        """With --workers: write this worker's in-flight and queued counts for the others' /metrics."""
+        """With --workers: write this worker's counts and its in-flight and queued requests, every
+        second, for the others' /metrics."""
         while True:
-            try:
-                write_state(directory, self._state_metrics())
-            except OSError as exc:
-                log.warning("cannot share this worker's state in %s: %s", directory, exc)
+            self._write_shared(directory)
             await asyncio.sleep(STATE_INTERVAL_S)
+
+    def _write_shared(self, directory: Path) -> None:
+        try:
+            write_counts(directory, self.metrics.snapshot())
+            write_state(directory, self._state_metrics())
+        except OSError as exc:
+            log.warning("cannot share this worker's metrics in %s: %s", directory, exc)
 
     def finished(self, exchange: Exchange) -> None:
         self.metrics.record(exchange)

@@ -19,7 +19,7 @@ from .logs import install as limit_repeats
 from .policy import AUTO_MODEL, BACKENDS_FILE, Policies, PolicyError, load_catalog, load_policies, memory_plan
 from .policy.checks import field_name
 from .routing import Prompt, Router, UnknownModelError
-from .workers import MULTIPROC_ENV, WORKERS_ENV, cores_available, supervise
+from .workers import SHARED_DIR_ENV, WORKERS_ENV, cores_available, supervise
 
 DEFAULT_POLICIES = os.environ.get("DREAMSEED_POLICIES", "policies")
 
@@ -114,10 +114,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers is None:
         args.workers = cores_available()
     if args.workers > 1:
-        # Before prometheus_client is imported (it picks its value store at import): every worker's
-        # counters go to files there, summed at scrape time (workers.py).
+        # The workers' shared directory: their counts and state for /metrics, the on-demand
+        # backends' file locks (workers.py). Set before the workers are forked, so all inherit it.
         shared = tempfile.mkdtemp(prefix="dreamseed-workers-")
-        os.environ[MULTIPROC_ENV] = shared
+        os.environ[SHARED_DIR_ENV] = shared
         os.environ[WORKERS_ENV] = str(args.workers)
     from .auth import KeyRing
     from .rag.database import state_directory
@@ -179,7 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         stand_ins.stop()
         if args.workers > 1:
-            shutil.rmtree(os.environ[MULTIPROC_ENV], ignore_errors=True)
+            shutil.rmtree(os.environ[SHARED_DIR_ENV], ignore_errors=True)
 
 
 def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, url_overrides: Mapping[str, str],

@@ -5,32 +5,35 @@ them to OpenTelemetry's GenAI conventions and to vLLM's `vllm:` metrics. Histogr
 at exactly 0.1 s and 0.5 s, the seed's P95 targets for 7B and 70B backends, so SLO queries can
 use `le="0.1"` and `le="0.5"`.
 
-The hot path costs a few microseconds: label children are looked up once and cached, and
-everything that is a state rather than an event (in-flight and queued requests, circuits, the
-policy in force) is read from the running objects only when Prometheus scrapes.
+The hot path costs about a microsecond: counts are plain floats (CounterVec, HistogramVec), a
+request's cells are looked up once per (rule, backend, status) and cached, and everything that is
+a state rather than an event (in-flight and queued requests, circuits, the policy in force) is
+read from the running objects only when Prometheus scrapes. With `serve --workers` each worker
+shares a snapshot of its counts every second (workers.write_counts), and whichever worker answers
+a scrape adds them up.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .logs import access_log_sink
 from .policy import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from .backends import BackendState
-
-disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client; no *_created series: they double the series count for nothing here
 
 # Retrieval has a budget of a few hundred milliseconds; resolve the 20 ms benchmark target too.
 RAG_BUCKETS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -88,105 +91,179 @@ class Exchange:
             callback(self)
 
 
+class CounterVec:
+    """A counter family kept as plain floats, one list cell per label set.
+
+    Why not prometheus_client's Counter and Histogram on the request path: each of their updates
+    takes a lock, and in multiprocess mode (what `serve --workers` used) also calls os.getpid(), a
+    system call, to notice a fork; six updates a request cost 7 us in one process and 14 us in a
+    worker on the development machine (benchmarks/README.md, item 8), against under 1 us here. The
+    updates happen on the event loop's thread only, so nothing needs a lock; prometheus_client
+    still writes the page (the families below are its custom-collector API)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, tuple(labels)
+        self.cells: dict[tuple[str, ...], list[float]] = {}
+
+    def cell(self, *labels: str) -> list[float]:
+        found = self.cells.get(labels)
+        if found is None:
+            found = self.cells[labels] = [0.0]
+        return found
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        self.cell(*labels)[0] += amount
+
+    def family(self, cells: Mapping[tuple[str, ...], list[float]]) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, cell in cells.items():
+            family.add_metric(list(labels), cell[0])
+        return family
+
+
+class HistogramVec(CounterVec):
+    """A histogram family: a cell holds each bucket's own count (the last bucket is +Inf), then
+    the sum of the observed values."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
+        super().__init__(name, documentation, labels)
+        self.bounds = tuple(sorted(buckets))
+        # The le labels prometheus_client's own Histogram writes (untyped in prometheus-client).
+        self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+
+    def cell(self, *labels: str) -> list[float]:
+        found = self.cells.get(labels)
+        if found is None:
+            found = self.cells[labels] = [0.0] * (len(self.bounds) + 2)
+        return found
+
+    def observe(self, cell: list[float], value: float) -> None:
+        cell[bisect_left(self.bounds, value)] += 1  # buckets are "less than or equal": the first bound >= value
+        cell[-1] += value
+
+    def family(self, cells: Mapping[tuple[str, ...], list[float]]) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, cell in cells.items():
+            cumulative = list(accumulate(cell[:-1]))
+            family.add_metric(list(labels), buckets=list(zip(self._le, cumulative, strict=True)), sum_value=cell[-1])
+        return family
+
+
+Counts = dict[str, list[tuple[list[str], list[float]]]]  # a process's counts as plain data: name -> [(labels, cell)]
+
+
 class ProxyMetrics:
     def __init__(self, state: Callable[[], Iterator[Metric]]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter("dreamseed_requests", "Requests answered, by routing rule, backend and HTTP status "
-                                "(a stream that broke off counts as 502, or 504 if the backend stalled).",
-                                ["rule", "backend", "status"], registry=r)
-        self.duration = Histogram("dreamseed_request_duration_seconds", "Time from request to last response byte.",
-                                  ["backend"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("dreamseed_time_to_first_token_seconds",
-                              "Time to the first response byte: the first token of a stream, the whole answer "
-                              "otherwise (successful requests only).", ["backend"], buckets=LATENCY_BUCKETS,
-                              registry=r)
-        self.upstream = Histogram("dreamseed_upstream_duration_seconds",
-                                  "Time the backend took, from sending it the request to its last byte.",
-                                  ["backend"], buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("dreamseed_prompt_tokens", "Prompt tokens, from the backends' usage reports.",
-                                     ["backend"], registry=r)
-        self.completion_tokens = Counter("dreamseed_completion_tokens",
-                                         "Completion tokens, from the backends' usage reports.", ["backend"],
-                                         registry=r)
-        self.fallbacks = Counter("dreamseed_fallbacks", "Backends skipped along a rule's fallback chain, with why.",
-                                 ["rule", "backend", "reason"], registry=r)
-        self.policy_reloads = Counter("dreamseed_policy_reloads", "Policy reload attempts, by result.", ["result"],
-                                      registry=r)
+        self.requests = CounterVec("dreamseed_requests", "Requests answered, by routing rule, backend and HTTP "
+                                   "status (a stream that broke off counts as 502, or 504 if the backend stalled).",
+                                   ["rule", "backend", "status"])
+        self.duration = HistogramVec("dreamseed_request_duration_seconds", "Time from request to last response byte.",
+                                     ["backend"], LATENCY_BUCKETS)
+        self.ttft = HistogramVec("dreamseed_time_to_first_token_seconds",
+                                 "Time to the first response byte: the first token of a stream, the whole answer "
+                                 "otherwise (successful requests only).", ["backend"], LATENCY_BUCKETS)
+        self.upstream = HistogramVec("dreamseed_upstream_duration_seconds",
+                                     "Time the backend took, from sending it the request to its last byte.",
+                                     ["backend"], LATENCY_BUCKETS)
+        self.prompt_tokens = CounterVec("dreamseed_prompt_tokens", "Prompt tokens, from the backends' usage reports.",
+                                        ["backend"])
+        self.completion_tokens = CounterVec("dreamseed_completion_tokens",
+                                            "Completion tokens, from the backends' usage reports.", ["backend"])
+        self.fallbacks = CounterVec("dreamseed_fallbacks", "Backends skipped along a rule's fallback chain, with why.",
+                                    ["rule", "backend", "reason"])
+        self.policy_reloads = CounterVec("dreamseed_policy_reloads", "Policy reload attempts, by result.", ["result"])
         for result in ("success", "failure"):
-            self.policy_reloads.labels(result)  # exported at 0 from the start, so rate() works at once
-        self.rag_requests = Counter("dreamseed_rag_requests", "Requests with retrieval on, by outcome: hits (context "
-                                    "added), empty (nothing relevant found), degraded (store or embedder failed or "
-                                    "ran out of time; answered without context).", ["rule", "outcome"], registry=r)
-        self.rag_hits = Counter("dreamseed_rag_hits", "Retrieved chunks put into prompts.", ["rule"], registry=r)
-        self.rag_duration = Histogram("dreamseed_rag_retrieval_seconds",
-                                      "Time spent retrieving context (embedding + SQL), degraded attempts included.",
-                                      ["rule"], buckets=RAG_BUCKETS, registry=r)
-        self.scaler_events = Counter("dreamseed_scaler_events", "On-demand backend starts, stops, failed starts and "
-                                     "refused starts, with the reason (keyword, volume, admin, idle, budget, error).",
-                                     ["backend", "event", "reason"], registry=r)
-        r.register(_StateCollector(state))
-        self._children: dict[tuple[str, ...], Any] = {}
-        # Every request's series, looked up once per (rule, backend, status) instead of one by one.
-        self._answers: dict[tuple[str, str, int], tuple[Any, Any, Any, Any, Any, Any]] = {}
+            self.policy_reloads.cell(result)  # exported at 0 from the start, so rate() works at once
+        self.rag_requests = CounterVec("dreamseed_rag_requests", "Requests with retrieval on, by outcome: hits "
+                                       "(context added), empty (nothing relevant found), degraded (store or embedder "
+                                       "failed or ran out of time; answered without context).", ["rule", "outcome"])
+        self.rag_hits = CounterVec("dreamseed_rag_hits", "Retrieved chunks put into prompts.", ["rule"])
+        self.rag_duration = HistogramVec("dreamseed_rag_retrieval_seconds",
+                                         "Time spent retrieving context (embedding + SQL), degraded attempts "
+                                         "included.", ["rule"], RAG_BUCKETS)
+        self.scaler_events = CounterVec("dreamseed_scaler_events", "On-demand backend starts, stops, failed starts "
+                                        "and refused starts, with the reason (keyword, volume, admin, idle, budget, "
+                                        "error).", ["backend", "event", "reason"])
+        self.families: tuple[CounterVec, ...] = (
+            self.requests, self.duration, self.ttft, self.upstream, self.prompt_tokens, self.completion_tokens,
+            self.fallbacks, self.policy_reloads, self.rag_requests, self.rag_hits, self.rag_duration,
+            self.scaler_events)
+        self._state = state
+        # Every request's cells, looked up once per (rule, backend, status) instead of one by one.
+        self._answers: dict[tuple[str, str, int], tuple[list[float], ...]] = {}
 
-    def across_workers(self, directory: Path, state: Iterable[Metric]) -> CollectorRegistry:
-        """A registry for one /metrics answer with --workers: every worker's counters and histograms
-        (prometheus_client's multiprocess files, summed) and the given state families."""
-        from prometheus_client.multiprocess import MultiProcessCollector
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This process's page: its counts and the state families."""
+        return self.registry_with([])
 
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, str(directory))  # type: ignore[no-untyped-call]  # untyped in prometheus-client
-        families = list(state)
+    def registry_with(self, others: Iterable[Counts], state: Iterable[Metric] | None = None) -> CollectorRegistry:
+        """A registry for one /metrics answer: this process's counts plus `others` (with --workers,
+        the other workers' latest snapshots), summed, and the state families (this process's own
+        unless given)."""
+        registry = CollectorRegistry(auto_describe=False)
+        families = [vec.family(_summed(vec, others)) for vec in self.families]
         registry.register(_StateCollector(lambda: iter(families)))
+        registry.register(_StateCollector(self._state if state is None else (lambda: iter(list(state)))))
         return registry
 
+    def snapshot(self) -> Counts:
+        """This process's counts as plain data, for the other workers' pages (workers.write_counts)."""
+        return {vec.name: [(list(labels), list(cell)) for labels, cell in vec.cells.items()] for vec in self.families}
+
     def count_scaler_event(self, backend: str, event: str, reason: str) -> None:
-        self.scaler_events.labels(backend, event, reason).inc()
+        self.scaler_events.inc(backend, event, reason)
 
     def count_reload(self, ok: bool) -> None:
-        self.policy_reloads.labels("success" if ok else "failure").inc()
+        self.policy_reloads.inc("success" if ok else "failure")
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
-    def _answer_series(self, rule: str, backend: str, status: int) -> tuple[Any, Any, Any, Any, Any, Any]:
+    def _answer_cells(self, rule: str, backend: str, status: int) -> tuple[list[float], ...]:
         key = (rule, backend, status)
         found = self._answers.get(key)
         if found is None:
             found = self._answers[key] = (
-                self._child(self.requests, rule, backend, str(status)), self._child(self.duration, backend),
-                self._child(self.ttft, backend), self._child(self.upstream, backend),
-                self._child(self.prompt_tokens, backend), self._child(self.completion_tokens, backend))
+                self.requests.cell(rule, backend, str(status)), self.duration.cell(backend), self.ttft.cell(backend),
+                self.upstream.cell(backend), self.prompt_tokens.cell(backend), self.completion_tokens.cell(backend))
         return found
 
     def record(self, exchange: Exchange) -> None:
         now = time.perf_counter()
-        requests, duration, ttft, upstream, prompt_tokens, completion_tokens = self._answer_series(
+        requests, duration, ttft, upstream, prompt_tokens, completion_tokens = self._answer_cells(
             exchange.rule, exchange.backend, exchange.status)
-        requests.inc()
-        duration.observe(now - exchange.started)
+        requests[0] += 1
+        self.duration.observe(duration, now - exchange.started)
         if exchange.status < 400 and exchange.first_byte is not None:
-            ttft.observe(exchange.first_byte - exchange.started)
+            self.ttft.observe(ttft, exchange.first_byte - exchange.started)
         if exchange.upstream_started is not None and exchange.upstream_done is not None:
-            upstream.observe(exchange.upstream_done - exchange.upstream_started)
+            self.upstream.observe(upstream, exchange.upstream_done - exchange.upstream_started)
         if exchange.prompt_tokens:
-            prompt_tokens.inc(exchange.prompt_tokens)
+            prompt_tokens[0] += exchange.prompt_tokens
         if exchange.completion_tokens:
-            completion_tokens.inc(exchange.completion_tokens)
+            completion_tokens[0] += exchange.completion_tokens
         if exchange.rag is not None:
-            self._child(self.rag_requests, exchange.rule, exchange.rag).inc()
+            self.rag_requests.inc(exchange.rule, exchange.rag)
             if exchange.rag_hits:
-                self._child(self.rag_hits, exchange.rule).inc(exchange.rag_hits)
+                self.rag_hits.inc(exchange.rule, amount=exchange.rag_hits)
             if exchange.rag_seconds is not None:
-                self._child(self.rag_duration, exchange.rule).observe(exchange.rag_seconds)
+                self.rag_duration.observe(self.rag_duration.cell(exchange.rule), exchange.rag_seconds)
         for skipped in exchange.fallbacks:
             name, _, reason = skipped.partition(":")
-            self._child(self.fallbacks, exchange.rule, name, reason).inc()
+            self.fallbacks.inc(exchange.rule, name, reason)
+
+
+def _summed(vec: CounterVec, others: Iterable[Counts]) -> dict[tuple[str, ...], list[float]]:
+    """The family's cells in this process plus the same family's cells in `others`, added up."""
+    total = {labels: list(cell) for labels, cell in vec.cells.items()}
+    for counts in others:
+        for labels, cell in counts.get(vec.name, ()):
+            key = tuple(labels)
+            mine = total.get(key)
+            total[key] = list(cell) if mine is None else [a + b for a, b in zip(mine, cell, strict=True)]
+    return total
 
 
 class _StateCollector(Collector):

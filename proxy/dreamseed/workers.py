@@ -3,10 +3,12 @@
 The parent binds the port and starts the stand-in backends, then forks the workers; the kernel
 hands each new connection to one of them. What they share, and how:
 
-- /metrics: counters and histograms live in prometheus_client's multiprocess files (one per worker
-  under ``PROMETHEUS_MULTIPROC_DIR``), summed at scrape time; state gauges (requests in flight and
-  queued, the access log's queue) are written by each worker every second and summed; health,
-  circuit and scaler states are the answering worker's own (the workers probe the same backends).
+- /metrics: every second each worker writes its counters and histograms (metrics.ProxyMetrics's
+  snapshot) and its state gauges (requests in flight and queued, the access log's queue) to the
+  workers' shared directory, and whichever worker answers a scrape adds the others' latest up with
+  its own live figures, so another worker's requests show within a second. A dead worker's counts
+  stay in the sum (counters never go back); its gauges do not. Health, circuit and scaler states
+  are the answering worker's own (the workers probe the same backends).
 - Backend limits: ``max_concurrency`` and ``max_queue`` hold for the backend, whichever worker a
   request reached: the workers count in one shared table (slots.py), and a waiting request gets
   the next free slot in the order the requests came, near enough, whichever worker frees it.
@@ -30,11 +32,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # prometheus_client must not be imported before `serve --workers` sets its directory
+import msgspec
+
+if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
+    from .metrics import Counts
+
 WORKERS_ENV = "DREAMSEED_WORKERS"
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SHARED_DIR_ENV = "DREAMSEED_SHARED_DIR"  # the workers' shared directory (cli.cmd_serve makes it)
 # State families summed over the workers; the rest are the answering worker's own view.
 SUMMED = frozenset({"dreamseed_in_flight_requests", "dreamseed_queued_requests", "dreamseed_access_log_dropped",
                     "dreamseed_access_log_queued"})
@@ -74,11 +80,46 @@ def threads_per_worker(environ: Mapping[str, str] = os.environ) -> int | None:
 
 
 def shared_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
-    found = environ.get(MULTIPROC_ENV)
+    found = environ.get(SHARED_DIR_ENV)
     return Path(found) if found and worker_count(environ) > 1 else None
 
 
-# --- state gauges, summed over the workers ------------------------------------------------
+# --- counts and state gauges, summed over the workers --------------------------------------
+
+_counts_name: tuple[int, str] | None = None  # (pid, file name): a forked worker must not reuse its parent's
+
+
+def _own_counts_file(directory: Path) -> Path:
+    """This process's counts file. The name carries a random part as well as the pid: a replaced
+    worker's counts stay in the sum, and a new worker that happens to get its pid must not
+    overwrite them."""
+    global _counts_name
+    pid = os.getpid()
+    if _counts_name is None or _counts_name[0] != pid:
+        _counts_name = (pid, f"counts-{pid}-{os.urandom(4).hex()}.json")
+    return directory / _counts_name[1]
+
+
+def write_counts(directory: Path, counts: Counts) -> None:
+    """This worker's counters and histograms, for the others' /metrics (written whole, then renamed)."""
+    target = _own_counts_file(directory)
+    scratch = target.with_suffix(".tmp")
+    scratch.write_bytes(msgspec.json.encode(counts))
+    scratch.replace(target)
+
+
+def others_counts(directory: Path) -> list[Counts]:
+    """The latest counts of every other worker of this serve, the dead ones' included."""
+    own = _own_counts_file(directory)
+    found = []
+    for path in directory.glob("counts-*.json"):
+        if path == own:
+            continue
+        try:
+            found.append(msgspec.json.decode(path.read_bytes(), type=dict[str, list[tuple[list[str], list[float]]]]))
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            continue  # unreadable: skipped for this scrape, never half-added
+    return found
 
 
 def _shareable(families: Iterable[Metric]) -> list[dict[str, Any]]:
