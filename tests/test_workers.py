@@ -149,6 +149,40 @@ def test_a_killed_workers_counts_stay_in_the_sum(sim: Sim, tmp_path: Path) -> No
         proxy.stop()
 
 
+def test_counters_never_go_back_from_one_scrape_to_the_next_whichever_worker_answers(sim: Sim, tmp_path: Path) -> None:
+    """Prometheus reads a counter that goes down as a restart of the process and makes up a jump
+    in rate(): consecutive scrapes, answered by either worker while both serve, must never go
+    back (a worker that added its own live counts to the others' last shared ones did)."""
+    proxy = start_proxy(policies_for(sim, tmp_path / "p"), extra=["--workers", "2"])
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            with httpx.Client() as client:  # a new connection each time: both workers serve
+                client.post(f"{proxy.url}/v1/chat/completions", json=body)
+
+    senders = [threading.Thread(target=traffic) for _ in range(2)]
+    try:
+        for sender in senders:
+            sender.start()
+        totals = []
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            with httpx.Client() as client:  # a new connection each time: either worker answers
+                page = client.get(f"{proxy.url}/metrics").text
+            totals.append(sample(page, "dreamseed_requests_total", backend="general", status="200"))
+            time.sleep(0.05)
+        assert totals[-1] > totals[0]
+        went_back = [(a, b) for a, b in zip(totals, totals[1:], strict=False) if b < a]
+        assert not went_back, went_back
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join()
+        proxy.stop()
+
+
 def test_in_flight_requests_are_summed_over_the_workers(sim: Sim, tmp_path: Path) -> None:
     sim.configure(ttft=3.0)  # requests stay in flight (or queued, up to pool: 60 s) while we look
     proxy = start_proxy(policies_for(sim, tmp_path / "p", max_concurrency=4), extra=["--workers", "2"])

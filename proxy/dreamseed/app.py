@@ -210,6 +210,11 @@ class Proxy:
         shared = shared_directory(self.environ)
         if shared is None:
             return generate_latest(self.metrics.registry)
+        # This worker's counts are shared before they are shown: a page adding its live counts to the
+        # others' last shared ones would be ahead of the next page another worker answers, and a
+        # counter that goes back reads to Prometheus as a restart. So every page shows each worker's
+        # latest shared counts, which only grow.
+        self._write_shared(shared)
         return generate_latest(self.metrics.registry_with(others_counts(shared),
                                                           merged_state(shared, self._state_metrics())))
 

@@ -3,11 +3,12 @@
 The parent binds the port and starts the stand-in backends, then forks the workers; the kernel
 hands each new connection to one of them. What they share, and how:
 
-- /metrics: every second each worker writes its counters and histograms (metrics.ProxyMetrics's
-  snapshot) and its state gauges (requests in flight and queued, the access log's queue) to the
-  workers' shared directory, and whichever worker answers a scrape adds the others' latest up with
-  its own live figures, so another worker's requests show within a second. A dead worker's counts
-  stay in the sum (counters never go back); its gauges do not. Health, circuit and scaler states
+- /metrics: every second, and before it answers a scrape, each worker writes its counters and
+  histograms (metrics.ProxyMetrics's snapshot) and its state gauges (requests in flight and
+  queued, the access log's queue) to the workers' shared directory; whichever worker answers a
+  scrape adds up every worker's latest, so another worker's requests show within a second, and a
+  counter never goes back from one page to the next, whichever worker answers each. A dead
+  worker's counts stay in the sum; its gauges do not. Health, circuit and scaler states
   are the answering worker's own (the workers probe the same backends).
 - Backend limits: ``max_concurrency`` and ``max_queue`` hold for the backend, whichever worker a
   request reached: the workers count in one shared table (slots.py), and a waiting request gets
