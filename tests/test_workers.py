@@ -69,7 +69,7 @@ def worker_pids(proxy_pid: int) -> set[int]:
 
 
 def shared_counts(pids: set[int]) -> dict[int, float]:
-    """Requests each worker has shared in its counts file (workers.write_counts), by pid."""
+    """Requests each worker has shared in its counts file (workers.SharedFiles), by pid."""
     found: dict[int, float] = {}
     for pid in pids:
         for path in Path(tempfile.gettempdir()).glob(f"dreamseed-workers-*/counts-{pid}-*.json"):
@@ -345,3 +345,54 @@ def test_a_backend_busy_at_its_limit_stays_healthy_and_its_probes_queue_no_reque
         assert results == [200]
     finally:
         proxy.stop()
+
+
+def test_sharing_a_workers_metrics_never_stalls_its_event_loop(sim: Sim, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files are written in a thread: with a write that takes 0.5 s (a disk that stalls), the
+    event loop still runs its timers on time, and the file is there once the share is done."""
+    import asyncio
+
+    from dreamseed import workers
+    from dreamseed.app import Proxy
+    from dreamseed.policy import load_policies
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    environ = {"DREAMSEED_WORKERS": "2", "DREAMSEED_SHARED_DIR": str(shared)}
+    proxy = Proxy(load_policies(policies_for(sim, tmp_path / "p")), environ, {}, log_prompts=False)
+    proxy.metrics.requests.inc("default", "general", "200")
+    written = workers.write_state
+
+    def slow(directory: Path, families: object) -> None:
+        time.sleep(0.5)
+        written(directory, families)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(workers, "write_state", slow)
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        assert proxy._shared is not None
+        sharing = asyncio.ensure_future(proxy._share(proxy._shared))
+        began = loop.time()
+        await asyncio.sleep(0.02)
+        late = loop.time() - began - 0.02
+        await sharing
+        return late
+
+    assert asyncio.run(run()) < 0.2
+    files = list(shared.glob("counts-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_bytes())["dreamseed_requests"] == [[["default", "general", "200"], [1.0]]]
+    assert list(shared.glob("state-*.json"))
+
+
+def test_an_older_snapshot_written_late_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    from dreamseed.workers import SharedFiles
+
+    shared = SharedFiles(tmp_path)
+    shared.share({"dreamseed_requests": [(["r", "b", "200"], [7.0])]}, [], number=2)
+    shared.share({"dreamseed_requests": [(["r", "b", "200"], [5.0])]}, [], number=1)
+    assert json.loads(shared.counts_file.read_bytes())["dreamseed_requests"] == [[["r", "b", "200"], [7.0]]]
+    shared.share({"dreamseed_requests": [(["r", "b", "200"], [9.0])]}, [], number=3)
+    assert json.loads(shared.counts_file.read_bytes())["dreamseed_requests"] == [[["r", "b", "200"], [9.0]]]
+    assert SharedFiles(tmp_path).others_counts() == [{"dreamseed_requests": [(["r", "b", "200"], [9.0])]}]

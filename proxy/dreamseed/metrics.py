@@ -9,8 +9,8 @@ The hot path costs about a microsecond: counts are plain floats (CounterVec, His
 request's cells are looked up once per (rule, backend, status) and cached, and everything that is
 a state rather than an event (in-flight and queued requests, circuits, the policy in force) is
 read from the running objects only when Prometheus scrapes. With `serve --workers` each worker
-shares a snapshot of its counts every second (workers.write_counts), and whichever worker answers
-a scrape adds them up.
+shares a snapshot of its counts every second and before it answers a scrape
+(workers.SharedFiles), and whichever worker answers adds them up.
 """
 
 from __future__ import annotations
@@ -198,21 +198,22 @@ class ProxyMetrics:
 
     @property
     def registry(self) -> CollectorRegistry:
-        """This process's page: its counts and the state families."""
-        return self.registry_with([])
+        """This process's page: its counts and the state families, read now (on the event loop)."""
+        return self.registry_of([self.snapshot()], list(self._state()))
 
-    def registry_with(self, others: Iterable[Counts], state: Iterable[Metric] | None = None) -> CollectorRegistry:
-        """A registry for one /metrics answer: this process's counts plus `others` (with --workers,
-        the other workers' latest snapshots), summed, and the state families (this process's own
-        unless given)."""
+    def registry_of(self, counts: Iterable[Counts], state: Iterable[Metric]) -> CollectorRegistry:
+        """A page from plain data only: the `counts` (snapshots: this process's, and with --workers
+        every worker's latest) added up, and the given state families. It reads no live cell, so
+        it may be built off the event loop."""
+        counts = list(counts)
+        families = [vec.family(_summed(vec.name, counts)) for vec in self.families]
+        families += state
         registry = CollectorRegistry(auto_describe=False)
-        families = [vec.family(_summed(vec, others)) for vec in self.families]
-        registry.register(_StateCollector(lambda: iter(families)))
-        registry.register(_StateCollector(self._state if state is None else (lambda: iter(list(state)))))
+        registry.register(_Families(families))
         return registry
 
     def snapshot(self) -> Counts:
-        """This process's counts as plain data, for the other workers' pages (workers.write_counts)."""
+        """This process's counts as plain data, for the other workers' pages (workers.SharedFiles)."""
         return {vec.name: [(list(labels), list(cell)) for labels, cell in vec.cells.items()] for vec in self.families}
 
     def count_scaler_event(self, backend: str, event: str, reason: str) -> None:
@@ -255,32 +256,32 @@ class ProxyMetrics:
             self.fallbacks.inc(exchange.rule, name, reason)
 
 
-def _summed(vec: CounterVec, others: Iterable[Counts]) -> dict[tuple[str, ...], list[float]]:
-    """The family's cells in this process plus the same family's cells in `others`, added up."""
-    total = {labels: list(cell) for labels, cell in vec.cells.items()}
-    for counts in others:
-        for labels, cell in counts.get(vec.name, ()):
+def _summed(name: str, counts: Iterable[Counts]) -> dict[tuple[str, ...], list[float]]:
+    """One family's cells in every snapshot of `counts`, added up."""
+    total: dict[tuple[str, ...], list[float]] = {}
+    for snapshot in counts:
+        for labels, cell in snapshot.get(name, ()):
             key = tuple(labels)
             mine = total.get(key)
             total[key] = list(cell) if mine is None else [a + b for a, b in zip(mine, cell, strict=True)]
     return total
 
 
-class _StateCollector(Collector):
-    """Gauges read from the running proxy at scrape time."""
+class _Families(Collector):
+    """The families of one page, made before prometheus_client writes it."""
 
-    def __init__(self, state: Callable[[], Iterator[Metric]]) -> None:
-        self._state = state
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._state()
+        return iter(self._families)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
 
 
 def state_metrics(backends: Mapping[str, BackendState], policy_hash: str) -> Iterator[Metric]:
-    """The families _StateCollector exports, from the same view /admin/backends shows."""
+    """The state families of a page, from the same view /admin/backends shows."""
     in_flight = GaugeMetricFamily("dreamseed_in_flight_requests", "Requests holding a connection to the backend.",
                                   labels=["backend"])
     queued = GaugeMetricFamily("dreamseed_queued_requests", "Requests waiting for a free slot.", labels=["backend"])

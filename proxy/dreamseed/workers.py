@@ -5,7 +5,8 @@ hands each new connection to one of them. What they share, and how:
 
 - /metrics: every second, and before it answers a scrape, each worker writes its counters and
   histograms (metrics.ProxyMetrics's snapshot) and its state gauges (requests in flight and
-  queued, the access log's queue) to the workers' shared directory; whichever worker answers a
+  queued, the access log's queue) to the workers' shared directory (SharedFiles, in a thread:
+  file I/O never runs on the event loop); whichever worker answers a
   scrape adds up every worker's latest, so another worker's requests show within a second, and a
   counter never goes back from one page to the next, whichever worker answers each. A dead
   worker's counts stay in the sum; its gauges do not. Health, circuit and scaler states
@@ -28,6 +29,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -87,40 +89,47 @@ def shared_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
 
 # --- counts and state gauges, summed over the workers --------------------------------------
 
-_counts_name: tuple[int, str] | None = None  # (pid, file name): a forked worker must not reuse its parent's
+class SharedFiles:
+    """This worker's files in the workers' shared directory (its counts, its state gauges), and
+    the other workers' counts. Made in the worker, after the fork."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        # The pid and a random part: a replaced worker's counts stay in the sum, and a new worker
+        # that happens to get its pid must not overwrite them.
+        self.counts_file = directory / f"counts-{os.getpid()}-{os.urandom(4).hex()}.json"
+        self._writing = threading.Lock()
+        self._written = -1  # the number of the newest snapshot written
+
+    def share(self, counts: Counts, state: Iterable[Metric], number: int) -> None:
+        """Write this worker's counts and summed state families: file I/O, so the proxy calls it in
+        a thread. `number` orders the snapshots as they were taken: one older than the last
+        written is dropped, so the counts in the file never go back."""
+        with self._writing:
+            if number < self._written:
+                return
+            _write_whole(self.counts_file, msgspec.json.encode(counts))
+            write_state(self.directory, state)
+            self._written = number
+
+    def others_counts(self) -> list[Counts]:
+        """The latest counts of every other worker of this serve, the dead ones' included."""
+        found = []
+        for path in self.directory.glob("counts-*.json"):
+            if path == self.counts_file:
+                continue
+            try:
+                found.append(msgspec.json.decode(path.read_bytes(), type=dict[str, list[tuple[list[str], list[float]]]]))
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+                continue  # unreadable: skipped for this scrape, never half-added
+        return found
 
 
-def _own_counts_file(directory: Path) -> Path:
-    """This process's counts file. The name carries a random part as well as the pid: a replaced
-    worker's counts stay in the sum, and a new worker that happens to get its pid must not
-    overwrite them."""
-    global _counts_name
-    pid = os.getpid()
-    if _counts_name is None or _counts_name[0] != pid:
-        _counts_name = (pid, f"counts-{pid}-{os.urandom(4).hex()}.json")
-    return directory / _counts_name[1]
-
-
-def write_counts(directory: Path, counts: Counts) -> None:
-    """This worker's counters and histograms, for the others' /metrics (written whole, then renamed)."""
-    target = _own_counts_file(directory)
+def _write_whole(target: Path, data: bytes) -> None:
+    """Written to a scratch file, then renamed: a reader sees the old file or the new, never half."""
     scratch = target.with_suffix(".tmp")
-    scratch.write_bytes(msgspec.json.encode(counts))
+    scratch.write_bytes(data)
     scratch.replace(target)
-
-
-def others_counts(directory: Path) -> list[Counts]:
-    """The latest counts of every other worker of this serve, the dead ones' included."""
-    own = _own_counts_file(directory)
-    found = []
-    for path in directory.glob("counts-*.json"):
-        if path == own:
-            continue
-        try:
-            found.append(msgspec.json.decode(path.read_bytes(), type=dict[str, list[tuple[list[str], list[float]]]]))
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-            continue  # unreadable: skipped for this scrape, never half-added
-    return found
 
 
 def _shareable(families: Iterable[Metric]) -> list[dict[str, Any]]:
@@ -131,10 +140,7 @@ def _shareable(families: Iterable[Metric]) -> list[dict[str, Any]]:
 
 def write_state(directory: Path, families: Iterable[Metric]) -> None:
     """This worker's summed families, for the others to read (written whole, then renamed)."""
-    target = directory / f"state-{os.getpid()}.json"
-    scratch = target.with_suffix(".tmp")
-    scratch.write_text(json.dumps(_shareable(families)), encoding="utf-8")
-    scratch.replace(target)
+    _write_whole(directory / f"state-{os.getpid()}.json", json.dumps(_shareable(families)).encode())
 
 
 def merged_state(directory: Path, own: Iterable[Metric]) -> Iterator[Metric]:
