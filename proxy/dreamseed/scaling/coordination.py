@@ -82,7 +82,9 @@ class HostCoordinator:
     async def touch(self, name: str) -> None:
         path = self._file("used", name)
         try:
-            path.touch()  # made if missing, else its modification time set to now
+            # Made if missing, else its modification time set to now; in a thread, as every file
+            # write of the proxy's (a metadata write on ext4 can wait milliseconds for the journal).
+            await asyncio.to_thread(path.touch)
         except OSError as exc:
             log.warning("could not record activity of %s in %s: %s", name, self.directory, exc)
 
