@@ -101,7 +101,7 @@ class CounterVec:
     updates happen on the event loop's thread only, so nothing needs a lock; prometheus_client
     still writes the page (the families below are its custom-collector API)."""
 
-    kind = "counter"
+    width = 1  # floats in a cell
 
     def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
         self.name, self.documentation, self.labels = name, documentation, tuple(labels)
@@ -110,7 +110,7 @@ class CounterVec:
     def cell(self, *labels: str) -> list[float]:
         found = self.cells.get(labels)
         if found is None:
-            found = self.cells[labels] = [0.0]
+            found = self.cells[labels] = [0.0] * self.width
         return found
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
@@ -127,19 +127,12 @@ class HistogramVec(CounterVec):
     """A histogram family: a cell holds each bucket's own count (the last bucket is +Inf), then
     the sum of the observed values."""
 
-    kind = "histogram"
-
     def __init__(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
         super().__init__(name, documentation, labels)
         self.bounds = tuple(sorted(buckets))
+        self.width = len(self.bounds) + 2
         # The le labels prometheus_client's own Histogram writes (untyped in prometheus-client).
         self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
-
-    def cell(self, *labels: str) -> list[float]:
-        found = self.cells.get(labels)
-        if found is None:
-            found = self.cells[labels] = [0.0] * (len(self.bounds) + 2)
-        return found
 
     def observe(self, cell: list[float], value: float) -> None:
         cell[bisect_left(self.bounds, value)] += 1  # buckets are "less than or equal": the first bound >= value

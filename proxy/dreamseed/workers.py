@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .metrics import Counts
+
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
-
-    from .metrics import Counts
 
 WORKERS_ENV = "DREAMSEED_WORKERS"
 SHARED_DIR_ENV = "DREAMSEED_SHARED_DIR"  # the workers' shared directory (cli.cmd_serve makes it)
@@ -119,7 +119,7 @@ class SharedFiles:
             if path == self.counts_file:
                 continue
             try:
-                found.append(msgspec.json.decode(path.read_bytes(), type=dict[str, list[tuple[list[str], list[float]]]]))
+                found.append(msgspec.json.decode(path.read_bytes(), type=Counts))
             except (OSError, msgspec.DecodeError, msgspec.ValidationError):
                 continue  # unreadable: skipped for this scrape, never half-added
         return found
