@@ -156,27 +156,35 @@ def test_user_config_streaming(benchmark, bench_stack: BenchStack, proxies: dict
 
 def test_user_config_throughput(benchmark, bench_stack: BenchStack, proxies: dict[str, Process]) -> None:  # type: ignore[no-untyped-def]
     """Issue 17's throughput targets, as users run it: at 64 concurrent with a 20 ms backend, and
-    CPU-bound (a backend that answers at once, 16 concurrent), each over direct in the same rounds."""
+    CPU-bound (a backend that answers at once, 16 concurrent), each over direct in the same rounds.
+    The floor (bare_forwarder.py) is measured the same way right after: on a 2-core machine shared
+    with the load generator and the backend, what uvicorn and the connection pool alone reach is
+    the ceiling for any proxy built on them, and a target above it is out of the proxy's reach."""
     sim = bench_stack.sim
-    stack = BenchStack(sim, proxies["user"], bench_stack.mode)
     headers = {"authorization": f"Bearer {KEY}"}
     rounds = bench_stack.scale(short=2, full=3)
 
     def measure() -> dict[str, Any]:
+        out: dict[str, Any] = {"errors": 0}
         try:
-            sim.configure(ttft=0.02, token_delay=0.0)
-            wide = compare(stack, stream=False, concurrency=64, requests=bench_stack.scale(short=1600, full=6400),
-                           rounds=rounds, headers=headers)
-            sim.configure(ttft=0.0, token_delay=0.0, tokens=4)
-            bound = compare(stack, stream=False, concurrency=16, requests=bench_stack.scale(short=1500, full=3000),
-                            rounds=rounds, headers=headers, max_tokens=4)
+            for prefix, proxy in (("", proxies["user"]), ("floor_", proxies["floor"])):
+                stack = BenchStack(sim, proxy, bench_stack.mode)
+                sim.configure(ttft=0.02, token_delay=0.0, tokens=16)
+                wide = compare(stack, stream=False, concurrency=64, requests=bench_stack.scale(short=1600, full=6400),
+                               rounds=rounds, headers=headers)
+                sim.configure(ttft=0.0, token_delay=0.0, tokens=4)
+                bound = compare(stack, stream=False, concurrency=16, requests=bench_stack.scale(short=1500, full=3000),
+                                rounds=rounds, headers=headers, max_tokens=4)
+                out.update({f"{prefix}c64_throughput_ratio": wide["throughput_ratio"],
+                            f"{prefix}c64_added_p95_ms": wide["added_p95_ms"],
+                            f"{prefix}cpu_bound_throughput_ratio": bound["throughput_ratio"],
+                            f"{prefix}cpu_bound_cpu_us": bound["proxy_cpu_us_per_request"]})
+                if not prefix:
+                    out["cpu_bound_backend_cpu_us"] = bound["backend_cpu_us_per_request"]
+                out["errors"] += wide["errors"] + bound["errors"]
         finally:
             sim.configure(ttft=0.02, token_delay=0.0, tokens=16)  # the other suites' shape
-        return {"c64_throughput_ratio": wide["throughput_ratio"], "c64_added_p95_ms": wide["added_p95_ms"],
-                "cpu_bound_throughput_ratio": bound["throughput_ratio"],
-                "cpu_bound_cpu_us": bound["proxy_cpu_us_per_request"],
-                "cpu_bound_backend_cpu_us": bound["backend_cpu_us_per_request"],
-                "errors": wide["errors"] + bound["errors"]}
+        return out
 
     result = benchmark.pedantic(measure, rounds=1, iterations=1)
     benchmark.extra_info.update(result)
