@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dreamseed.policy import Catalog, Routing, load_policies
-from dreamseed.routing import Prompt, Router, ScopedText, UnknownModelError, estimate_tokens, keyword_check
+from dreamseed.routing import Prompt, Router, ScopedText, UnknownModelError, estimate_tokens, keyword_check, normalise
 from support import SEED_POLICIES
 
 
@@ -150,6 +150,34 @@ def test_keyword_check_reports_the_keyword_found() -> None:
     # Keywords that are not a single ASCII word match as substrings of the case-folded text.
     assert check(ScopedText("write a UNIT TEST")) == "keyword 'unit test'"
     assert check(ScopedText("modern C++ please")) == "keyword 'c++'"
+
+
+def test_a_prompts_ascii_words_are_the_runs_a_regex_finds() -> None:
+    """ScopedText.words finds words with bytes.translate (faster than a regex): it must find
+    exactly the maximal runs of [a-z0-9] of the folded text, whatever surrounds them."""
+    import random
+    import re
+
+    alphabet = "abcXYZ019 .,-_()'\"\n\t코드를é" + "ｃｏｄｅ" + "ß" + "ﬁ" + "²" + "\u200b"
+    rng = random.Random(17)
+    texts = ["", "class를", "(class)", "subclass classic", "파이썬 코드 python3 x86_64", "ＣＬＡＳＳ ｃｏｄｅ"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(2000)]
+    for text in texts:
+        scoped = ScopedText(normalise(text))
+        expected = {w.encode() for w in re.findall(r"[a-z0-9]+", scoped.folded)}
+        assert scoped.words == expected, text
+
+
+def test_scopes_with_the_same_text_and_scopes_without_it() -> None:
+    system = {"role": "system", "content": "You write SQL."}
+    one = Prompt(messages=[{"role": "user", "content": "a quick question"}])
+    assert one.scoped("all") is one.scoped("user") is one.scoped("last_user")
+    two = Prompt(messages=[system, {"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+                           {"role": "user", "content": "second"}])
+    assert (two.text("all"), two.text("user"), two.text("last_user")) == (
+        "You write SQL.\nfirst\nok\nsecond", "first\nsecond", "second")
+    assert two.scoped("all").words == {b"you", b"write", b"sql", b"first", b"ok", b"second"}
+    assert two.scoped("last_user").words == {b"second"}
 
 
 def test_route_command_explains_the_decision() -> None:
