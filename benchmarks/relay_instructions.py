@@ -1,0 +1,79 @@
+"""One variant of the relay called in process, for test_relay_instructions.py to count its machine
+instructions under valgrind's callgrind.
+
+    valgrind --tool=callgrind --instr-atstart=no --toggle-collect=functools_reduce \
+        python relay_instructions.py BACKEND_URL VARIANT COUNT
+
+The app is set up and warmed up (200 requests), then the program prints READY and waits for a
+line on standard input: the harness switches callgrind's instrumentation on meanwhile (running the
+start-up instrumented would take a minute). The COUNT measured requests then run inside
+functools.reduce, the one C function callgrind is told to collect in, so what is counted is those
+requests on the event loop's thread and nothing else: not the start-up, not the shutdown, not the
+access log's writer thread. Health probes are set an hour apart so none lands in the count.
+
+VARIANT is `user` (test_user_config's: client keys, the access log, metrics, the shipped rules over
+four backends), one of `no_keys`, `no_access_log`, `one_rule` (user with one thing changed), or
+`floor` (bare_forwarder.py's app: the same connection pool and nothing else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+import tempfile
+from pathlib import Path
+
+import uvloop
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+from bare_forwarder import forwarder  # noqa: E402
+from conftest import MODEL  # noqa: E402
+from dreamseed.app import create_app  # noqa: E402
+from dreamseed.logs import AccessLogQueue, set_access_log  # noqa: E402
+from dreamseed.policy import load_policies  # noqa: E402
+from test_overhead import chat_body  # noqa: E402
+from test_relay_in_process import cpu_per_request, running  # noqa: E402
+from test_user_config import KEY, shipped_policies  # noqa: E402
+
+VARIANTS = ("user", "no_keys", "no_access_log", "one_rule", "floor")
+
+
+def main(backend: str, variant: str, count: int) -> None:
+    if variant not in VARIANTS:
+        raise SystemExit(f"relay_instructions.py: VARIANT must be one of {', '.join(VARIANTS)}, not {variant!r}")
+    directory = shipped_policies(Path(tempfile.mkdtemp(prefix="dreamseed-instructions-")) / "policies", backend)
+    catalog = yaml.safe_load((directory / "backends.yaml").read_text(encoding="utf-8"))
+    for backend_settings in catalog["backends"].values():
+        backend_settings["health"] = {"interval": 3600}
+    (directory / "backends.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
+    if variant == "one_rule":
+        (directory / "routing.yaml").write_text(
+            yaml.safe_dump({"rules": [{"name": "default", "target": "general"}]}), encoding="utf-8")
+    environ = {} if variant == "no_keys" else {"DREAMSEED_API_KEYS": KEY}
+    app = forwarder(backend, MODEL) if variant == "floor" else \
+        create_app(load_policies(directory), environ=environ, watch_policies=False)
+    access_log = AccessLogQueue((directory / "access.log").open("wb"))
+    access_log.start()
+    if variant != "no_access_log":
+        set_access_log(access_log)
+    body = chat_body("auto", False, 4)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    lifespan = running(app)
+    loop.run_until_complete(lifespan.__aenter__())
+    loop.run_until_complete(cpu_per_request(app, body, 200))
+    print("READY", flush=True)
+    sys.stdin.readline()
+    functools.reduce(lambda _, __: loop.run_until_complete(cpu_per_request(app, body, count)), (0, 1))
+    loop.run_until_complete(lifespan.__aexit__(None, None, None))
+    set_access_log(None)
+    access_log.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
