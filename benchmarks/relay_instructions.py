@@ -2,7 +2,7 @@
 instructions under valgrind's callgrind.
 
     valgrind --tool=callgrind --instr-atstart=no --toggle-collect=functools_reduce \
-        python relay_instructions.py BACKEND_URL VARIANT COUNT
+        python relay_instructions.py BACKEND_URL VARIANT COUNT [--stream]
 
 The app is set up and warmed up (200 requests), then the program prints READY and waits for a
 line on standard input: the harness switches callgrind's instrumentation on meanwhile (running the
@@ -13,7 +13,8 @@ access log's writer thread. Health probes are set an hour apart so none lands in
 
 VARIANT is `user` (test_user_config's: client keys, the access log, metrics, the shipped rules over
 four backends), one of `no_keys`, `no_access_log`, `one_rule` (user with one thing changed), or
-`floor` (bare_forwarder.py's app: the same connection pool and nothing else).
+`floor` (bare_forwarder.py's app: the same connection pool and nothing else). With --stream each
+request asks for a stream and is relayed event by event (the backend decides how many).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import functools
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import uvloop
 import yaml
@@ -37,13 +39,48 @@ from dreamseed.app import create_app  # noqa: E402
 from dreamseed.logs import AccessLogQueue, set_access_log  # noqa: E402
 from dreamseed.policy import load_policies  # noqa: E402
 from test_overhead import chat_body  # noqa: E402
-from test_relay_in_process import cpu_per_request, running  # noqa: E402
+from test_relay_in_process import App, cpu_per_request, running  # noqa: E402
 from test_user_config import KEY, shipped_policies  # noqa: E402
 
 VARIANTS = ("user", "no_keys", "no_access_log", "one_rule", "floor")
 
 
-def main(backend: str, variant: str, count: int) -> None:
+async def streams(app: App, body: bytes, count: int) -> float:
+    """`count` streamed requests one after another, each read to its end; returns the body events
+    each brought on average."""
+    headers = [(b"host", b"bench"), (b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), (b"authorization", f"Bearer {KEY}".encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 2)}
+    events: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            assert message["status"] == 200, message
+        elif message.get("body"):
+            events[-1] += 1
+
+    for _ in range(count):
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            # A stream's disconnect watcher waits here; it is cancelled when the stream ends.
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        events.append(0)
+        await app(dict(scope), receive, send)
+    assert min(events) > 1, events  # relayed as a stream, not one body
+    return sum(events) / count
+
+
+def main(backend: str, variant: str, count: int, stream: bool = False) -> None:
     if variant not in VARIANTS:
         raise SystemExit(f"relay_instructions.py: VARIANT must be one of {', '.join(VARIANTS)}, not {variant!r}")
     directory = shipped_policies(Path(tempfile.mkdtemp(prefix="dreamseed-instructions-")) / "policies", backend)
@@ -61,19 +98,22 @@ def main(backend: str, variant: str, count: int) -> None:
     access_log.start()
     if variant != "no_access_log":
         set_access_log(access_log)
-    body = chat_body("auto", False, 4)
+    body = chat_body("auto", stream, 20 if stream else 4)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     lifespan = running(app)
     loop.run_until_complete(lifespan.__aenter__())
-    loop.run_until_complete(cpu_per_request(app, body, 200))
+    run = streams if stream else cpu_per_request
+    loop.run_until_complete(run(app, body, 50 if stream else 200))
     print("READY", flush=True)
     sys.stdin.readline()
-    functools.reduce(lambda _, __: loop.run_until_complete(cpu_per_request(app, body, count)), (0, 1))
+    measured = functools.reduce(lambda _, __: loop.run_until_complete(run(app, body, count)), (0, 1))
+    if stream:
+        print(f"EVENTS {measured}", flush=True)
     loop.run_until_complete(lifespan.__aexit__(None, None, None))
     set_access_log(None)
     access_log.stop()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), "--stream" in sys.argv[4:])
