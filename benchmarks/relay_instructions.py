@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -83,7 +84,15 @@ async def streams(app: App, body: bytes, count: int) -> float:
 def main(backend: str, variant: str, count: int, stream: bool = False) -> None:
     if variant not in VARIANTS:
         raise SystemExit(f"relay_instructions.py: VARIANT must be one of {', '.join(VARIANTS)}, not {variant!r}")
-    directory = shipped_policies(Path(tempfile.mkdtemp(prefix="dreamseed-instructions-")) / "policies", backend)
+    scratch = Path(tempfile.mkdtemp(prefix="dreamseed-instructions-"))
+    try:
+        measure(backend, variant, count, stream, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure(backend: str, variant: str, count: int, stream: bool, scratch: Path) -> None:
+    directory = shipped_policies(scratch / "policies", backend)
     catalog = yaml.safe_load((directory / "backends.yaml").read_text(encoding="utf-8"))
     for backend_settings in catalog["backends"].values():
         backend_settings["health"] = {"interval": 3600}
@@ -94,7 +103,8 @@ def main(backend: str, variant: str, count: int, stream: bool = False) -> None:
     environ = {} if variant == "no_keys" else {"DREAMSEED_API_KEYS": KEY}
     app = forwarder(backend, MODEL) if variant == "floor" else \
         create_app(load_policies(directory), environ=environ, watch_policies=False)
-    access_log = AccessLogQueue((directory / "access.log").open("wb"))
+    log_file = (scratch / "access.log").open("wb")
+    access_log = AccessLogQueue(log_file)
     access_log.start()
     if variant != "no_access_log":
         set_access_log(access_log)
@@ -113,6 +123,7 @@ def main(backend: str, variant: str, count: int, stream: bool = False) -> None:
     loop.run_until_complete(lifespan.__aexit__(None, None, None))
     set_access_log(None)
     access_log.stop()
+    log_file.close()
 
 
 if __name__ == "__main__":
