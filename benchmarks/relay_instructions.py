@@ -40,7 +40,7 @@ from dreamseed.app import create_app  # noqa: E402
 from dreamseed.logs import AccessLogQueue, set_access_log  # noqa: E402
 from dreamseed.policy import load_policies  # noqa: E402
 from test_overhead import chat_body  # noqa: E402
-from test_relay_in_process import App, cpu_per_request, running  # noqa: E402
+from test_relay_in_process import App, cpu_per_request, request_scope, running  # noqa: E402
 from test_user_config import KEY, shipped_policies  # noqa: E402
 
 VARIANTS = ("user", "no_keys", "no_access_log", "one_rule", "floor")
@@ -49,12 +49,7 @@ VARIANTS = ("user", "no_keys", "no_access_log", "one_rule", "floor")
 async def streams(app: App, body: bytes, count: int) -> float:
     """`count` streamed requests one after another, each read to its end; returns the body events
     each brought on average."""
-    headers = [(b"host", b"bench"), (b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()), (b"authorization", f"Bearer {KEY}".encode())]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 2)}
+    scope = request_scope(body)
     events: list[int] = []
 
     async def send(message: dict[str, Any]) -> None:

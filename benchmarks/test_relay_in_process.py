@@ -49,14 +49,19 @@ async def running(app: App) -> AsyncIterator[None]:
         await task
 
 
-async def cpu_per_request(app: App, body: bytes, count: int) -> float:
-    """CPU seconds of this process per request, `count` requests one after another."""
+def request_scope(body: bytes) -> dict[str, Any]:
+    """The ASGI scope of a client's POST /v1/chat/completions carrying `body`, with its key."""
     headers = [(b"host", b"bench"), (b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode()), (b"authorization", f"Bearer {KEY}".encode())]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 2)}
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+            "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2)}
+
+
+async def cpu_per_request(app: App, body: bytes, count: int) -> float:
+    """CPU seconds of this process per request, `count` requests one after another."""
+    scope = request_scope(body)
     statuses: list[int] = []
 
     async def receive() -> dict[str, Any]:
