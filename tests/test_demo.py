@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from dreamseed.simulation import is_reachable
@@ -119,17 +120,25 @@ def test_serve_local_model_answers_with_a_real_model_and_starts_the_coder_on_dem
     assert len(urls) == 4 and not any(is_reachable(url) for url in urls)
 
 
-def test_a_taken_port_is_one_clear_line_and_exit_2_with_nothing_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("reuseport", [False, True], ids=["plain", "reuseport"])
+def test_a_taken_port_is_one_clear_line_and_exit_2_with_nothing_started(tmp_path: Path, workers: str,
+                                                                          reuseport: bool) -> None:
+    """Taken by any listener, one with SO_REUSEPORT included (what another `serve --workers N`
+    holds): with several workers each has a socket in a SO_REUSEPORT group, which that listener
+    would otherwise let them join, and the two proxies would split the port's traffic."""
     catalog = seed_catalog()
     catalog["backends"]["general"]["url"] = f"http://127.0.0.1:{free_port()}"
     policies = write_policies(tmp_path / "policies", catalog["backends"], hosts=catalog["hosts"])
     with socket.socket() as taken:
+        if reuseport:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
         result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "serve", "--policies", str(policies), "--port",
-                                 str(port), "--simulate-missing"], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                                env={**os.environ, "DREAMSEED_STATE_DIR": str(tmp_path / "state")})
+                                 str(port), "--simulate-missing", "--workers", workers], capture_output=True, text=True,
+                                timeout=60, cwd=ROOT, env={**os.environ, "DREAMSEED_STATE_DIR": str(tmp_path / "state")})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"dreamseed: cannot listen on 127.0.0.1:{port}: Address already in use"]
     assert "SIMULATED" not in result.stdout  # nothing was started

@@ -4,6 +4,7 @@ Real processes and sockets: the proxy under test, a simulated vLLM behind it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -110,6 +111,99 @@ def test_two_workers_share_the_port_and_answer_metrics_as_one(sim: Sim, tmp_path
         # Both workers served requests (so the pages above are sums, not one worker's view).
         shared = shared_counts(workers)
         assert sorted(shared) == sorted(workers) and all(shared.values()) and sum(shared.values()) == 40, shared
+    finally:
+        proxy.stop()
+
+
+def connections_by_worker(workers: set[int], port: int) -> dict[int, int]:
+    """Established connections to `port` that each worker holds (from /proc: its socket inodes,
+    and the IPv4 TCP table's entries for the port)."""
+    established: set[str] = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            established.add(fields[9])
+    held: dict[int, int] = {}
+    for pid in workers:
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue  # closed while we looked
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        held[pid] = len(inodes & established)
+    return held
+
+
+def open_and_ask(url: str, count: int, look: Callable[[], dict[int, int]] = dict) -> tuple[list[bytes], dict[int, int]]:
+    """`count` keep-alive connections opened at once, as a client's pool opens them, each asked one
+    request (so its worker has accepted it): their status lines, and what `look` saw while all
+    were still open."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+    async def one() -> tuple[asyncio.StreamWriter, bytes]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        return writer, await asyncio.wait_for(reader.readline(), 30)
+
+    async def run() -> tuple[list[bytes], dict[int, int]]:
+        opened = await asyncio.gather(*(one() for _ in range(count)))
+        seen = look()
+        for writer, _ in opened:
+            writer.close()
+        return [status for _, status in opened], seen
+
+    return asyncio.run(run())
+
+
+def test_connections_opened_at_once_are_spread_over_the_workers(sim: Sim, tmp_path: Path) -> None:
+    """A client's pool opens its connections in a burst. On one shared listening socket the first
+    worker to wake accepted all that were waiting (0/16 and 2/14 over two workers, often): the
+    other core idled for the connections' whole life. One socket per worker (SO_REUSEPORT) lets
+    the kernel pick a worker for each connection: four bursts of 32, each worker gets some of
+    every burst (fewer than 4 of 32 by chance: about once in 10^6 bursts)."""
+    proxy = start_proxy(policies_for(sim, tmp_path / "p"), extra=["--workers", "2"])
+    try:
+        workers = worker_pids(proxy.popen.pid)
+        port = int(proxy.url.rsplit(":", 1)[1])
+        splits = []
+        for _ in range(4):
+            statuses, held = open_and_ask(proxy.url, 32, lambda: connections_by_worker(workers, port))
+            assert all(status.startswith(b"HTTP/1.1 200") for status in statuses), statuses
+            assert sum(held.values()) == 32, held
+            splits.append(sorted(held.values()))
+            time.sleep(0.2)  # the workers see the closes
+        assert all(fewer >= 4 for fewer, _ in splits), splits
+    finally:
+        proxy.stop()
+
+
+def test_connections_waiting_on_a_worker_that_dies_are_served_by_its_replacement(sim: Sim, tmp_path: Path) -> None:
+    """The parent holds every worker's listening socket, so connections the kernel has handed to a
+    worker that dies before accepting them wait for its replacement, which serves the same socket:
+    none refused, none reset (a socket of the worker's own would have died with it)."""
+    proxy = start_proxy(policies_for(sim, tmp_path / "p"), extra=["--workers", "2"])
+    try:
+        port = int(proxy.url.rsplit(":", 1)[1])
+        victim = min(worker_pids(proxy.popen.pid))
+        os.kill(victim, signal.SIGSTOP)  # accepts nothing: its share of the burst waits on its socket
+        answered: list[list[bytes]] = []
+        burst = threading.Thread(target=lambda: answered.append(open_and_ask(proxy.url, 24)[0]))
+        burst.start()
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        burst.join(timeout=60)
+        assert answered and all(status.startswith(b"HTTP/1.1 200") for status in answered[0]), answered
+        workers = worker_pids(proxy.popen.pid) - {victim}
+        assert len(workers) == 2
+        statuses, held = open_and_ask(proxy.url, 32, lambda: connections_by_worker(workers, port))
+        assert all(status.startswith(b"HTTP/1.1 200") for status in statuses)
+        assert min(held.values()) > 0, held  # the replacement serves its socket's share
     finally:
         proxy.stop()
 

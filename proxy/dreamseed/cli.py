@@ -19,7 +19,7 @@ from .logs import install as limit_repeats
 from .policy import AUTO_MODEL, BACKENDS_FILE, Policies, PolicyError, load_catalog, load_policies, memory_plan
 from .policy.checks import field_name
 from .routing import Prompt, Router, UnknownModelError
-from .workers import SHARED_DIR_ENV, WORKERS_ENV, cores_available, supervise
+from .workers import SHARED_DIR_ENV, WORKERS_ENV, cores_available, listening_sockets, supervise
 
 DEFAULT_POLICIES = os.environ.get("DREAMSEED_POLICIES", "policies")
 
@@ -137,15 +137,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     policies = _load_or_exit(args.policies)
     # Bind before anything else starts: a taken port must not leave stand-ins running (they would
     # answer for a moment where the proxy already running expects its own backends).
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sockets = listening_sockets(args.host, args.port, args.workers)
     except OSError as exc:
-        sock.close()
         print(f"dreamseed: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    sock.listen(2048)  # connections queue until startup completes
     stand_ins = StandIns("simulated")
     if args.local_model or args.simulate_missing:
         policies, stand_ins = stand_in_for_missing(policies, os.environ, "llama" if args.local_model else "simulated",
@@ -160,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"{label} backend {stand_in.name!r} ({policies.catalog.backends[stand_in.name].model}) at {stand_in.url}"
                   " on demand: the scaler starts it when traffic calls for it (scale.yaml), and stops it when idle",
                   flush=True)
-        host, port = sock.getsockname()[:2]
+        host, port = sockets[0].getsockname()[:2]
         workers = f", {args.workers} workers" if args.workers > 1 else ""
         print(f"DreamSeed proxy listening on http://{host}:{port} (policies: {Path(args.policies).resolve()}{workers})",
               flush=True)
@@ -168,12 +164,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.workers == 1:
             # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends a single process
             # before `finally` below runs; stopping the stand-ins at app shutdown happens before that.
-            return serve_on(sock, args, policies, stand_ins.url_overrides, [stand_ins.stop])
+            return serve_on(sockets[0], args, policies, stand_ins.url_overrides, [stand_ins.stop])
         table = slots.share_between(args.workers)
 
         def run_worker(index: int) -> int:
             slots.attach(index)
-            return serve_on(sock, args, policies, stand_ins.url_overrides, [])
+            mine = sockets[index % len(sockets)]
+            for other in sockets:
+                if other is not mine:
+                    other.close()  # this process's copy only: the parent keeps every socket open
+            return serve_on(mine, args, policies, stand_ins.url_overrides, [])
 
         return supervise(args.workers, run_worker, args.shutdown_grace, forget=table.forget)
     finally:

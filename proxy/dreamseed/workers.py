@@ -1,7 +1,8 @@
-"""`dreamseed serve --workers N`: N proxy processes on one listening socket, seen as one proxy.
+"""`dreamseed serve --workers N`: N proxy processes on one port, seen as one proxy.
 
-The parent binds the port and starts the stand-in backends, then forks the workers; the kernel
-hands each new connection to one of them. What they share, and how:
+The parent binds the port (on Linux one listening socket per worker, in a SO_REUSEPORT group: see
+listening_sockets) and starts the stand-in backends, then forks the workers; the kernel hands each
+new connection to one of them. What they share, and how:
 
 - /metrics: every second, and before it answers a scrape, each worker writes its counters and
   histograms (metrics.ProxyMetrics's snapshot) and its state gauges (requests in flight and
@@ -29,6 +30,8 @@ import logging
 import math
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -195,6 +198,52 @@ def ask_parent_to_reload() -> None:
 
 
 # --- the parent ---------------------------------------------------------------------------
+
+
+LISTEN_BACKLOG = 2048  # connections queue here until a worker's startup completes
+
+
+def listening_sockets(host: str, port: int, workers: int) -> list[socket.socket]:
+    """The bound, listening sockets the workers serve on: one per worker in a SO_REUSEPORT group on
+    Linux, else one that all share.
+
+    Why one each: on a shared socket every idle worker is woken for a new connection, and the first
+    to run accepts all that are waiting (uvloop accepts until the queue is empty). Clients open their
+    keep-alive connections in a burst (an SDK's pool, a load generator), so one worker often got
+    all of them: 16 connections opened at once split 0/16, 2/14, 4/12, 5/11, 7/9 over two workers on
+    the development machine, and the other core sat idle for their whole life. With SO_REUSEPORT the
+    kernel picks a socket for each connection by a hash of its addresses: an even split on average.
+    (Not on macOS and the BSDs, where the option does not balance: there the workers share one
+    socket.) The parent keeps every socket open, so connections that reach a worker that died wait
+    for its replacement, which serves on the same socket, instead of being refused."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    each = workers if workers > 1 and sys.platform.startswith("linux") else 1
+    if each > 1:
+        # A SO_REUSEPORT bind succeeds beside any listener of this user that set the option too,
+        # another `serve --workers N` on the same port included: the two would split the traffic.
+        # A bind without the option fails while anything holds the port, so one comes first (and
+        # picks the port when asked for port 0).
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(each):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if each > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # with port 0, the others join the port the first one got
+            sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
 
 
 def _reap(children: dict[int, int]) -> list[tuple[int, int]]:
