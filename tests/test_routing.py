@@ -180,6 +180,26 @@ def test_scopes_with_the_same_text_and_scopes_without_it() -> None:
     assert two.scoped("last_user").words == {b"second"}
 
 
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": "코드 please"},
+    {"role": "system", "content": "You write SQL."},
+    {"role": "assistant", "content": "ok"},
+    {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "image_url", "image_url": {"url": "x"}},
+                                 {"type": "text", "text": "둘째"}]},
+    {"role": "user", "content": None},
+    {"role": "user"},
+    {"content": "no role"},
+], ids=["user", "system", "assistant", "parts", "null-content", "no-content", "no-role"])
+def test_a_single_message_has_the_scopes_a_conversation_of_one_would(message: dict[str, object]) -> None:
+    """One message takes a shorter path (no joins): its scopes must read as they do when the same
+    message follows another one, minus that one's text."""
+    alone = Prompt(messages=[message])
+    after = Prompt(messages=[{"role": "assistant", "content": "EARLIER"}, message])
+    for scope in ("all", "user", "last_user"):
+        expected = after.text(scope).removeprefix("EARLIER").removeprefix("\n")
+        assert alone.text(scope) == expected, scope
+
+
 def test_route_command_explains_the_decision() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "dreamseed.cli", "route", "파이썬 함수 좀 짜줘", "--policies", str(SEED_POLICIES)],

@@ -13,12 +13,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from .policy import AUTO_MODEL, DIRECT_RULE, Catalog, Match, Routing, Rule, Scope
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The outcome of routing: which rule fired and the backends to try, in order."""
+class Decision(msgspec.Struct, frozen=True):
+    """The outcome of routing: which rule fired and the backends to try, in order.
+
+    A msgspec Struct rather than a frozen dataclass: one is made for every request, and a frozen
+    dataclass's __init__ sets each field through object.__setattr__ (about 7,000 machine
+    instructions a Decision against about 1,000, counted under callgrind)."""
 
     rule: str
     chain: tuple[str, ...]
@@ -149,9 +154,15 @@ class Prompt:
                 strings = [p for p in prompt if isinstance(p, str)]
                 return strings[-1] if scope == "last_user" and strings else "\n".join(strings)
             return ""
+        messages = self._messages
+        if len(messages) == 1:
+            # One message, the commonest request: its text without the joins below, which cost
+            # about 3,500 machine instructions a scope (callgrind), a tenth of routing one.
+            only = messages[0]
+            return content_text(only.get("content")) if scope == "all" or only.get("role") == "user" else ""
         if scope == "all":
-            return "\n".join(content_text(m.get("content")) for m in self._messages)
-        users = [content_text(m.get("content")) for m in self._messages if m.get("role") == "user"]
+            return "\n".join(content_text(m.get("content")) for m in messages)
+        users = [content_text(m.get("content")) for m in messages if m.get("role") == "user"]
         if scope == "last_user":
             return users[-1] if users else ""
         return "\n".join(users)
