@@ -40,7 +40,11 @@ def sse_error(message: str, code: str) -> bytes:
 
 
 def raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    """The proxy's own headers as ASGI wants them. Their names and values are ASCII (request ids
+    are checked for it, rule and backend names by the policy schema, the rest are the proxy's own
+    words and numbers), so the default codec serves: `encode("latin-1")` looks the codec's name up
+    on every call (600 machine instructions against 360; about 2,000 a request)."""
+    return [(name.encode(), value.encode()) for name, value in headers.items()]
 
 
 class BufferedResponse:
@@ -206,7 +210,7 @@ async def forward(
     exchange.stream = stream
     last_timeout = False
     retry_after: float | None = None
-    outbound = [*passed_on, (b"x-request-id", headers["x-request-id"].encode("latin-1"))]
+    outbound = [*passed_on, (b"x-request-id", headers["x-request-id"].encode())]
     chain = decision.chain
     for position, name in enumerate(chain):
         upstream = upstreams[name]
