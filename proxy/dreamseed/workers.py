@@ -245,7 +245,6 @@ def listening_sockets(host: str, port: int, workers: int) -> list[socket.socket]
     return sockets
 
 
-
 def _reap(children: dict[int, int]) -> list[tuple[int, int]]:
     """(pid, exit code) of the workers that have exited. Only the workers' pids are waited for:
     the parent's other children (the stand-in backends) belong to their own Popen objects."""
