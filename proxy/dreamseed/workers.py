@@ -235,8 +235,7 @@ def listening_sockets(host: str, port: int, workers: int) -> list[socket.socket]
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if each > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            port = sock.getsockname()[1]  # with port 0, the others join the port the first one got
+            sock.bind((host, port))  # with several, the probe's port: port 0 is resolved once, above
             sock.listen(LISTEN_BACKLOG)
     except OSError:
         for sock in sockets:
