@@ -152,6 +152,24 @@ def test_keyword_check_reports_the_keyword_found() -> None:
     assert check(ScopedText("modern C++ please")) == "keyword 'c++'"
 
 
+def test_keyword_check_finds_what_a_plain_search_finds() -> None:
+    """The check skips non-ASCII keywords on ASCII texts and matches words by set: on random
+    mixed-script texts it must agree with searching each keyword in turn."""
+    import random
+    import re
+
+    keywords = ["코드", "함수", "class", "go", "unit test", "c++", "x86_64", "é"]
+    check = keyword_check(keywords)
+    alphabet = "aclsgoutnix86_4+ .코드함수é"
+    rng = random.Random(5)
+    for _ in range(3000):
+        text = normalise("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))).casefold()
+        found = [k for k in keywords
+                 if (re.search(rf"(?<![a-z0-9]){re.escape(k)}(?![a-z0-9])", text) if re.fullmatch(r"[a-z0-9]+", k)
+                     else k in text)]
+        assert (check(ScopedText(text)) is not None) == bool(found), (text, found)
+
+
 def test_a_prompts_ascii_words_are_the_runs_a_regex_finds() -> None:
     """ScopedText.words finds words with bytes.translate (faster than a regex): it must find
     exactly the maximal runs of [a-z0-9] of the folded text, whatever surrounds them."""

@@ -186,6 +186,9 @@ def keyword_check(keywords: Iterable[str]) -> Check:
     folded = sorted({normalise(k).casefold() for k in keywords})
     words = frozenset(k.encode() for k in folded if _is_word_keyword(k))
     substrings = tuple(k for k in folded if not _is_word_keyword(k))
+    # A keyword with a non-ASCII character (all the Korean ones) cannot occur in an ASCII text,
+    # and str.isascii() reads a flag the string already carries: English prompts skip them.
+    ascii_substrings = tuple(k for k in substrings if k.isascii())
 
     def check(scoped: ScopedText) -> str | None:
         if words:
@@ -193,7 +196,7 @@ def keyword_check(keywords: Iterable[str]) -> Check:
             if found:
                 return f"keyword {min(found).decode()!r}"
         text = scoped.folded
-        for keyword in substrings:
+        for keyword in ascii_substrings if text.isascii() else substrings:
             if keyword in text:
                 return f"keyword {keyword!r}"
         return None
