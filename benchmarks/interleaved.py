@@ -1,0 +1,92 @@
+"""Interleaved A/B: several proxies in front of one simulated backend, measured round by round.
+
+    python3 benchmarks/interleaved.py two=2 one=1 floor=floor [--rounds 6] [--stream] ...
+
+Each VARIANT is NAME=SPEC: SPEC is a worker count for `dreamseed serve` as users run it (client
+keys, access log to a file, the shipped rules over four backends; test_user_config.py's `user`),
+`floor` for bare_forwarder.py, or COUNT@DIR to run the proxy from another checkout's `proxy/`
+folder (`git archive OLD proxy | tar -x -C DIR` gives the code before a change). Every round
+measures every variant against direct in turn (test_overhead.compare, one round each), so a
+stall of a shared machine moves one round of one variant, and the medians over the rounds are
+what to read. benchmarks/README.md's A/B figures come from this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+from conftest import MODEL, BenchStack  # noqa: E402
+from support import Process, _spawn, start_proxy, start_sim  # noqa: E402
+from test_overhead import compare  # noqa: E402
+from test_user_config import KEY, shipped_policies  # noqa: E402
+
+COLUMNS = ("added_p95_ms", "added_ttfb_p95_ms", "throughput_ratio", "proxy_cpu_us_per_request")
+
+
+def start_variant(spec: str, policies: Path, backend_url: str, log_dir: Path, name: str) -> Process:
+    if spec == "floor":
+        return _spawn([str(HERE / "bare_forwarder.py"), backend_url, MODEL])
+    workers, _, code = spec.partition("@")
+    env = {"DREAMSEED_API_KEYS": KEY}
+    if code:
+        env["PYTHONPATH"] = str(Path(code).resolve() / "proxy")
+    return start_proxy(policies, env=env, extra=["--access-log-file", str(log_dir / f"{name}.log")],
+                       workers=int(workers))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="+", metavar="NAME=SPEC")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=1200, help="requests per variant and round")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per answer")
+    parser.add_argument("--ttft", type=float, default=0.02, help="the backend's time to first token, seconds")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="the backend's time per further token")
+    args = parser.parse_args(argv)
+    specs = dict(v.split("=", 1) for v in args.variants if "=" in v)
+    if len(specs) != len(args.variants):
+        parser.error("each variant is NAME=SPEC (SPEC: a worker count, floor, or COUNT@DIR)")
+
+    sim = start_sim(MODEL, tokens=args.tokens)
+    sim.configure(ttft=args.ttft, token_delay=args.token_delay, tokens=args.tokens)
+    base = Path(tempfile.mkdtemp(prefix="dreamseed-ab-"))
+    policies = shipped_policies(base / "policies", sim.url)
+    proxies: dict[str, Process] = {}
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
+    try:
+        for name, spec in specs.items():
+            proxies[name] = start_variant(spec, policies, sim.url, base, name)
+        for round_ in range(1, args.rounds + 1):
+            for name, proxy in proxies.items():
+                result = compare(BenchStack(sim, proxy, "full"), stream=args.stream, concurrency=args.concurrency,
+                                 requests=args.requests, rounds=1, headers={"authorization": f"Bearer {KEY}"},
+                                 max_tokens=args.tokens)
+                rows[name].append(result)
+                print(f"round {round_} {name:<8} " + "  ".join(f"{c} {result[c]:.3f}" for c in COLUMNS), flush=True)
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+        sim.stop()
+    print("\nmedians over the rounds")
+    for name, results in rows.items():
+        print(f"{name:<8} " + "  ".join(f"{c} {statistics.median(r[c] for r in results):.3f}" for c in COLUMNS))
+    errors = {name: sum(r["errors"] for r in results) for name, results in rows.items()}
+    if any(errors.values()):
+        print(f"failed requests (direct and proxied), by variant: {errors}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
