@@ -59,15 +59,14 @@ def load_gates(path: Path) -> list[dict[str, Any]]:
     return gates
 
 
-def run_suites(mode: str, output: Path, suites: Path, tests: list[str] | None = None) -> int:
-    """Run the benchmark suites in `suites` (or only the given pytest node ids) into a
-    pytest-benchmark JSON. The root directory is fixed, so the node ids in the JSON name the
-    same tests when they are run again."""
+def run_suites(mode: str, output: Path, root: Path, targets: list[str]) -> int:
+    """Run pytest on `targets` (the suites' folder, or pytest node ids) into a pytest-benchmark
+    JSON. The root directory is fixed, so the node ids in the JSON name the same tests when they
+    are run again."""
     env = {**os.environ, "DREAMSEED_BENCH_MODE": mode}
-    command = [sys.executable, "-m", "pytest", *(tests or [str(suites)]), "-q", "-p", "no:cacheprovider",
-               f"--rootdir={suites.parent}", "-W", "ignore", f"--benchmark-json={output}",
-               "--benchmark-columns=median,ops"]
-    return subprocess.call(command, env=env, cwd=suites.parent)
+    command = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", f"--rootdir={root}",
+               "-W", "ignore", f"--benchmark-json={output}", "--benchmark-columns=median,ops"]
+    return subprocess.call(command, env=env, cwd=root)
 
 
 def read_report(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -144,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mode = "full" if args.full else "short"
     gates = load_gates(args.gates)
+    suites = args.suites.resolve()
 
     source = args.results
     if source is None:
         source = Path(tempfile.mkstemp(prefix="dreamseed-bench-", suffix=".json")[1])
-        if run_suites(mode, source, args.suites.resolve()) != 0:
+        if run_suites(mode, source, suites.parent, [str(suites)]) != 0:
             print("benchmark suites failed; gates not checked", file=sys.stderr)
             return 2
     results, node_ids = read_report(source)
@@ -157,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     second_readings: dict[str, dict[str, Any]] = {}
     again = to_measure_again(gates, outcomes) if args.results is None and not args.no_retry else []
     if again:
-        tests = sorted({node_ids[name] for name in (m.rsplit(":", 1)[0] for m in again) if name in node_ids})
+        tests = sorted({node_ids[measure.rsplit(":", 1)[0]] for measure in again})
         print(f"\n{len(again)} gate(s) failed their first reading; measuring again once: {' '.join(tests)}")
         second = Path(tempfile.mkstemp(prefix="dreamseed-bench-again-", suffix=".json")[1])
-        if run_suites(mode, second, args.suites.resolve(), tests) != 0:
+        if run_suites(mode, second, suites.parent, tests) != 0:
             print("the second run of the benchmarks failed; gates not checked", file=sys.stderr)
             return 2
         second_results, _ = read_report(second)
