@@ -32,6 +32,18 @@ from test_user_config import KEY, shipped_policies  # noqa: E402
 COLUMNS = ("added_p95_ms", "added_ttfb_p95_ms", "throughput_ratio", "proxy_cpu_us_per_request")
 
 
+def spec_problem(spec: str) -> str | None:
+    """What is wrong with a variant's SPEC, before anything is started."""
+    if spec == "floor":
+        return None
+    workers, _, code = spec.partition("@")
+    if not workers.isdigit() or int(workers) < 1:
+        return "SPEC is a worker count of 1 or more, floor, or COUNT@DIR"
+    if code and not (Path(code) / "proxy" / "dreamseed").is_dir():
+        return f"{code} has no proxy/dreamseed folder (git archive OLD proxy | tar -x -C {code})"
+    return None
+
+
 def start_variant(spec: str, policies: Path, backend_url: str, log_dir: Path, name: str) -> Process:
     if spec == "floor":
         return _spawn([str(HERE / "bare_forwarder.py"), backend_url, MODEL])
@@ -57,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     specs = dict(v.split("=", 1) for v in args.variants if "=" in v)
     if len(specs) != len(args.variants):
         parser.error("each variant is NAME=SPEC (SPEC: a worker count, floor, or COUNT@DIR)")
+    for name, spec in specs.items():
+        problem = spec_problem(spec)
+        if problem:
+            parser.error(f"variant {name}={spec}: {problem}")
 
     sim = start_sim(MODEL, tokens=args.tokens)
     sim.configure(ttft=args.ttft, token_delay=args.token_delay, tokens=args.tokens)

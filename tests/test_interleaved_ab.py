@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from support import ROOT
 
 SCRIPT = str(ROOT / "benchmarks" / "interleaved.py")
@@ -25,6 +27,13 @@ def test_every_variant_is_measured_in_every_round_and_summarised() -> None:
     assert re.search(r"^two +added_p95_ms", summary, re.M) and re.search(r"^floor +added_p95_ms", summary, re.M)
 
 
-def test_a_variant_without_a_name_is_refused() -> None:
-    result = subprocess.run([sys.executable, SCRIPT, "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 2 and "NAME=SPEC" in result.stderr
+@pytest.mark.parametrize(("variant", "message"), [
+    ("2", "NAME=SPEC"),
+    ("x=two", "variant x=two: SPEC is a worker count"),
+    ("x=0", "variant x=0: SPEC is a worker count"),
+    ("x=2@/nonexistent", "/nonexistent has no proxy/dreamseed folder"),
+])
+def test_a_variant_it_cannot_read_is_refused_before_anything_starts(variant: str, message: str) -> None:
+    result = subprocess.run([sys.executable, SCRIPT, variant], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
