@@ -6,27 +6,26 @@ Each VARIANT is NAME=SPEC: SPEC is a worker count for `dreamseed serve` as users
 keys, access log to a file, the shipped rules over four backends; test_user_config.py's `user`),
 `floor` for bare_forwarder.py, or COUNT@DIR to run the proxy from another checkout's `proxy/`
 folder (`git archive OLD proxy | tar -x -C DIR` gives the code before a change). Every round
-measures every variant against direct in turn (test_overhead.compare, one round each), so a
-stall of a shared machine moves one round of one variant, and the medians over the rounds are
-what to read. benchmarks/README.md's A/B figures come from this.
+measures every variant against direct in turn (test_overhead.compare_each, as the user
+configuration's benchmarks do), so a stall of a shared machine moves one round of one variant, and
+the medians over the rounds are what to read.
+benchmarks/README.md's A/B figures come from this.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from conftest import MODEL, BenchStack  # noqa: E402
+from conftest import MODEL  # noqa: E402
 from support import Process, _spawn, start_proxy, start_sim  # noqa: E402
-from test_overhead import compare  # noqa: E402
+from test_overhead import Proxied, compare_each  # noqa: E402
 from test_user_config import KEY, shipped_policies  # noqa: E402
 
 COLUMNS = ("added_p95_ms", "added_ttfb_p95_ms", "throughput_ratio", "proxy_cpu_us_per_request")
@@ -79,25 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="dreamseed-ab-"))
     policies = shipped_policies(base / "policies", sim.url)
     proxies: dict[str, Process] = {}
-    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
+
+    def show(round_: int, name: str, figures: dict[str, float]) -> None:
+        print(f"round {round_} {name:<8} " + "  ".join(f"{c} {figures[c]:.3f}" for c in COLUMNS), flush=True)
+
     try:
         for name, spec in specs.items():
             proxies[name] = start_variant(spec, policies, sim.url, base, name)
-        for round_ in range(1, args.rounds + 1):
-            for name, proxy in proxies.items():
-                result = compare(BenchStack(sim, proxy, "full"), stream=args.stream, concurrency=args.concurrency,
-                                 requests=args.requests, rounds=1, headers={"authorization": f"Bearer {KEY}"},
-                                 max_tokens=args.tokens)
-                rows[name].append(result)
-                print(f"round {round_} {name:<8} " + "  ".join(f"{c} {result[c]:.3f}" for c in COLUMNS), flush=True)
+        results = compare_each(sim, {name: Proxied(proxy, {"authorization": f"Bearer {KEY}"})
+                                     for name, proxy in proxies.items()},
+                               stream=args.stream, concurrency=args.concurrency, requests=args.requests,
+                               rounds=args.rounds, max_tokens=args.tokens, on_round=show)
     finally:
         for proxy in proxies.values():
             proxy.stop()
         sim.stop()
-    print("\nmedians over the rounds")
-    for name, results in rows.items():
-        print(f"{name:<8} " + "  ".join(f"{c} {statistics.median(r[c] for r in results):.3f}" for c in COLUMNS))
-    errors = {name: sum(r["errors"] for r in results) for name, results in rows.items()}
+    print("\nmedians over the rounds (throughput: the median proxied rate over the median direct rate)")
+    for name, result in results.items():
+        print(f"{name:<8} " + "  ".join(f"{c} {result[c]:.3f}" for c in COLUMNS))
+    errors = {name: result["errors"] for name, result in results.items()}
     if any(errors.values()):
         print(f"failed requests (direct and proxied), by variant: {errors}", file=sys.stderr)
         return 1

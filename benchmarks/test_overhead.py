@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from conftest import MODEL, BenchStack, rss_mb
 from loadgen import LoadResult, build_request, percentile, run
+from support import Process, Sim
 
 
 def chat_body(model: str, stream: bool, max_tokens: int = 16) -> bytes:
@@ -24,30 +27,70 @@ def chat_body(model: str, stream: bool, max_tokens: int = 16) -> bytes:
                        "stream": stream, "max_tokens": max_tokens}).encode()
 
 
+@dataclass(frozen=True)
+class Proxied:
+    """One proxy to measure against the backend directly, and the headers its requests carry."""
+    proxy: Process
+    headers: dict[str, str] | None = None
+
+
 def compare(stack: BenchStack, *, stream: bool, concurrency: int, requests: int, rounds: int,
             headers: dict[str, str] | None = None, max_tokens: int = 16) -> dict[str, Any]:
-    direct_request = build_request(stack.sim.url, "/v1/chat/completions", chat_body(MODEL, stream, max_tokens))
-    proxy_request = build_request(stack.proxy.url, "/v1/chat/completions", chat_body("auto", stream, max_tokens),
-                                  headers)
-    warm = max(concurrency * 4, 50)
-    run(stack.sim.url, direct_request, concurrency=concurrency, total=warm)
-    run(stack.proxy.url, proxy_request, concurrency=concurrency, total=warm)
-    direct: list[LoadResult] = []
-    proxied: list[LoadResult] = []
-    proxy_cpu = backend_cpu = 0.0
-    for _ in range(rounds):
-        before = cpu_seconds(stack.sim.popen.pid)
-        direct.append(run(stack.sim.url, direct_request, concurrency=concurrency, total=requests))
-        backend_cpu += cpu_seconds(stack.sim.popen.pid) - before
-        before = serving_cpu_seconds(stack.proxy.popen.pid)
-        proxied.append(run(stack.proxy.url, proxy_request, concurrency=concurrency, total=requests))
-        proxy_cpu += serving_cpu_seconds(stack.proxy.popen.pid) - before
+    """The bench stack's proxy against its backend directly: compare_each with one proxy."""
+    return compare_each(stack.sim, {"proxy": Proxied(stack.proxy, headers)}, stream=stream, concurrency=concurrency,
+                        requests=requests, rounds=rounds, max_tokens=max_tokens)["proxy"]
 
+
+def compare_each(sim: Sim, proxies: dict[str, Proxied], *, stream: bool, concurrency: int, requests: int, rounds: int,
+                 max_tokens: int = 16,
+                 on_round: Callable[[int, str, dict[str, float]], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Each proxy against the backend directly, round by round: in every round each proxy in turn
+    gets a direct run and then its own run, back to back. A stall of this shared machine (seconds,
+    now and then) then lands in one round of one proxy, and the figures, medians over the rounds,
+    do not move with it; measured one proxy after another, a stall moved every round of one of them
+    (the streaming floor read -22.9 ms one run and 1.0 the next). `on_round` gets each round's
+    figures as they come (interleaved.py prints them)."""
+    direct_request = build_request(sim.url, "/v1/chat/completions", chat_body(MODEL, stream, max_tokens))
+    proxy_requests = {name: build_request(p.proxy.url, "/v1/chat/completions", chat_body("auto", stream, max_tokens),
+                                          p.headers) for name, p in proxies.items()}
+    warm = max(concurrency * 4, 50)
+    run(sim.url, direct_request, concurrency=concurrency, total=warm)
+    for name, p in proxies.items():
+        run(p.proxy.url, proxy_requests[name], concurrency=concurrency, total=warm)
+    direct: dict[str, list[LoadResult]] = {name: [] for name in proxies}
+    proxied: dict[str, list[LoadResult]] = {name: [] for name in proxies}
+    proxy_cpu = dict.fromkeys(proxies, 0.0)
+    backend_cpu = dict.fromkeys(proxies, 0.0)
+    for round_ in range(1, rounds + 1):
+        for name, p in proxies.items():
+            before = cpu_seconds(sim.popen.pid)
+            d = run(sim.url, direct_request, concurrency=concurrency, total=requests)
+            backend_cpu[name] += cpu_seconds(sim.popen.pid) - before
+            before = serving_cpu_seconds(p.proxy.popen.pid)
+            r = run(p.proxy.url, proxy_requests[name], concurrency=concurrency, total=requests)
+            cpu = serving_cpu_seconds(p.proxy.popen.pid) - before
+            proxy_cpu[name] += cpu
+            direct[name].append(d)
+            proxied[name].append(r)
+            if on_round is not None:
+                on_round(round_, name, {
+                    "added_p95_ms": (percentile(r.latencies, 95) - percentile(d.latencies, 95)) * 1e3,
+                    "added_ttfb_p95_ms": (percentile(r.first_bytes, 95) - percentile(d.first_bytes, 95)) * 1e3,
+                    "throughput_ratio": r.throughput / d.throughput if d.throughput else 0.0,
+                    "proxy_cpu_us_per_request": cpu / max(1, r.count + r.errors) * 1e6})
+    return {name: summary(direct[name], proxied[name], proxy_cpu[name], backend_cpu[name], stream=stream,
+                          concurrency=concurrency) for name in proxies}
+
+
+def summary(direct: list[LoadResult], proxied: list[LoadResult], proxy_cpu: float, backend_cpu: float, *,
+            stream: bool, concurrency: int) -> dict[str, Any]:
+    """One proxy's figures from its rounds: round i's proxied run against round i's direct run."""
     def pooled(results: list[LoadResult], attribute: str) -> list[float]:
         return [v for r in results for v in getattr(r, attribute)]
 
     d_lat, p_lat = pooled(direct, "latencies"), pooled(proxied, "latencies")
-    out: dict[str, Any] = {"concurrency": concurrency, "stream": stream, "requests": requests * rounds}
+    out: dict[str, Any] = {"concurrency": concurrency, "stream": stream, "requests": sum(r.count + r.errors for r in proxied)}
+
     def added(attribute: str, q: float) -> float:
         """What the proxy adds at percentile q: each round's proxied minus that round's direct (run
         back to back), the median over the rounds. A stall of this shared machine during one

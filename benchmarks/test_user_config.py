@@ -6,13 +6,15 @@ file), metrics on, the shipped routing rules (policies/routing.yaml) over four c
 retrieval off. Each other variant turns one thing off or changes one thing, so its difference from
 `user` is that feature's cost: CPU per request of the proxy process and added P95 at 16 concurrent
 requests (backend 20 ms), each measured against the backend directly in the same rounds
-(test_overhead.compare). `access_log_pipe` writes the access log to standard output, read by this
+(test_overhead.compare_each). `access_log_pipe` writes the access log to standard output, read by this
 harness through a pipe; `rag` turns retrieval on (the seed's rag.yaml, the golden corpus ingested);
 `one_worker` is `user` with `serve --workers 1` (CPU figures count every worker); `floor` is not the
 proxy but bare_forwarder.py, uvicorn and the proxy's connection pool with nothing else: what any
 proxy built on them adds on this machine.
 
-All proxies run at once and are measured one after another in the same run; the table in
+All proxies run at once and are measured in the same run, interleaved round by round (in each
+round every proxy in turn, right after a direct run of its own), so a stall of the shared machine
+moves one round of one proxy and not its figure, a median over the rounds; the table in
 benchmarks/README.md ("What each feature costs") comes from a full run of this file.
 """
 
@@ -29,7 +31,7 @@ import yaml
 
 from conftest import MODEL, BenchStack
 from support import ROOT, SEED_POLICIES, Process, _spawn, rag_model_dir, start_proxy, write_policies
-from test_overhead import compare
+from test_overhead import Proxied, compare_each
 
 KEY = "bench-client-key"
 ADMIN = "bench-admin-key"
@@ -89,19 +91,25 @@ def proxies(bench_stack: BenchStack, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def load_16(bench_stack: BenchStack) -> tuple[int, int]:
-    """Requests per round and rounds of the 16-concurrent measures."""
-    return bench_stack.scale(short=300, full=1600), bench_stack.scale(short=3, full=3)  # 3: medians (compare)
+    """Requests per round and rounds of the 16-concurrent measures (the figures are medians over the
+    rounds: five in full mode, so that two stalled rounds of one proxy still do not move them)."""
+    return bench_stack.scale(short=300, full=1000), bench_stack.scale(short=3, full=5)
+
+
+def headers_for(name: str) -> dict[str, str]:
+    """Every proxy gets the client key (the floor ignores it, but reads the same bytes) but no_keys."""
+    return {} if name == "no_keys" else {"authorization": f"Bearer {KEY}"}
 
 
 def at_16_concurrent(bench_stack: BenchStack, proxies: dict[str, Process], names: tuple[str, ...]) -> dict[str, Any]:
-    """Each named proxy against the backend directly, one after another, 16 concurrent, not
-    streaming: `<name>_added_p95_ms`, `_added_p50_ms`, `_cpu_us` and `_throughput_ratio`."""
+    """The named proxies against the backend directly, interleaved round by round (compare_each),
+    16 concurrent, not streaming: `<name>_added_p95_ms`, `_added_p50_ms`, `_cpu_us` and
+    `_throughput_ratio`."""
     requests, rounds = load_16(bench_stack)
+    results = compare_each(bench_stack.sim, {name: Proxied(proxies[name], headers_for(name)) for name in names},
+                           stream=False, concurrency=16, requests=requests, rounds=rounds)
     out: dict[str, Any] = {}
-    for name in names:
-        stack = BenchStack(bench_stack.sim, proxies[name], bench_stack.mode)
-        headers = {} if name == "no_keys" else {"authorization": f"Bearer {KEY}"}
-        result = compare(stack, stream=False, concurrency=16, requests=requests, rounds=rounds, headers=headers)
+    for name, result in results.items():
         assert result["errors"] == 0, name
         out[f"{name}_added_p95_ms"] = result["added_p95_ms"]
         out[f"{name}_added_p50_ms"] = result["added_p50_ms"]
@@ -132,15 +140,14 @@ def test_user_config_streaming(benchmark, bench_stack: BenchStack, proxies: dict
     20-token stream at 10 ms a token adds to its total time, at 16 concurrent."""
     sim = bench_stack.sim
     sim.configure(ttft=0.02, token_delay=0.01, tokens=20)
-    requests = bench_stack.scale(short=400, full=800)
-    rounds = bench_stack.scale(short=3, full=3)  # three: the added figures are medians over rounds (compare)
-    options = {"stream": True, "concurrency": 16, "requests": requests, "rounds": rounds, "max_tokens": 20,
-               "headers": {"authorization": f"Bearer {KEY}"}}
+    requests = bench_stack.scale(short=400, full=500)
+    rounds = bench_stack.scale(short=3, full=5)  # the added figures are medians over rounds (compare_each)
 
     def measure() -> dict[str, Any]:
-        # The proxy as users run it, then the bare forwarder (the floor, see test_feature_costs) in the same run.
-        user = compare(BenchStack(sim, proxies["user"], bench_stack.mode), **options)
-        floor = compare(BenchStack(sim, proxies["floor"], bench_stack.mode), **options)
+        # The proxy as users run it and the bare forwarder (the floor, see test_feature_costs), round by round.
+        both = compare_each(sim, {name: Proxied(proxies[name], headers_for(name)) for name in ("user", "floor")},
+                            stream=True, concurrency=16, requests=requests, rounds=rounds, max_tokens=20)
+        user, floor = both["user"], both["floor"]
         return {"added_ttft_p95_ms": user["added_ttfb_p95_ms"], "added_total_p95_ms": user["added_p95_ms"],
                 "direct_total_p95_ms": user["direct_p95_ms"], "cpu_us": user["proxy_cpu_us_per_request"],
                 "floor_added_ttft_p95_ms": floor["added_ttfb_p95_ms"], "floor_added_total_p95_ms": floor["added_p95_ms"],
@@ -157,33 +164,31 @@ def test_user_config_streaming(benchmark, bench_stack: BenchStack, proxies: dict
 def test_user_config_throughput(benchmark, bench_stack: BenchStack, proxies: dict[str, Process]) -> None:  # type: ignore[no-untyped-def]
     """Issue 17's throughput targets, as users run it: at 64 concurrent with a 20 ms backend, and
     CPU-bound (a backend that answers at once, 16 concurrent), each over direct in the same rounds.
-    The floor (bare_forwarder.py) is measured the same way right after: on a 2-core machine shared
+    The floor (bare_forwarder.py) is measured the same way, round by round beside it: on a 2-core machine shared
     with the load generator and the backend, what uvicorn and the connection pool alone reach is
     the ceiling for any proxy built on them, and a target above it is out of the proxy's reach."""
     sim = bench_stack.sim
-    headers = {"authorization": f"Bearer {KEY}"}
-    rounds = bench_stack.scale(short=2, full=3)
+    rounds = bench_stack.scale(short=2, full=5)
+    both = {name: Proxied(proxies[name], headers_for(name)) for name in ("user", "floor")}
 
     def measure() -> dict[str, Any]:
         out: dict[str, Any] = {"errors": 0}
         try:
-            for prefix, proxy in (("", proxies["user"]), ("floor_", proxies["floor"])):
-                stack = BenchStack(sim, proxy, bench_stack.mode)
-                sim.configure(ttft=0.02, token_delay=0.0, tokens=16)
-                wide = compare(stack, stream=False, concurrency=64, requests=bench_stack.scale(short=1600, full=6400),
-                               rounds=rounds, headers=headers)
-                sim.configure(ttft=0.0, token_delay=0.0, tokens=4)
-                bound = compare(stack, stream=False, concurrency=16, requests=bench_stack.scale(short=1500, full=3000),
-                                rounds=rounds, headers=headers, max_tokens=4)
-                out.update({f"{prefix}c64_throughput_ratio": wide["throughput_ratio"],
-                            f"{prefix}c64_added_p95_ms": wide["added_p95_ms"],
-                            f"{prefix}cpu_bound_throughput_ratio": bound["throughput_ratio"],
-                            f"{prefix}cpu_bound_cpu_us": bound["proxy_cpu_us_per_request"]})
-                if not prefix:
-                    out["cpu_bound_backend_cpu_us"] = bound["backend_cpu_us_per_request"]
-                out["errors"] += wide["errors"] + bound["errors"]
+            sim.configure(ttft=0.02, token_delay=0.0, tokens=16)
+            wide = compare_each(sim, both, stream=False, concurrency=64, requests=bench_stack.scale(short=1600, full=4000),
+                                rounds=rounds)
+            sim.configure(ttft=0.0, token_delay=0.0, tokens=4)
+            bound = compare_each(sim, both, stream=False, concurrency=16, requests=bench_stack.scale(short=1500, full=2000),
+                                 rounds=rounds, max_tokens=4)
         finally:
             sim.configure(ttft=0.02, token_delay=0.0, tokens=16)  # the other suites' shape
+        for prefix, name in (("", "user"), ("floor_", "floor")):
+            out.update({f"{prefix}c64_throughput_ratio": wide[name]["throughput_ratio"],
+                        f"{prefix}c64_added_p95_ms": wide[name]["added_p95_ms"],
+                        f"{prefix}cpu_bound_throughput_ratio": bound[name]["throughput_ratio"],
+                        f"{prefix}cpu_bound_cpu_us": bound[name]["proxy_cpu_us_per_request"]})
+            out["errors"] += wide[name]["errors"] + bound[name]["errors"]
+        out["cpu_bound_backend_cpu_us"] = bound["user"]["backend_cpu_us_per_request"]
         return out
 
     result = benchmark.pedantic(measure, rounds=1, iterations=1)
