@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 from conftest import MODEL  # noqa: E402
 from support import Process, _spawn, start_proxy, start_sim  # noqa: E402
 from test_overhead import Proxied, compare_each  # noqa: E402
-from test_user_config import KEY, shipped_policies  # noqa: E402
+from test_user_config import KEY, headers_for, shipped_policies  # noqa: E402
 
 COLUMNS = ("added_p95_ms", "added_ttfb_p95_ms", "throughput_ratio", "proxy_cpu_us_per_request")
 
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, spec in specs.items():
             proxies[name] = start_variant(spec, policies, sim.url, base, name)
-        results = compare_each(sim, {name: Proxied(proxy, {"authorization": f"Bearer {KEY}"})
-                                     for name, proxy in proxies.items()},
+        results = compare_each(sim, {name: Proxied(proxy, headers_for("user")) for name, proxy in proxies.items()},
                                stream=args.stream, concurrency=args.concurrency, requests=args.requests,
                                rounds=args.rounds, max_tokens=args.tokens, on_round=show)
     finally:

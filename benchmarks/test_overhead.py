@@ -74,12 +74,22 @@ def compare_each(sim: Sim, proxies: dict[str, Proxied], *, stream: bool, concurr
             proxied[name].append(r)
             if on_round is not None:
                 on_round(round_, name, {
-                    "added_p95_ms": (percentile(r.latencies, 95) - percentile(d.latencies, 95)) * 1e3,
-                    "added_ttfb_p95_ms": (percentile(r.first_bytes, 95) - percentile(d.first_bytes, 95)) * 1e3,
+                    "added_p95_ms": added_ms(d, r, "latencies", 95),
+                    "added_ttfb_p95_ms": added_ms(d, r, "first_bytes", 95),
                     "throughput_ratio": r.throughput / d.throughput if d.throughput else 0.0,
-                    "proxy_cpu_us_per_request": cpu / max(1, r.count + r.errors) * 1e6})
+                    "proxy_cpu_us_per_request": us_per_request(cpu, [r])})
     return {name: summary(direct[name], proxied[name], proxy_cpu[name], backend_cpu[name], stream=stream,
                           concurrency=concurrency) for name in proxies}
+
+
+def added_ms(direct: LoadResult, proxied: LoadResult, attribute: str, q: float) -> float:
+    """What the proxy added at percentile q in one round: its run minus the direct run before it."""
+    return (percentile(getattr(proxied, attribute), q) - percentile(getattr(direct, attribute), q)) * 1e3
+
+
+def us_per_request(seconds: float, results: list[LoadResult]) -> float:
+    """CPU seconds spent over the requests of these runs, in microseconds a request."""
+    return seconds / max(1, sum(r.count + r.errors for r in results)) * 1e6
 
 
 def summary(direct: list[LoadResult], proxied: list[LoadResult], proxy_cpu: float, backend_cpu: float, *,
@@ -96,8 +106,7 @@ def summary(direct: list[LoadResult], proxied: list[LoadResult], proxy_cpu: floa
         back to back), the median over the rounds. A stall of this shared machine during one
         sub-run (CI read a bare forwarder's streaming P95 12 ms over direct once) then moves one
         round, not the figure; pooled over the rounds it moved the gate."""
-        return statistics.median(percentile(getattr(p, attribute), q) - percentile(getattr(d, attribute), q)
-                                 for d, p in zip(direct, proxied, strict=True)) * 1e3
+        return statistics.median(added_ms(d, p, attribute, q) for d, p in zip(direct, proxied, strict=True))
 
     for q in (50, 95, 99):
         out[f"direct_p{q}_ms"] = percentile(d_lat, q) * 1e3
@@ -110,11 +119,11 @@ def summary(direct: list[LoadResult], proxied: list[LoadResult], proxy_cpu: floa
     out["throughput_ratio"] = out["proxy_rps"] / out["direct_rps"]
     out["errors"] = sum(r.errors for r in direct + proxied)
     # CPU the proxy process spent per request: far steadier than tail latency on a shared machine.
-    out["proxy_cpu_us_per_request"] = proxy_cpu / max(1, sum(r.count + r.errors for r in proxied)) * 1e6
+    out["proxy_cpu_us_per_request"] = us_per_request(proxy_cpu, proxied)
     # The same for the simulated backend (also a Python ASGI server) answering the direct requests:
     # the ratio of the two cancels the machine's speed, which moves the absolute figure twofold
     # between CI machines.
-    backend_us = backend_cpu / max(1, sum(r.count + r.errors for r in direct)) * 1e6
+    backend_us = us_per_request(backend_cpu, direct)
     out["backend_cpu_us_per_request"] = backend_us
     out["proxy_cpu_per_backend_cpu"] = out["proxy_cpu_us_per_request"] / max(backend_us, 1.0)
     return out
