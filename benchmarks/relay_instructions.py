@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 from bare_forwarder import forwarder  # noqa: E402
 from conftest import MODEL  # noqa: E402
 from dreamseed.app import create_app  # noqa: E402
+from dreamseed.forwarding import CLIENT_GONE  # noqa: E402
 from dreamseed.logs import AccessLogQueue, set_access_log  # noqa: E402
 from dreamseed.policy import load_policies  # noqa: E402
 from test_overhead import chat_body  # noqa: E402
@@ -50,6 +51,9 @@ async def streams(app: App, body: bytes, count: int) -> float:
     """`count` streamed requests one after another, each read to its end; returns the body events
     each brought on average."""
     scope = request_scope(body)
+    # What `dreamseed serve`'s server offers every request (server.py): the client-gone callback,
+    # which spares a stream the watcher task other servers need.
+    scope["extensions"] = {CLIENT_GONE: {"register": lambda callback: None}}
     events: list[int] = []
 
     async def send(message: dict[str, Any]) -> None:
@@ -66,7 +70,7 @@ async def streams(app: App, body: bytes, count: int) -> float:
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            # A stream's disconnect watcher waits here; it is cancelled when the stream ends.
+            # Only a server without the extension has a watcher waiting here.
             await asyncio.Event().wait()
             return {"type": "http.disconnect"}
 

@@ -4,10 +4,13 @@ checks that need no separate process (the real-process tests stay where processe
 from __future__ import annotations
 
 import ast
+import asyncio
+import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -15,8 +18,9 @@ from litestar.testing import TestClient
 
 from dreamseed.app import create_app
 from dreamseed.errors import ERRORS
+from dreamseed.forwarding import CLIENT_GONE
 from dreamseed.policy import load_policies
-from support import ROOT, free_port, write_policies
+from support import ROOT, free_port, start_sim, write_policies
 
 
 @pytest.fixture
@@ -124,3 +128,72 @@ def test_relayed_routes_answer_alike_on_the_direct_path_and_through_litestar(cli
     # Other methods on the relayed paths are Litestar's: 405 in the OpenAI shape.
     refused = client.get(path)
     assert refused.status_code == 405 and refused.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("server_tells", [True, False], ids=["client_gone-extension", "receive-only"])
+def test_a_stream_whose_client_left_stops_its_backend_whichever_way_the_server_says_so(
+        tmp_path: Path, server_tells: bool) -> None:
+    """`dreamseed serve` calls back when a client's connection is lost (the CLIENT_GONE scope
+    extension, server.py); any other ASGI server only answers `receive` with http.disconnect. Either
+    way the stream stops and the backend's generation is cancelled."""
+    sim = start_sim("m", tokens=400, token_delay=0.02)
+    try:
+        policies = load_policies(write_policies(tmp_path, {"general": {"url": sim.url, "model": "m", "context_length": 4096}},
+                                                {"rules": [{"name": "default", "target": "general"}]}))
+        app = create_app(policies, environ={}, watch_policies=False)
+        body = json.dumps({"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        registered: list[Callable[[], None] | None] = []
+        receives = 0
+
+        async def run() -> int:
+            nonlocal receives
+            lifespan_in: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+            lifespan_out: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+            lifespan = asyncio.ensure_future(app({"type": "lifespan"}, lifespan_in.get, lifespan_out.put))  # type: ignore[arg-type]
+            await lifespan_in.put({"type": "lifespan.startup"})
+            assert (await lifespan_out.get())["type"] == "lifespan.startup.complete"
+            left = asyncio.Event()
+            chunks = 0
+
+            async def receive() -> dict[str, Any]:
+                nonlocal receives
+                receives += 1
+                if receives == 1:
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await left.wait()  # a server without the extension says so here, and only here
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                nonlocal chunks
+                if message["type"] == "http.response.body" and message.get("body"):
+                    chunks += 1
+                    if chunks == 3:  # the client leaves mid-stream
+                        left.set()
+                        if server_tells:
+                            callback = registered[-1]
+                            assert callback is not None
+                            callback()  # what server.py's protocol does when the connection is lost
+
+            scope: dict[str, Any] = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+                "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+            if server_tells:
+                scope["extensions"] = {CLIENT_GONE: {"register": registered.append}}
+            await asyncio.wait_for(app(scope, receive, send), 10)  # type: ignore[arg-type]
+            await lifespan_in.put({"type": "lifespan.shutdown"})
+            await lifespan
+            return chunks
+
+        chunks = asyncio.run(run())
+        assert chunks < 10  # stopped soon after the client left, not after 400 tokens
+        stats = sim.wait_for(lambda s: s["cancelled"] == 1 and s["active"] == 0)
+        assert stats["cancelled"] == 1 and stats["active"] == 0 and stats["finished"] == 0
+        if server_tells:
+            # Registered once, withdrawn when the stream ended, and no task waited on receive.
+            assert registered[0] is not None and registered[-1] is None and receives == 1
+        else:
+            assert registered == [] and receives == 2
+    finally:
+        sim.stop()

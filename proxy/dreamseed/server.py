@@ -14,15 +14,22 @@ open indefinitely; a body shorter than its Content-Length held for over 70 s). H
 
 The answers are short plain text that says what limit was hit, nothing about the internals.
 The checks cost a counter and a timer per request, not per byte parsed.
+
+It also offers the app the CLIENT_GONE scope extension (forwarding.py): a callback run when the
+client's connection is lost, so a relayed stream stops its backend without a task of its own
+waiting on `receive` for the disconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .forwarding import CLIENT_GONE
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._in_body = False
         self._timer: asyncio.TimerHandle | None = None
+        self._on_client_gone: Callable[[], None] | None = None
+        # One extensions dict per connection, put in each request's scope (not one per request).
+        self._extensions: dict[str, dict[object, object]] = {CLIENT_GONE: {"register": self._when_client_gone}}
+
+    def _when_client_gone(self, callback: Callable[[], None] | None) -> None:
+        self._on_client_gone = callback
 
     # -- timers ----------------------------------------------------------------------------
     def _arm(self, seconds: float, answer: bytes) -> None:
@@ -94,6 +107,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        callback, self._on_client_gone = self._on_client_gone, None
+        if callback is not None:
+            callback()
 
     def data_received(self, data: bytes) -> None:
         if not self._in_body:  # a head's bytes (reset when a head is complete)
@@ -111,6 +127,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = self._extensions
         self._in_head = True  # (again, for the next request on a kept-alive connection)
 
     def on_headers_complete(self) -> None:

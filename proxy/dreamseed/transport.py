@@ -251,8 +251,14 @@ class UpstreamResponse:
         return b"".join(chunks)  # one chunk (the usual case) comes back as is, not copied
 
     async def aclose(self) -> None:
+        """close(), for httpx's interface (_HttpxBody)."""
+        self.close()
+
+    def close(self) -> None:
         """Give the connection back: to the idle list if the response was read to its end,
-        else closed (which is how a backend learns that its client went away)."""
+        else closed (which is how a backend learns that its client went away). Nothing in it
+        waits, so the relay calls it directly: an `await aclose()` costs a coroutine per response,
+        and a server's connection-lost callback cannot await."""
         if not self._released:
             self._released = True
             connection = self._connection
