@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import Stack
 from support import start_proxy, start_sim, write_policies
@@ -173,6 +174,30 @@ def test_the_access_log_can_go_to_a_file(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert [json.loads(line)["request_id"] for line in log_file.read_text().splitlines()] == ids
         assert not any(line.startswith('{"ts"') for line in proxy.lines)  # not on standard output as well
+    finally:
+        proxy.stop()
+        sim.stop()
+
+
+@pytest.mark.parametrize("log_level", ["info", "warning"])
+def test_no_access_log_writes_no_line_anywhere_at_any_log_level(tmp_path: Path, log_level: str) -> None:
+    """`serve --no-access-log` at the default --log-level info printed every line anyway, through the
+    `dreamseed.access` logger to stderr (on the event loop, a write a request); off means off, while
+    the proxy's own diagnostics still come through."""
+    sim = start_sim("m", tokens=1)
+    policies = write_policies(tmp_path / "p", {"general": {"url": sim.url, "model": "m", "context_length": 4096}},
+                              {"rules": [{"name": "default", "target": "general"}]})
+    proxy = start_proxy(policies, extra=["--no-access-log", "--log-level", log_level])
+    try:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+        ids = [httpx.post(f"{proxy.url}/v1/chat/completions", json=body).headers["x-request-id"] for _ in range(3)]
+        bad = httpx.post(f"{proxy.url}/v1/chat/completions", content=b"{")  # an error is not logged either
+        assert bad.status_code == 400
+        time.sleep(0.5)  # the access log writes within 50 ms of a line
+        output = proxy.log()  # standard output and standard error
+        assert not any(request_id in output for request_id in [*ids, bad.headers["x-request-id"]]), output[-2000:]
+        if log_level == "info":
+            assert "Application startup complete" in output  # the log itself was on, and read
     finally:
         proxy.stop()
         sim.stop()

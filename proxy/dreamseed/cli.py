@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import slots
-from .logs import ACCESS_LOG_BUFFER, AccessLogQueue, set_access_log
+from .logs import ACCESS_LOG_BUFFER, AccessLogQueue, access_logger, set_access_log
 from .logs import install as limit_repeats
 from .policy import AUTO_MODEL, BACKENDS_FILE, Policies, PolicyError, load_catalog, load_policies, memory_plan
 from .policy.checks import field_name
@@ -196,9 +196,16 @@ def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, 
     destination: BinaryIO = (open(args.access_log_file, "ab") if args.access_log_file
                              else sys.stdout.buffer)
     access_queue = AccessLogQueue(destination, args.access_log_buffer)
+    access_level = access_logger.level
     if args.access_log:
         set_access_log(access_queue)
         access_queue.start()
+    else:
+        # Off means off. Without a queue, metrics.log_exchange hands each line to the
+        # `dreamseed.access` logger (for apps run without serve), which the root handler at the
+        # default --log-level info printed to stderr: on the event loop, a LogRecord and a write a
+        # request, blocking when stderr's reader stalls.
+        access_logger.setLevel(logging.CRITICAL + 1)
     try:
         app = create_app(policies, url_overrides=url_overrides, on_shutdown=[*on_shutdown, access_queue.stop],
                          watch_policies=args.watch_policies, log_prompts=args.log_prompts)
@@ -220,6 +227,7 @@ def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, 
     finally:
         access_queue.stop()
         set_access_log(None)
+        access_logger.setLevel(access_level)
         if args.access_log_file:
             destination.close()
 
@@ -274,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="serve beyond loopback without client API keys")
     serve.add_argument("--no-access-log", dest="access_log", action="store_false",
-                       help="do not write the JSON access log to standard output")
+                       help="write no access log (neither to standard output nor a file)")
     serve.add_argument("--access-log-file", metavar="PATH",
                        help="append the JSON access log to this file instead of standard output")
     serve.add_argument("--access-log-buffer", type=positive_int, default=ACCESS_LOG_BUFFER, metavar="LINES",

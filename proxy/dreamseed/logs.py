@@ -164,6 +164,8 @@ class AccessLogQueue:
 
 
 _sink: AccessLogQueue | None = None
+# Where metrics.log_exchange sends lines when no queue is set: the app run without `serve`.
+access_logger = logging.getLogger("dreamseed.access")
 
 
 def set_access_log(sink: AccessLogQueue | None) -> None:

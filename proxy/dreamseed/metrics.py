@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .logs import access_log_sink
+from .logs import access_log_sink, access_logger
 from .policy import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 RAG_BUCKETS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 NONE = "none"  # label value when a request ended before a rule or backend was chosen
-
-access_log = logging.getLogger("dreamseed.access")
 
 
 class _Usage(msgspec.Struct):
@@ -326,7 +324,7 @@ def log_exchange(exchange: Exchange) -> None:
     """The exchange's access log line: to the access log's queue (logs.AccessLogQueue) when
     `serve` set one up, else through the `dreamseed.access` logger if something listens there."""
     sink = access_log_sink()
-    if sink is None and not access_log.isEnabledFor(logging.INFO):
+    if sink is None and not access_logger.isEnabledFor(logging.INFO):
         return
     now = time.perf_counter()
     entry: dict[str, Any] = {
@@ -353,4 +351,4 @@ def log_exchange(exchange: Exchange) -> None:
     if sink is not None:
         sink.put(line + b"\n")  # no LogRecord on the request path: see AccessLogQueue
     else:
-        access_log.info(line.decode())
+        access_logger.info(line.decode())
