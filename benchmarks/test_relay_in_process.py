@@ -14,10 +14,7 @@ save a few microseconds (benchmarks/README.md, item 6).
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,40 +25,14 @@ from conftest import MODEL, BenchStack
 from dreamseed.app import create_app
 from dreamseed.logs import AccessLogQueue, set_access_log
 from dreamseed.policy import load_policies
+from support import App, request_scope, running
 from test_overhead import chat_body
 from test_user_config import KEY, shipped_policies
-
-App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
-
-
-@asynccontextmanager
-async def running(app: App) -> AsyncIterator[None]:
-    """The app's lifespan, driven as a server drives it."""
-    inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
-    outbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
-    task = asyncio.ensure_future(app({"type": "lifespan"}, inbox.get, outbox.put))
-    await inbox.put({"type": "lifespan.startup"})
-    assert (await outbox.get())["type"] == "lifespan.startup.complete"
-    try:
-        yield
-    finally:
-        await inbox.put({"type": "lifespan.shutdown"})
-        await task
-
-
-def request_scope(body: bytes) -> dict[str, Any]:
-    """The ASGI scope of a client's POST /v1/chat/completions carrying `body`, with its key."""
-    headers = [(b"host", b"bench"), (b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()), (b"authorization", f"Bearer {KEY}".encode())]
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-            "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 2)}
 
 
 async def cpu_per_request(app: App, body: bytes, count: int) -> float:
     """CPU seconds of this process per request, `count` requests one after another."""
-    scope = request_scope(body)
+    scope = request_scope(body, [(b"authorization", f"Bearer {KEY}".encode())])
     statuses: list[int] = []
 
     async def receive() -> dict[str, Any]:

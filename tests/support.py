@@ -6,6 +6,7 @@ announces that it is listening, so tests talk to them over real sockets.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -278,3 +281,32 @@ class FakeDockerEngine:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- an ASGI app called in process, as a server calls it ---------------------------------
+
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+@asynccontextmanager
+async def running(app: App) -> AsyncIterator[None]:
+    """The app's lifespan, driven as a server drives it."""
+    inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    task = asyncio.ensure_future(app({"type": "lifespan"}, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    assert (await outbox.get())["type"] == "lifespan.startup.complete"
+    try:
+        yield
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await task
+
+
+def request_scope(body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()) -> dict[str, Any]:
+    """The ASGI scope of a client's POST /v1/chat/completions carrying `body` (and `headers`)."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+            "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()), *headers]}

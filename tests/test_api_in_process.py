@@ -20,7 +20,7 @@ from dreamseed.app import create_app
 from dreamseed.errors import ERRORS
 from dreamseed.forwarding import CLIENT_GONE
 from dreamseed.policy import load_policies
-from support import ROOT, free_port, start_sim, write_policies
+from support import ROOT, free_port, request_scope, running, start_sim, write_policies
 
 
 @pytest.fixture
@@ -147,11 +147,6 @@ def test_a_stream_whose_client_left_stops_its_backend_whichever_way_the_server_s
 
         async def run() -> int:
             nonlocal receives
-            lifespan_in: asyncio.Queue[dict[str, str]] = asyncio.Queue()
-            lifespan_out: asyncio.Queue[dict[str, str]] = asyncio.Queue()
-            lifespan = asyncio.ensure_future(app({"type": "lifespan"}, lifespan_in.get, lifespan_out.put))  # type: ignore[arg-type]
-            await lifespan_in.put({"type": "lifespan.startup"})
-            assert (await lifespan_out.get())["type"] == "lifespan.startup.complete"
             left = asyncio.Event()
             chunks = 0
 
@@ -174,16 +169,11 @@ def test_a_stream_whose_client_left_stops_its_backend_whichever_way_the_server_s
                             assert callback is not None
                             callback()  # what server.py's protocol does when the connection is lost
 
-            scope: dict[str, Any] = {
-                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-                "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
-                "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+            scope = request_scope(body)
             if server_tells:
                 scope["extensions"] = {CLIENT_GONE: {"register": registered.append}}
-            await asyncio.wait_for(app(scope, receive, send), 10)  # type: ignore[arg-type]
-            await lifespan_in.put({"type": "lifespan.shutdown"})
-            await lifespan
+            async with running(app):  # type: ignore[arg-type]
+                await asyncio.wait_for(app(scope, receive, send), 10)  # type: ignore[arg-type]
             return chunks
 
         chunks = asyncio.run(run())
