@@ -1,16 +1,21 @@
 """The access log's buffer and writer thread (logs.AccessLogQueue), in process: every line put is
 written once, in order, soon, whatever the writer is doing when it arrives; a full buffer drops
 and counts. (tests/test_metrics.py checks the same through a real `dreamseed serve` and a stalled
-reader.)"""
+reader.) And the line itself: each field of a request's Exchange under its own key."""
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import random
 import threading
 import time
 
-from dreamseed.logs import AccessLogQueue
+import pytest
+
+from dreamseed.logs import AccessLogQueue, access_logger
+from dreamseed.metrics import Exchange, log_exchange
 
 
 class Destination(io.RawIOBase):
@@ -111,3 +116,28 @@ def test_stop_writes_what_is_queued_and_gives_up_on_a_destination_that_stays_blo
     blocked.stop(timeout=0.2)  # returns, and says on stderr that a line was not written
     assert time.monotonic() - started < 1.0 and blocked.queued == 1
     stuck.open_gate.set()
+
+
+@pytest.mark.parametrize("prompt", [None, "빠른 답 please"])
+def test_the_access_log_line_has_every_field_of_the_exchange_under_its_own_key_in_the_documented_order(
+        prompt: str | None, caplog: pytest.LogCaptureFixture) -> None:
+    """log_exchange builds the line positionally (metrics.AccessLogLine): a value one place off
+    would land under its neighbour's key. Every field gets a value no other field has."""
+    started = time.perf_counter() - 2.0
+    exchange = Exchange("req-1", "chat", started=started, stream=True, rule="code", backend="fast",
+                        fallbacks=["code:starting"], status=502, error="upstream_error",
+                        first_byte=started + 0.25, prompt_tokens=11, completion_tokens=7, prompt=prompt,
+                        rag="hits", rag_hits=3, rag_seconds=0.0125)
+    with caplog.at_level(logging.INFO, logger=access_logger.name):
+        log_exchange(exchange)
+    (record,) = [r for r in caplog.records if r.name == access_logger.name]
+    line = json.loads(record.getMessage())
+    documented = ["ts", "request_id", "endpoint", "stream", "rule", "backend", "fallback", "status", "error",
+                  "duration_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "rag", "rag_hits", "rag_ms"]
+    assert list(line) == documented + (["prompt"] if prompt is not None else [])  # docs/operations.md's order
+    assert abs(line.pop("ts") - time.time()) < 5
+    assert 2000 <= line.pop("duration_ms") < 7000
+    assert line == {"request_id": "req-1", "endpoint": "chat", "stream": True, "rule": "code", "backend": "fast",
+                    "fallback": ["code:starting"], "status": 502, "error": "upstream_error", "ttft_ms": 250.0,
+                    "prompt_tokens": 11, "completion_tokens": 7, "rag": "hits", "rag_hits": 3, "rag_ms": 12.5,
+                    **({"prompt": prompt} if prompt is not None else {})}
