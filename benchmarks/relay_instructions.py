@@ -43,7 +43,7 @@ from dreamseed.policy import load_policies  # noqa: E402
 from support import App, request_scope, running  # noqa: E402
 from test_overhead import chat_body  # noqa: E402
 from test_relay_in_process import cpu_per_request  # noqa: E402
-from test_user_config import KEY, shipped_policies  # noqa: E402
+from test_user_config import KEY, KEY_HEADER, shipped_policies  # noqa: E402
 
 VARIANTS = ("user", "no_keys", "no_access_log", "one_rule", "floor")
 
@@ -51,7 +51,7 @@ VARIANTS = ("user", "no_keys", "no_access_log", "one_rule", "floor")
 async def streams(app: App, body: bytes, count: int) -> float:
     """`count` streamed requests one after another, each read to its end; returns the body events
     each brought on average."""
-    scope = request_scope(body, [(b"authorization", f"Bearer {KEY}".encode())])
+    scope = request_scope(body, [KEY_HEADER])
     # What `dreamseed serve`'s server offers every request (server.py): the client-gone callback,
     # which spares a stream the watcher task other servers need.
     scope["extensions"] = {CLIENT_GONE: {"register": lambda callback: None}}

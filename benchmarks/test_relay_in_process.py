@@ -27,12 +27,12 @@ from dreamseed.logs import AccessLogQueue, set_access_log
 from dreamseed.policy import load_policies
 from support import App, request_scope, running
 from test_overhead import chat_body
-from test_user_config import KEY, shipped_policies
+from test_user_config import KEY, KEY_HEADER, shipped_policies
 
 
 async def cpu_per_request(app: App, body: bytes, count: int) -> float:
     """CPU seconds of this process per request, `count` requests one after another."""
-    scope = request_scope(body, [(b"authorization", f"Bearer {KEY}".encode())])
+    scope = request_scope(body, [KEY_HEADER])
     statuses: list[int] = []
 
     async def receive() -> dict[str, Any]:

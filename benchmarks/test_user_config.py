@@ -34,6 +34,7 @@ from support import ROOT, SEED_POLICIES, Process, _spawn, rag_model_dir, start_p
 from test_overhead import Proxied, compare_each
 
 KEY = "bench-client-key"
+KEY_HEADER = (b"authorization", f"Bearer {KEY}".encode())  # the client key as an ASGI scope carries it
 ADMIN = "bench-admin-key"
 VARIANTS = ("user", "no_keys", "no_access_log", "access_log_pipe", "one_rule", "rag", "one_worker", "floor")
 
