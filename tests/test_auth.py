@@ -12,7 +12,7 @@ import pytest
 
 from dreamseed.auth import KeyRing
 from dreamseed.errors import ProxyError
-from support import Process, Sim, start_proxy, start_sim, write_policies
+from support import Process, Sim, free_port, start_proxy, start_sim, write_policies
 
 CLIENT_KEYS = ("client-key-one", "client-key-two")
 ADMIN_KEY = "admin-key-secret"
@@ -27,7 +27,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process,
     policies = write_policies(directory / "p", {"general": {"url": sim.url, "model": "m", "context_length": 1024}},
                               {"rules": [{"name": "default", "target": "general"}]})
     proxy = start_proxy(policies, env={"DREAMSEED_API_KEYS": ", ".join(CLIENT_KEYS),
-                                       "DREAMSEED_ADMIN_KEY_FILE": str(admin_file)})
+                                       "DREAMSEED_ADMIN_KEY_FILE": str(admin_file)}, extra=["--metrics-port", "0"])
     yield proxy, sim
     proxy.stop()
     sim.stop()
@@ -68,7 +68,54 @@ def test_admin_endpoints_need_the_admin_key(secured) -> None:  # type: ignore[no
 def test_probes_and_health_stay_open(secured) -> None:  # type: ignore[no-untyped-def]
     proxy, _ = secured
     assert httpx.get(f"{proxy.url}/healthz").status_code == 200
-    assert httpx.get(f"{proxy.url}/readyz").status_code in (200, 503)
+    ready = httpx.get(f"{proxy.url}/readyz")
+    # Any prober gets the answer; the backends behind it only with a key.
+    assert ready.status_code in (200, 503) and ready.json() == {"ready": ready.status_code == 200}
+    detailed = httpx.get(f"{proxy.url}/readyz", headers={"authorization": f"Bearer {CLIENT_KEYS[0]}"})
+    assert detailed.json()["backends"]["general"]["state"] in ("up", "unknown")
+
+
+def internal_url(proxy: Process) -> str:
+    (line,) = [line for line in proxy.lines if line.startswith("metrics and probes on ")]
+    return line.split()[4]
+
+
+def test_metrics_and_the_api_document_need_a_key_on_the_public_listener(secured) -> None:  # type: ignore[no-untyped-def]
+    proxy, _ = secured
+    assert call(proxy, "/metrics", None, "GET").status_code == 401
+    as_client = call(proxy, "/metrics", CLIENT_KEYS[0], "GET")  # traffic and backends are the operator's business
+    assert as_client.status_code == 403 and as_client.json()["error"]["code"] == "wrong_key_kind"
+    scraped = call(proxy, "/metrics", ADMIN_KEY, "GET")
+    assert scraped.status_code == 200 and "dreamseed_requests_total" in scraped.text
+    assert call(proxy, "/openapi.json", None, "GET").status_code == 401
+    document = call(proxy, "/openapi.json", CLIENT_KEYS[1], "GET")
+    assert document.status_code == 200 and document.json()["openapi"].startswith("3.")
+
+
+def test_the_internal_listener_serves_prometheus_and_the_probes_only(secured) -> None:  # type: ignore[no-untyped-def]
+    proxy, sim = secured
+    internal = internal_url(proxy)
+    assert internal.startswith("http://127.0.0.1:") and internal != proxy.url
+    scraped = httpx.get(f"{internal}/metrics")
+    assert scraped.status_code == 200 and "dreamseed_policy_info" in scraped.text
+    assert httpx.get(f"{internal}/healthz").status_code == 200
+    assert httpx.get(f"{internal}/readyz").json()["backends"]["general"]["state"] in ("up", "unknown")
+    before = sim.stats()["requests"]
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/openapi.json"),
+                         ("GET", "/admin/policies")):
+        refused = httpx.request(method, f"{internal}{path}", json={"model": "auto", "messages": []}
+                                if method == "POST" else None, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found", path
+    assert sim.stats()["requests"] == before
+
+
+def test_the_metrics_port_must_differ_from_the_main_one(tmp_path: Path) -> None:
+    policies = write_policies(tmp_path / "p", {"general": {"url": "http://127.0.0.1:1", "model": "m", "context_length": 1}},
+                              {"rules": [{"name": "default", "target": "general"}]})
+    port = str(free_port())
+    result = subprocess.run([sys.executable, "-m", "dreamseed.cli", "serve", "--policies", str(policies), "--port", port,
+                             "--metrics-port", port, "--workers", "1"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--metrics-port must differ from --port" in result.stderr
 
 
 def test_keys_never_appear_in_responses_or_logs(secured) -> None:  # type: ignore[no-untyped-def]

@@ -122,8 +122,10 @@ class Proxy:
     """The proxy's runtime: built by create_app, started and stopped by the app's lifespan."""
 
     def __init__(self, policies: Policies, environ: Mapping[str, str], url_overrides: Mapping[str, str],
-                 log_prompts: bool) -> None:
+                 log_prompts: bool, internal_port: int | None = None) -> None:
         self.initial = policies
+        # `serve --metrics-port`: the listener for Prometheus and probes, never published.
+        self.internal_port = internal_port
         self.environ = environ
         self.url_overrides = url_overrides
         self.log_prompts = log_prompts
@@ -239,6 +241,17 @@ class Proxy:
         except OSError as exc:
             log.warning("cannot share this worker's metrics in %s: %s", shared.directory, exc)
         return counts, state
+
+    def internal(self, scope: Scope) -> bool:
+        """Whether the request came in on the internal listener (`serve --metrics-port`)."""
+        server = scope.get("server")
+        return self.internal_port is not None and server is not None and server[1] == self.internal_port
+
+    def check_operator(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        """/metrics on the main listener: open while it serves without client keys (loopback), the
+        admin key once it has them; the internal listener serves Prometheus without a key."""
+        if not self.internal(connection.scope) and not self.keys.clients_open:
+            self.keys.check(_authorization(connection), "admin")
 
     def finished(self, exchange: Exchange) -> None:
         self.metrics.record(exchange)
@@ -439,12 +452,16 @@ async def embeddings(request: AnyRequest) -> ASGIApp:
 
 @get("/openapi.json", summary="This API's OpenAPI document", include_in_schema=False)
 async def openapi_json(request: AnyRequest) -> ASGIApp:
-    return BufferedResponse(200, [(b"content-type", b"application/json")], proxy_of(request).openapi())
+    proxy = proxy_of(request)
+    proxy.keys.check(_authorization(request), "client")  # it lists the models, as /v1/models does
+    return BufferedResponse(200, [(b"content-type", b"application/json")], proxy.openapi())
 
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 async def metrics_endpoint(request: AnyRequest) -> ASGIApp:
-    return BufferedResponse(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], await proxy_of(request).metrics_text())
+    proxy = proxy_of(request)
+    proxy.check_operator(request)
+    return BufferedResponse(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], await proxy.metrics_text())
 
 
 @get("/healthz", summary="Liveness: the proxy process is serving")
@@ -458,11 +475,18 @@ async def readyz(request: AnyRequest) -> ASGIApp:
     backends = proxy.backend_states()
     # Ready when the catch-all rule (what "auto" traffic falls through to) can be served.
     ready = any(backends[name].state == "up" for name in proxy.runtime.current.router.rules[-1].chain)
-    # No key guards this route: states only. Error details name internal addresses and actuators,
-    # so they stay behind the admin key (/admin/backends).
+    status = 200 if ready else 503
+    # Any prober gets the answer; the backends' names and states only the internal listener, or a
+    # client key once the main listener has keys. Error details name internal addresses and
+    # actuators, so they stay behind the admin key (/admin/backends).
+    if not proxy.internal(request.scope):
+        try:
+            proxy.keys.check(_authorization(request), "client")
+        except ProxyError:
+            return _json({"ready": ready}, status=status)
     states = {name: {"state": view.state, "circuit": view.circuit, "on_demand": view.on_demand}
               for name, view in backends.items()}
-    return _json({"ready": ready, "backends": states}, status=200 if ready else 503)
+    return _json({"ready": ready, "backends": states}, status=status)
 
 
 # --- admin routes (one guard: the admin key) ------------------------------------------------
@@ -578,8 +602,10 @@ def create_app(
     on_shutdown: Sequence[Callable[[], object]] = (),
     watch_policies: bool = True,
     log_prompts: bool = False,
+    internal_port: int | None = None,
 ) -> Litestar:
-    proxy = Proxy(policies, os.environ if environ is None else environ, url_overrides or {}, log_prompts)
+    proxy = Proxy(policies, os.environ if environ is None else environ, url_overrides or {}, log_prompts,
+                  internal_port)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -608,6 +634,10 @@ def create_app(
     )
 
 
+# What the internal listener (`serve --metrics-port`) serves: Prometheus's scrape and the probes.
+INTERNAL_PATHS = ("/metrics", "/healthz", "/readyz")
+
+
 class ProxyApp(Litestar):
     """The Litestar app, with the relayed routes (POST to RELAYED's paths) taken straight to
     :meth:`Proxy.relay`.
@@ -626,6 +656,11 @@ class ProxyApp(Litestar):
         self.proxy = proxy
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.proxy.internal(scope) and scope["path"] not in INTERNAL_PATHS:
+            refused = ProxyError("not_found", f"the internal listener serves {', '.join(INTERNAL_PATHS)} only")
+            await ASGIResponse(body=error_body(refused.message, type=refused.type, code=refused.code),
+                               status_code=refused.status, media_type="application/json")(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             relayed = RELAYED.get(scope["path"])
             if relayed is not None:

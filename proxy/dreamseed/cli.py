@@ -142,6 +142,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"dreamseed: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    internal: socket.socket | None = None
+    if args.metrics_port is not None:
+        if args.metrics_port and args.metrics_port == sockets[0].getsockname()[1]:
+            # The app tells the listeners apart by port.
+            print(f"dreamseed: --metrics-port must differ from --port ({args.port})", file=sys.stderr)
+            return 2
+        # One socket that every worker accepts on: scrapes are rare, and any worker's page is the whole.
+        try:
+            (internal,) = listening_sockets(args.metrics_host, args.metrics_port, 1)
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            print(f"dreamseed: cannot listen on {args.metrics_host}:{args.metrics_port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     stand_ins = StandIns("simulated")
     if args.local_model or args.simulate_missing:
         policies, stand_ins = stand_in_for_missing(policies, os.environ, "llama" if args.local_model else "simulated",
@@ -160,11 +175,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers = f", {args.workers} workers" if args.workers > 1 else ""
         print(f"DreamSeed proxy listening on http://{host}:{port} (policies: {Path(args.policies).resolve()}{workers})",
               flush=True)
+        if internal is not None:
+            internal_host, internal_port = internal.getsockname()[:2]
+            print(f"metrics and probes on http://{internal_host}:{internal_port} (/metrics, /healthz, /readyz)", flush=True)
 
         if args.workers == 1:
             # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends a single process
             # before `finally` below runs; stopping the stand-ins at app shutdown happens before that.
-            return serve_on(sockets[0], args, policies, stand_ins.url_overrides, [stand_ins.stop])
+            return serve_on(sockets[0], internal, args, policies, stand_ins.url_overrides, [stand_ins.stop])
         table = slots.share_between(args.workers)
 
         def run_worker(index: int) -> int:
@@ -173,7 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for other in sockets:
                 if other is not mine:
                     other.close()  # this process's copy only: the parent keeps every socket open
-            return serve_on(mine, args, policies, stand_ins.url_overrides, [])
+            return serve_on(mine, internal, args, policies, stand_ins.url_overrides, [])
 
         return supervise(args.workers, run_worker, args.shutdown_grace, forget=table.forget)
     finally:
@@ -182,9 +200,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutil.rmtree(os.environ[SHARED_DIR_ENV], ignore_errors=True)
 
 
-def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, url_overrides: Mapping[str, str],
-             on_shutdown: list[Callable[[], None]]) -> int:
-    """One proxy process serving on the bound socket until it is told to stop."""
+def serve_on(sock: socket.socket, internal: socket.socket | None, args: argparse.Namespace, policies: Policies,
+             url_overrides: Mapping[str, str], on_shutdown: list[Callable[[], None]]) -> int:
+    """One proxy process serving on the bound socket (and the internal one, if any) until it is told to stop."""
     import uvicorn
 
     from .app import create_app
@@ -208,7 +226,8 @@ def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, 
         access_logger.setLevel(logging.CRITICAL + 1)
     try:
         app = create_app(policies, url_overrides=url_overrides, on_shutdown=[*on_shutdown, access_queue.stop],
-                         watch_policies=args.watch_policies, log_prompts=args.log_prompts)
+                         watch_policies=args.watch_policies, log_prompts=args.log_prompts,
+                         internal_port=internal.getsockname()[1] if internal is not None else None)
         config = uvicorn.Config(
             app,
             loop="uvloop" if sys.platform != "win32" else "asyncio",
@@ -222,7 +241,8 @@ def serve_on(sock: socket.socket, args: argparse.Namespace, policies: Policies, 
             timeout_graceful_shutdown=args.shutdown_grace,
             lifespan="on",
         )
-        uvicorn.Server(config).run(sockets=[sock])  # exits with STARTUP_FAILURE if the app cannot start
+        # Exits with STARTUP_FAILURE if the app cannot start.
+        uvicorn.Server(config).run(sockets=[sock] if internal is None else [sock, internal])
         return 0
     finally:
         access_queue.stop()
@@ -266,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policies", default=DEFAULT_POLICIES, help="policy directory (default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8080, help="port to bind, 0 for any free one (default: %(default)s)")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help="also listen here for /metrics, /healthz and /readyz only, with no key (for Prometheus "
+                            "and probes; keep it unpublished); 0 for any free port")
+    serve.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address of the --metrics-port listener (default: %(default)s)")
     serve.add_argument("--simulate-missing", action="store_true",
                        help="start a simulated vLLM for every catalog backend that is not reachable")
     serve.add_argument("--local-model", action="store_true",
