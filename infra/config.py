@@ -30,6 +30,9 @@ def load_catalog_policies(config: pulumi.Config) -> Policies:
 class LocalConfig:
     policies: Policies
     docker_host: str
+    # The group that owns the Docker socket on that host (the gate joins it); None: read it from the
+    # socket when the Docker host is this machine.
+    docker_socket_gid: int | None
     gpu_host: str
     proxy_port: int
     proxy_bind_address: str
@@ -63,6 +66,7 @@ class LocalConfig:
         return cls(
             policies=load_catalog_policies(config),
             docker_host=config.get("dockerHost") or "unix:///var/run/docker.sock",
+            docker_socket_gid=config.get_int("dockerSocketGid"),
             gpu_host=config.get("gpuHost") or "rtx5090",
             proxy_port=config.get_int("proxyPort") or 8080,
             proxy_bind_address=config.get("proxyBindAddress") or "0.0.0.0",

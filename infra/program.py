@@ -20,7 +20,7 @@ import pulumi_docker as docker
 from dreamseed.policy import DockerActuator, MemoryPlan, Policies, memory_plan
 
 from .components.common import backends_on, container_name
-from .components.docker_gate import DockerGate, DockerGateArgs
+from .components.docker_gate import DockerGate, DockerGateArgs, socket_group
 from .components.embeddings import EmbeddingServer, EmbeddingServerArgs
 from .components.monitoring import Monitoring, MonitoringArgs
 from .components.proxy import NAME as PROXY_NAME
@@ -180,8 +180,9 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
     # The scaler reaches Docker only through the gate, and only for the declared on-demand containers.
     on_demand_containers = [container_name(n) for n, b in backends_on(policies, config.gpu_host).items() if b.on_demand]
     if on_demand_containers:
-        gate = DockerGate("docker-gate", DockerGateArgs(network=network.name, containers=on_demand_containers,
-                                                        allow_from=PROXY_NAME), opts=on_host)
+        gate = DockerGate("docker-gate", DockerGateArgs(
+            network=network.name, containers=on_demand_containers, allow_from=PROXY_NAME,
+            socket_gid=socket_group(config.docker_host, config.docker_socket_gid)), opts=on_host)
         plain_env["DOCKER_HOST"] = gate.docker_host
     # rag.yaml is the one place the embedding model is named. An embedding server is declared only
     # when rag.yaml embeds through one whose URL the deployment supplies (`kind: openai` with

@@ -85,7 +85,8 @@ class Monitoring(pulumi.ComponentResource):
             name=GPU_EXPORTER.split(":")[0],
             image=pulled(f"{resource_name}-gpu-exporter-image", images.GPU_EXPORTER, self).image_id,
             device_requests=[docker.ContainerDeviceRequestArgs(driver="nvidia", count=-1, capabilities=["gpu"])],
-            capabilities=docker.ContainerCapabilitiesArgs(adds=["SYS_ADMIN"]),  # DCGM's profiling counters
+            # No added capability: the dashboard reads DCGM's default DEV_* fields; the profiling
+            # counters that would need CAP_SYS_ADMIN are not offered on GeForce cards (NVIDIA/dcgm-exporter#404).
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=args.network, aliases=["gpu-exporter"])],
             restart="unless-stopped",
             opts=child,

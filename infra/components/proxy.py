@@ -1,4 +1,9 @@
-"""ProxyService: the DreamSeed proxy container, the only service published beyond localhost."""
+"""ProxyService: the DreamSeed proxy container, the only service published beyond localhost.
+
+Its OpenAI port is published; /metrics and the probes are served without a key on a second port
+(`serve --metrics-port`) that only the Docker network reaches: Prometheus scrapes it there, and the
+public port answers /metrics only with the admin key.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from dreamseed import __version__
 from .common import python_healthcheck, secret_env
 
 CONTAINER_PORT = 8080
+METRICS_PORT = 9464  # the internal listener: never published
 POLICY_DIR = "/app/policies"
 NAME = "dreamseed-proxy"
 
@@ -49,16 +55,17 @@ class ProxyService(pulumi.ComponentResource):
             name=NAME,
             # By digest: a rebuilt image (same tag, new content) replaces the container.
             image=self.image.repo_digest,
-            command=["serve", "--host", "0.0.0.0", "--port", str(CONTAINER_PORT), "--policies", POLICY_DIR],
+            command=["serve", "--host", "0.0.0.0", "--port", str(CONTAINER_PORT), "--policies", POLICY_DIR,
+                     "--metrics-host", "0.0.0.0", "--metrics-port", str(METRICS_PORT)],
             envs=envs,
             # Policies travel with the deployment: a changed file replaces the container.
             uploads=[docker.ContainerUploadArgs(file=f"{POLICY_DIR}/{name}", content=content)
                      for name, content in sorted(args.policy_files.items())],
             ports=[docker.ContainerPortArgs(internal=CONTAINER_PORT, external=args.port, ip=args.bind_address)],
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=args.network, aliases=["proxy"])],
-            healthcheck=python_healthcheck(f"http://127.0.0.1:{CONTAINER_PORT}/healthz"),
+            healthcheck=python_healthcheck(f"http://127.0.0.1:{METRICS_PORT}/healthz"),
             restart="unless-stopped",
             opts=child,
         )
-        self.target = f"{NAME}:{CONTAINER_PORT}"
+        self.target = f"{NAME}:{METRICS_PORT}"  # what Prometheus scrapes
         self.register_outputs({"image": self.image.repo_digest})

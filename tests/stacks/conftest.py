@@ -69,7 +69,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.typ == "command:local:Command":
             outputs["stdout"] = json.dumps(INSTANCE)
         elif args.typ == "command:remote:Command" and args.name.endswith("tunnel-access"):
-            outputs["stdout"] = json.dumps({"tunnel_key": TUNNEL_KEY, "host_key": HOST_KEY})
+            outputs["stdout"] = json.dumps({"tunnel_key": TUNNEL_KEY})
+        elif args.typ == "command:remote:Command" and args.name.endswith("host-key"):
+            outputs["stdout"] = HOST_KEY
         elif args.typ == "pulumi:pulumi:StackReference":
             outputs["outputs"] = REMOTE_OUTPUTS
         elif args.typ == "docker:index/remoteImage:RemoteImage":
@@ -100,7 +102,9 @@ def stack_config(stack: str) -> dict[str, str]:
         return {**common, "dreamseed:postgresPassword": SECRETS["postgresPassword"],
                 "dreamseed:grafanaAdminPassword": SECRETS["grafanaAdminPassword"],
                 "dreamseed:proxyApiKeys": SECRETS["proxyApiKeys"], "dreamseed:proxyAdminKey": SECRETS["proxyAdminKey"],
-                "dreamseed:remoteStack": "organization/dreamseed/remote70b"}
+                "dreamseed:remoteStack": "organization/dreamseed/remote70b",
+                # The docker group's number on the host (no Docker socket here to read it from).
+                "dreamseed:dockerSocketGid": "998"}
     return {**common, "dreamseed:lambdaApiKey": SECRETS["lambdaApiKey"], "dreamseed:vllmApiKey": SECRETS["vllmApiKey"],
             "dreamseed:sshKeyName": "dreamseed"}
 

@@ -16,11 +16,13 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pulumi
 import pytest
 
 from dreamseed.policy import DockerActuator
@@ -112,3 +114,92 @@ def test_through_the_real_socket_proxy_the_actuator_works_and_anything_else_is_r
     finally:
         gate.terminate()
         gate.wait(timeout=10)
+
+
+# --- the gate's user and the socket's group ------------------------------------------------------
+
+DOCKER_GID = 4242  # the docker group's number on this pretend host (it differs from host to host)
+INSPECT = b"GET /v1.43/containers/dreamseed-code/json HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to own a socket as root:docker and run processes "
+                             "as the gate's user (CI runs as root)")
+
+
+@pytest.fixture
+def docker_socket() -> Iterator[tuple[str, FakeDockerEngine]]:
+    """A Docker socket as Docker's packages make it: root:docker, mode 0660, in a folder anyone may enter."""
+    folder = tempfile.mkdtemp(prefix="dreamseed-docker-")
+    os.chmod(folder, 0o755)
+    path = f"{folder}/docker.sock"
+    engine = FakeDockerEngine(path, "dreamseed-code")
+    os.chown(path, 0, DOCKER_GID)
+    os.chmod(path, 0o660)
+    yield path, engine
+    engine.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def as_user(user: str) -> dict[str, object]:
+    """subprocess's arguments that run a child as a container's `user: "uid:gid"` runs its process."""
+    uid, gid = (int(part) for part in user.split(":"))
+    return {"user": uid, "group": gid, "extra_groups": []}
+
+
+def inspect_as(user: str, path: str) -> str:
+    """The status line Docker's socket answers a process running as `user` (forked, so no program file
+    needs to be readable by that user), or the error its connect raised."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, then talk to the socket
+        try:
+            uid, gid = (int(part) for part in user.split(":"))
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as connection:
+                connection.connect(path)
+                connection.sendall(INSPECT)
+                answer = connection.recv(100).decode().splitlines()[0]
+        except OSError as exc:
+            answer = f"{type(exc).__name__}: {exc}"
+        os.write(write, answer.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        return pipe.read()
+
+
+@AS_ROOT
+def test_the_gate_runs_in_the_sockets_group_so_it_can_open_the_socket(docker_socket, run_stack) -> None:
+    path, engine = docker_socket
+    # The stack reads the socket's group itself when the Docker host is this machine.
+    mocks, _ = run_stack("local", {"dreamseed:dockerHost": f"unix://{path}", "dreamseed:dockerSocketGid": None})
+    (gate,) = [r.inputs for r in mocks.of_type("docker:index/container:Container") if r.inputs["name"] == "dreamseed-docker-gate"]
+    assert gate["user"] == f"65534:{DOCKER_GID}"
+    assert inspect_as(gate["user"], path).startswith("HTTP/1.0 200")
+    # The image's own user, 65534:65534, is refused by the socket's mode: what the gate met before.
+    assert inspect_as("65534:65534", path).startswith("PermissionError")
+    if SOCKET_PROXY is not None:
+        port = free_port()
+        flags = [f for f in gate_command(CONTAINERS, allow_from="127.0.0.1/32") if not f.startswith(("-listenip", "-proxyport"))]
+        command = [str(SOCKET_PROXY), f"-socketpath={path}", "-listenip=127.0.0.1", f"-proxyport={port}", *flags]
+        for user, works in ((gate["user"], True), ("65534:65534", False)):
+            gate_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                            **as_user(user))  # type: ignore[call-overload]
+            try:
+                deadline = time.monotonic() + 10
+                while not listening(port) and gate_process.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if works:
+                    assert httpx.get(f"http://127.0.0.1:{port}/v1.43/containers/dreamseed-code/json").status_code == 200
+                else:  # its start-up check cannot reach Docker: it exits instead of serving
+                    assert gate_process.wait(timeout=10) != 0
+            finally:
+                gate_process.kill()
+                gate_process.wait(timeout=10)
+    assert engine.seen
+
+
+def test_a_remote_docker_host_must_name_the_sockets_group(run_stack) -> None:
+    with pytest.raises(pulumi.RunError, match=r"set dreamseed:dockerSocketGid .*stat -c %g /var/run/docker.sock"):
+        run_stack("local", {"dreamseed:dockerHost": "ssh://admin@gpu-box", "dreamseed:dockerSocketGid": None})

@@ -84,7 +84,8 @@ def test_vllm_containers_and_the_gpu_exporter_request_the_gpu_and_nothing_else_d
             assert inputs["healthcheck"]["tests"][-1].endswith("/health', timeout=5)")
         elif name == "dreamseed-gpu-exporter":  # reads the GPUs' counters; takes no memory from vLLM
             assert gpu == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]
-            assert inputs["capabilities"] == {"adds": ["SYS_ADMIN"]} and not inputs.get("ports")
+            # DCGM's default fields need no capability (its profiling ones, which would, GeForce cards lack).
+            assert "capabilities" not in inputs and not inputs.get("ports")
         else:
             assert gpu is None, name
 
@@ -134,6 +135,8 @@ def test_the_proxy_reaches_docker_only_through_the_gate(local) -> None:
     assert holders == ["dreamseed-docker-gate"]
     assert gate["volumes"] == [{"hostPath": "/var/run/docker.sock", "containerPath": "/var/run/docker.sock",
                                 "readOnly": True}]
+    # socket-proxy's own user, in the group that owns the socket (root:docker 0660): tests/stacks/test_docker_gate.py.
+    assert gate["user"] == "65534:998"
     command = gate["command"]
     assert "-allowfrom=dreamseed-proxy" in command and not gate.get("ports")  # not published, one client
     assert r"-allowGET=/v1\.[0-9]{2}/containers/(dreamseed\-code)/json" in command
@@ -156,6 +159,11 @@ def test_only_the_proxy_is_published_beyond_localhost(local) -> None:
     mocks, _ = local
     published = {name: inputs.get("ports", []) for name, inputs in containers(mocks).items()}
     assert published["dreamseed-proxy"] == [{"internal": 8080, "external": 8080, "ip": "0.0.0.0"}]
+    # /metrics and the probes have a listener of their own that nothing publishes: Prometheus scrapes it.
+    command = containers(mocks)["dreamseed-proxy"]["command"]
+    assert command[command.index("--metrics-port") + 1] == "9464" and "--metrics-host" in command
+    assert containers(mocks)["dreamseed-proxy"]["healthcheck"]["tests"][-1].endswith(
+        "'http://127.0.0.1:9464/healthz', timeout=5)")
     for name, ports in published.items():
         if name != "dreamseed-proxy":
             assert all(port["ip"] == "127.0.0.1" for port in ports), name
@@ -232,7 +240,7 @@ def test_proxy_gets_every_policy_file_and_prometheus_scrapes_the_catalog(local) 
     prometheus_files = {u["file"]: u["content"] for u in containers(mocks)["dreamseed-prometheus"]["uploads"]}
     prometheus = yaml.safe_load(prometheus_files["/etc/prometheus/prometheus.yml"])
     jobs = {job["job_name"]: job["static_configs"] for job in prometheus["scrape_configs"]}
-    assert jobs["dreamseed-proxy"] == [{"targets": ["dreamseed-proxy:8080"]}]
+    assert jobs["dreamseed-proxy"] == [{"targets": ["dreamseed-proxy:9464"]}]  # the internal listener
     assert {c["labels"]["backend"]: (c["targets"][0], c["labels"]["on_demand"]) for c in jobs["vllm"]} == {
         "code": ("dreamseed-code:8001", "true"), "fast": ("dreamseed-fast:8002", "false"),
         "general": ("dreamseed-general:8000", "false")}
