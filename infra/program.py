@@ -270,6 +270,11 @@ def lambda_preflight(config: RemoteConfig) -> None:
     except script.LambdaError as exc:
         raise pulumi.RunError(f"Lambda Cloud: {exc}") from None
     pulumi.log.info(f"Lambda Cloud: {found}")
+    if not found.startswith("instance "):
+        # pulumi-command has no Read: an instance the auto-stop ended stays in the state, and `up` changes nothing.
+        pulumi.log.info(f"no instance named {config.instance_name} runs: if this stack launched one before, the "
+                        "auto-stop has ended it; bring it back with "
+                        '`eval "$(pulumi stack output --stack remote70b relaunch)"` (docs/infrastructure.md)')
 
 
 def build_remote(config: RemoteConfig) -> dict[str, Any]:
@@ -311,10 +316,12 @@ def build_remote(config: RemoteConfig) -> dict[str, Any]:
         "tunnelPrivateKey": pulumi.Output.secret(host.tunnel_private_key),
         "sshHostKey": host.ssh_host_key,
         "gpuMemoryPlan": plan_summary(plan),
-        # The instance terminates itself when idle or too old (Lambda bills until then); Pulumi's
-        # state still names it, so bring it back with this.
+        # The instance terminates itself when idle or too old (Lambda bills until then). Pulumi's
+        # state still names it and pulumi-command cannot notice (it has no Read), so bring it back
+        # with this: a new instance, its bootstrap and keys, then the local stack's tunnel to them.
         "autoStop": {"idleMinutes": config.idle_minutes, "maxLifetimeHours": config.max_lifetime_hours},
-        "relaunch": pulumi.Output.concat(f"pulumi up --stack {pulumi.get_stack()} --replace '", host.instance.urn, "'"),
+        "relaunch": pulumi.Output.concat(f"pulumi up --stack {pulumi.get_stack()} --replace '", host.instance.urn,
+                                         "' && pulumi up --stack local"),
     }
 
 

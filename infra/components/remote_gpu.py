@@ -1,9 +1,14 @@
 """RemoteGpuHost: a rented Lambda Cloud GPU instance running one catalog backend with vLLM.
 
 The instance is created and deleted through Lambda's HTTP API (`command.local.Command` running
-infra/scripts/lambda_instance.py), then bootstrapped over SSH (`command.remote.Command`). vLLM
-listens on the host's loopback only and requires the API key; the proxy reaches it through an
-SSH tunnel (see tunnel.py). `pulumi destroy` removes the server first, then the instance.
+infra/scripts/lambda_instance.py), then reached over SSH (`command.remote.Command`): a first contact
+learns the host key, and every later command, the bootstrap with its secrets first, is pinned to it.
+vLLM listens on the host's loopback only and requires the API key; the proxy reaches it through an
+SSH tunnel (see tunnel.py).
+
+Only the instance has a delete. Terminating it ends everything on it, and a remote delete would
+have to reach the host over SSH: after the idle watchdog has terminated the instance, that dial
+fails for minutes and blocks both `pulumi destroy` and the relaunch.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from dreamseed.policy import Backend
 from .common import container_name
 from .vllm import HF_CACHE, vllm_command
 
-# The instance script as the commands name it: relative to the project directory, where Pulumi runs
-# them. An absolute path would be stored in the state, and a `pulumi destroy` from another checkout
-# (or CI) could not run the delete command, leaving the instance billed.
-SCRIPT_IN_PROJECT = "infra/scripts/lambda_instance.py"
+# The instance script as the commands name it: relative to infra/, Pulumi.yaml's `main` folder, which
+# the engine makes the working directory of the program and its providers (pkg/engine/project.go,
+# getPwdMain), and in which pulumi-command runs a local command. An absolute path would be stored in
+# the state, and a `pulumi destroy` from another checkout (or CI) could not run the delete command.
+SCRIPT_IN_MAIN = "scripts/lambda_instance.py"
 WATCHDOG = Path(__file__).resolve().parents[1] / "scripts" / "idle_watchdog.py"
 VLLM_PORT = 8000
 HEALTH_WAIT_S = 3600  # first start downloads the weights (~40 GB for the AWQ 70B)
@@ -74,11 +80,21 @@ sudo systemctl restart dreamseed-idle-watchdog
 """
 
 
-def tunnel_access_script(port: int = VLLM_PORT, host_key: str = "/etc/ssh/ssh_host_ed25519_key.pub") -> str:
+def host_key_script(port: int = 22) -> str:
+    """Shell run on the GPU host at first contact: prints the ed25519 key its SSH server presents on
+    `port` (`ssh-keyscan` against itself, so it is the key sshd really uses, not a file beside it)."""
+    return f"""set -eu
+key=$(ssh-keyscan -T 10 -t ed25519 -p {port} 127.0.0.1 2>/dev/null | awk '$2 == "ssh-ed25519" {{print $2, $3; exit}}')
+[ -n "$key" ] || {{ echo "the SSH server on port {port} presented no ed25519 host key" >&2; exit 1; }}
+printf '%s\\n' "$key"
+"""
+
+
+def tunnel_access_script(port: int = VLLM_PORT) -> str:
     """Shell run on the GPU host (as the SSH user) that makes the tunnel's own key: it may forward
     to 127.0.0.1:`port` and nothing else (no shell, no command, no other port, no agent), and
-    replaces the one made before. Prints JSON: that private key and the host's public key, which the
-    local stack's tunnel pins. The login key never leaves the remote stack."""
+    replaces the one made before. Prints that private key as JSON: the command's output is a secret
+    and its logging is off. The login key never leaves the remote stack."""
     return f"""set -eu
 umask 077
 mkdir -p "$HOME/.ssh"
@@ -91,22 +107,36 @@ touch "$keys"
   printf 'restrict,port-forwarding,permitopen="127.0.0.1:{port}",command="/bin/false" %s\\n' "$(cat "$work/key.pub")"
 }} > "$work/authorized_keys"
 cat "$work/authorized_keys" > "$keys"
-python3 - "$work/key" {shlex.quote(host_key)} <<'DREAMSEED_JSON'
+python3 - "$work/key" <<'DREAMSEED_JSON'
 import json, sys
-key, host_key = (open(path, encoding="utf-8").read() for path in sys.argv[1:3])
-print(json.dumps({{"tunnel_key": key, "host_key": " ".join(host_key.split()[:2])}}))
+print(json.dumps({{"tunnel_key": open(sys.argv[1], encoding="utf-8").read()}}))
 DREAMSEED_JSON
 """
+
+
+# Docker as the login user if it may use the socket (in the `docker` group), else through sudo -n:
+# on Lambda's image the `ubuntu` user is not in the group but has passwordless sudo. Either way the
+# bootstrap stops here, naming the cause, rather than at its first docker command.
+DOCKER_ACCESS = """if docker info >/dev/null 2>&1; then DOCKER=docker
+elif sudo -n docker info >/dev/null 2>&1; then DOCKER="sudo -n docker"
+else echo "$(id -un) cannot use Docker: not in the docker group, and sudo -n docker failed" >&2; exit 1
+fi
+"""
+# The label every model server this stack runs carries: a re-run of the bootstrap removes them all
+# (a renamed backend's old container too) before it starts the current one.
+SERVER_LABEL = "dreamseed.role=model-server"
 
 
 def bootstrap_script(name: str, backend: Backend, port: int = VLLM_PORT, *, file_system_name: str = "",
                      watchdog: str = "") -> str:
     """Shell run on the GPU host. Secrets arrive on standard input (HF token, the vLLM API key,
     then the Lambda API key for the watchdog), so they never appear in this text, in Pulumi's state
-    or in the process list; vLLM reads its key from its environment (VLLM_API_KEY), not from an
-    `--api-key` argument, which `ps` and `docker inspect` would show. With a persistent filesystem
-    the Hugging Face cache lives on it (Lambda mounts it at /lambda/nfs/NAME), so the weights are
-    downloaded once, not by every new instance."""
+    or in the process list. They reach the container through an env file that lives only while
+    `docker run` reads it: vLLM takes its key from VLLM_API_KEY, not from an `--api-key` argument
+    that `ps` on the host would show (`docker inspect` shows a container's environment to whoever
+    may use Docker on the host). With a persistent filesystem the Hugging Face cache lives on it
+    (Lambda mounts it at /lambda/nfs/NAME), so the weights are downloaded once, not by every new
+    instance. The watchdog is installed first: whatever fails after it, the instance still ends."""
     assert backend.image is not None
     container = container_name(name)
     args = " ".join(shlex.quote(a) for a in vllm_command(backend, port))
@@ -125,17 +155,22 @@ mkdir -p "$CACHE"
 IFS= read -r HF_TOKEN
 IFS= read -r VLLM_API_KEY
 IFS= read -r LAMBDA_API_KEY
-export HF_TOKEN VLLM_API_KEY
-{watchdog}{cache}docker pull {shlex.quote(backend.image)}
-docker rm -f {container} >/dev/null 2>&1 || true
-docker run -d --name {container} --gpus all --ipc=host --restart unless-stopped \\
-  -p 127.0.0.1:{port}:{port} -v "$CACHE:{HF_CACHE}" -e HF_TOKEN -e VLLM_API_KEY \\
+{watchdog}{DOCKER_ACCESS}{cache}$DOCKER pull {shlex.quote(backend.image)}
+for old in $($DOCKER ps -aq --filter label={SERVER_LABEL}) $($DOCKER ps -aq --filter "name=^/{container}$"); do
+  $DOCKER rm -f "$old" >/dev/null
+done
+envfile=$(mktemp)  # mode 600
+trap 'rm -f "$envfile"' EXIT
+printf 'HF_TOKEN=%s\\nVLLM_API_KEY=%s\\n' "$HF_TOKEN" "$VLLM_API_KEY" > "$envfile"
+$DOCKER run -d --name {container} --label {SERVER_LABEL} --gpus all --ipc=host --restart unless-stopped \\
+  -p 127.0.0.1:{port}:{port} -v "$CACHE:{HF_CACHE}" --env-file "$envfile" \\
   {shlex.quote(backend.image)} {args}
+rm -f "$envfile"
 i=0
 until curl -sf -o /dev/null http://127.0.0.1:{port}/health; do
   i=$((i + 1))
-  if [ "$i" -gt {tries} ] || [ "$(docker inspect -f '{{{{.State.Running}}}}' {container})" != true ]; then
-    echo "vLLM did not become healthy" >&2; docker logs --tail 50 {container} >&2; exit 1
+  if [ "$i" -gt {tries} ] || [ "$($DOCKER inspect -f '{{{{.State.Running}}}}' {container})" != true ]; then
+    echo "vLLM did not become healthy" >&2; $DOCKER logs --tail 50 {container} >&2; exit 1
   fi
   sleep 10
 done
@@ -170,8 +205,8 @@ class RemoteGpuHost(pulumi.ComponentResource):
         super().__init__("dreamseed:index:RemoteGpuHost", resource_name, None, opts)
         self.instance = command.local.Command(
             f"{resource_name}-instance",
-            create=f"python3 {SCRIPT_IN_PROJECT} create",
-            delete=f"python3 {SCRIPT_IN_PROJECT} delete",
+            create=f"python3 {SCRIPT_IN_MAIN} create",
+            delete=f"python3 {SCRIPT_IN_MAIN} delete",
             environment={
                 "LAMBDA_API_URL": args.lambda_api_url,
                 "LAMBDA_API_KEY": args.lambda_api_key,
@@ -191,38 +226,52 @@ class RemoteGpuHost(pulumi.ComponentResource):
         self.public_ip = described.apply(lambda d: str(d["ip"]))
         backend = args.backend
         auto_stop = AutoStop(args.idle_minutes, args.max_lifetime_hours)
-        ssh = command.remote.ConnectionArgs(
-            host=self.public_ip,
-            user=args.ssh_user,
-            private_key=args.ssh_private_key,
-            dial_error_limit=60,  # a new instance may take minutes to accept SSH (15 s per try)
+        on_this_instance = [self.instance_id]  # a new instance re-runs every command below
+
+        # First contact: the instance was launched a moment ago at this address, so the key its SSH
+        # server presents now is the one to pin. No secret travels on this connection.
+        self.host_key = command.remote.Command(
+            f"{resource_name}-host-key",
+            connection=command.remote.ConnectionArgs(
+                host=self.public_ip, user=args.ssh_user, private_key=args.ssh_private_key,
+                dial_error_limit=60,  # a new instance may take minutes to accept SSH (15 s per try)
+            ),
+            create=host_key_script(),
+            triggers=on_this_instance,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance]),
+        )
+        # Every later connection, the one carrying the secrets first, accepts only that key: an
+        # address Lambda gave to someone else after a termination gets nothing.
+        pinned = command.remote.ConnectionArgs(
+            host=self.public_ip, user=args.ssh_user, private_key=args.ssh_private_key,
+            host_key=self.host_key.stdout, dial_error_limit=4,
         )
         self.server = command.remote.Command(
             f"{resource_name}-vllm",
-            connection=ssh,
+            connection=pinned,
             create=self.instance_id.apply(lambda instance_id: bootstrap_script(
                 args.name, backend, file_system_name=args.file_system_name,
                 watchdog=watchdog_install(instance_id, args.lambda_api_url, auto_stop))),
-            delete=f"docker rm -f dreamseed-{args.name} || true",
             stdin=pulumi.Output.concat(pulumi.Output.secret(args.hf_token), "\n",
                                         pulumi.Output.secret(args.vllm_api_key), "\n",
                                         pulumi.Output.secret(args.lambda_api_key), "\n"),
             # A new image, model, vLLM argument or auto-stop limit re-runs the bootstrap.
-            triggers=[backend.image, *vllm_command(backend, VLLM_PORT), self.instance_id,
+            triggers=[backend.image, *vllm_command(backend, VLLM_PORT), *on_this_instance,
                       f"{auto_stop.idle_minutes:g}", f"{auto_stop.max_lifetime_hours:g}"],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance], delete_before_replace=True),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.host_key]),
         )
-        # The tunnel's restricted key and the host key to pin, over the same SSH connection.
+        # The tunnel's restricted key. It is printed, so the output is a secret and nothing is logged
+        # (pulumi-command streams a command's output as status lines unless logging is off).
         self.tunnel_access = command.remote.Command(
             f"{resource_name}-tunnel-access",
-            connection=ssh,
+            connection=pinned,
             create=tunnel_access_script(VLLM_PORT),
-            triggers=[self.instance_id],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance], additional_secret_outputs=["stdout"]),
+            triggers=on_this_instance,
+            logging=command.remote.Logging.NONE,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.host_key], additional_secret_outputs=["stdout"]),
         )
         access = self.tunnel_access.stdout.apply(json.loads)
-        # stdout is a secret, so the key stays one; the host key is public and is pinned in plain sight.
         self.tunnel_private_key: pulumi.Output[str] = access.apply(lambda a: str(a["tunnel_key"]))
-        self.ssh_host_key: pulumi.Output[str] = pulumi.Output.unsecret(access.apply(lambda a: str(a["host_key"])))
+        self.ssh_host_key: pulumi.Output[str] = self.host_key.stdout
         self.port = VLLM_PORT
         self.register_outputs({"instance_id": self.instance_id, "public_ip": self.public_ip})

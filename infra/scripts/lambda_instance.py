@@ -4,20 +4,23 @@
 Run by the remote70b stack's `command.local.Command`:
 
     lambda_instance.py create   prints {"id", "ip", "name", "region", "instance_type"} once the
-                                instance is active (reusing a running instance of the same name,
-                                so a retried `pulumi up` never pays for two)
+                                instance is active and its SSH server answers (reusing a running
+                                instance of the same name, so a retried `pulumi up` never pays for two)
     lambda_instance.py delete   terminates the instance named in $PULUMI_COMMAND_STDOUT
 
+Pulumi runs both in infra/ (the stack's `main` folder), as `python3 scripts/lambda_instance.py`.
 Settings come from the environment: LAMBDA_API_KEY, LAMBDA_API_URL, LAMBDA_REGION,
 LAMBDA_INSTANCE_TYPE, LAMBDA_INSTANCE_NAME, LAMBDA_SSH_KEY_NAME, and optionally
 LAMBDA_FILE_SYSTEM (a persistent filesystem in the region, attached so the model weights outlive
-the instance), LAMBDA_WAIT_SECONDS (default 1800) and LAMBDA_POLL_SECONDS (default 10).
+the instance), LAMBDA_WAIT_SECONDS (default 1800), LAMBDA_POLL_SECONDS (default 10),
+LAMBDA_SSH_WAIT_SECONDS (default 600) and LAMBDA_SSH_PORT (default 22).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 import urllib.error
@@ -120,6 +123,16 @@ def preflight(wanted: dict[str, str], file_system: str, **connection: Any) -> st
     return f"{offer} has capacity in {wanted['region']} now"
 
 
+def ssh_answers(ip: str, port: int, timeout: float = 10) -> bool:
+    """Whether an SSH server greets on ip:port (RFC 4253: the server sends "SSH-" first)."""
+    try:
+        with socket.create_connection((ip, port), timeout=timeout) as connection:
+            connection.settimeout(timeout)
+            return connection.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
 def create() -> dict[str, Any]:
     name = os.environ["LAMBDA_INSTANCE_NAME"]
     wanted = {"name": name, "region": os.environ["LAMBDA_REGION"], "instance_type": os.environ["LAMBDA_INSTANCE_TYPE"]}
@@ -148,18 +161,30 @@ def create() -> dict[str, Any]:
         print(f"launched instance {instance_id}", file=sys.stderr)
     deadline = time.monotonic() + float(os.environ.get("LAMBDA_WAIT_SECONDS", "1800"))
     poll = float(os.environ.get("LAMBDA_POLL_SECONDS", "10"))
+    ssh_wait = float(os.environ.get("LAMBDA_SSH_WAIT_SECONDS", "600"))
+    ssh_port = int(os.environ.get("LAMBDA_SSH_PORT", "22"))
+    active_since: float | None = None
     while True:
         instance = api("GET", f"/instances/{instance_id}")["data"]
-        if instance.get("status") == "active" and instance.get("ip"):
-            return describe(instance)
         if instance.get("status") in {"terminated", "terminating"}:
             raise LambdaError(f"instance {instance_id} is {instance['status']}")
-        if time.monotonic() > deadline:
+        if instance.get("status") == "active" and instance.get("ip"):
+            # The auto-stop is installed over SSH: an instance that never lets us in would run with
+            # no watchdog, so it must answer SSH before Pulumi records it.
+            if ssh_answers(instance["ip"], ssh_port):
+                return describe(instance)
+            active_since = time.monotonic() if active_since is None else active_since
+            late = time.monotonic() - active_since > ssh_wait
+            waiting_for = f"active at {instance['ip']} but its SSH server (port {ssh_port}) did not answer"
+        else:
+            late = time.monotonic() > deadline
+            waiting_for = f"still {instance.get('status')!r} after the wait"
+        if late:
             # A failed create is not in Pulumi's state, so `pulumi destroy` would never terminate it:
             # terminate it now rather than leave a billed instance nobody tracks.
             if launched_here:
                 api("POST", "/instance-operations/terminate", {"instance_ids": [instance_id]})
-            raise LambdaError(f"instance {instance_id} still {instance.get('status')!r} after the wait"
+            raise LambdaError(f"instance {instance_id} {waiting_for}"
                               + ("; terminated it, so it is not billed: run `pulumi up` again" if launched_here else ""))
         time.sleep(poll)
 

@@ -23,6 +23,7 @@ from infra.program import load_script
 from support import reply
 
 from .conftest import SECRETS, Runner, remote_command, secret_occurrences
+from .fakes import FakeCloud
 from .test_remote_stack import fake_lambda  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,7 +204,8 @@ def test_the_stack_installs_the_watchdog_with_its_limits_and_the_key_only_on_std
     assert "dreamseed-models" in instance.inputs["triggers"]  # another filesystem means another instance
     assert outputs["autoStop"] == ({"idleMinutes": 30.0, "maxLifetimeHours": 8.0}, False)
     relaunch, _ = outputs["relaunch"]
-    assert re.fullmatch(r"pulumi up --stack remote70b --replace 'urn:pulumi:[^']+::gpu-host-instance'", relaunch)
+    assert re.fullmatch(r"pulumi up --stack remote70b --replace 'urn:pulumi:[^']+::gpu-host-instance' "
+                        r"&& pulumi up --stack local", relaunch)
 
 
 def test_auto_stop_settings_must_not_be_negative(run_stack: Runner) -> None:
@@ -217,7 +219,8 @@ def test_a_missing_persistent_filesystem_fails_before_launching(fake_lambda) -> 
                               "mount_point": "/lambda/nfs/dreamseed-models"}]
     env = {"LAMBDA_API_URL": url, "LAMBDA_API_KEY": "test-key", "LAMBDA_REGION": "us-east-1",
            "LAMBDA_INSTANCE_TYPE": "gpu_2x_h100_sxm5", "LAMBDA_INSTANCE_NAME": "dreamseed-70b",
-           "LAMBDA_SSH_KEY_NAME": "dreamseed", "LAMBDA_POLL_SECONDS": "0.01", "LAMBDA_FILE_SYSTEM": "dreamseed-models"}
+           "LAMBDA_SSH_KEY_NAME": "dreamseed", "LAMBDA_POLL_SECONDS": "0.01", "LAMBDA_FILE_SYSTEM": "dreamseed-models",
+           **FakeCloud.by_url[url].script_env()}
     lambda_script = ROOT / "infra" / "scripts" / "lambda_instance.py"
     elsewhere = subprocess.run([sys.executable, str(lambda_script), "create"], capture_output=True, text=True,
                                timeout=30, env={**os.environ, **env})

@@ -7,9 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +15,10 @@ import pulumi
 import pytest
 
 from infra import images
-from support import reply
 
 from .conftest import HOST_KEY, INSTANCE, SECRETS, TUNNEL_KEY, Runner, plain_occurrences, remote_command, secret_occurrences
+from .fakes import CATALOG, FakeCloud
+from .rehearsal import main_folder
 
 SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "scripts" / "lambda_instance.py"
 
@@ -32,9 +31,9 @@ def remote(run_stack: Runner):
 def test_instance_is_created_and_deleted_through_the_lambda_api(remote) -> None:
     mocks, outputs = remote
     (instance,) = mocks.of_type("command:local:Command")
-    # Relative to the project directory: a destroy from another checkout or CI can run it.
-    assert instance.inputs["create"] == "python3 infra/scripts/lambda_instance.py create"
-    assert instance.inputs["delete"] == "python3 infra/scripts/lambda_instance.py delete"
+    # Relative to infra/ (Pulumi.yaml's `main`, where Pulumi runs it): a destroy from another checkout or CI can run it.
+    assert instance.inputs["create"] == "python3 scripts/lambda_instance.py create"
+    assert instance.inputs["delete"] == "python3 scripts/lambda_instance.py delete"
     assert instance.delete_before_replace  # a new region or type terminates the old instance first
     env = instance.inputs["environment"]
     env = env["value"] if "value" in env else env
@@ -52,21 +51,22 @@ def test_bootstrap_runs_the_70b_with_the_seed_flags_over_ssh(remote) -> None:
     mocks, outputs = remote
     server = remote_command(mocks, "gpu-host-vllm")
     script = server.inputs["create"]
-    run = script[script.index("docker run"):]
+    run = script[script.index("$DOCKER run"):]
     # The pre-quantized 70B (4-bit AWQ: fits two 40 GB A100s), served under the catalog's model id.
     assert ("--model hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4 "
             "--served-model-name meta-llama/Llama-3.1-70B-Instruct") in run
     assert "--tensor-parallel-size 2" in run and "--max-model-len 8192" in run
     assert "--gpu-memory-utilization 0.9 " in run  # 0.90, written as vLLM parses it
     # The key reaches vLLM through its environment, never its command line (ps, docker inspect).
-    assert "--api-key" not in script and "-e VLLM_API_KEY" in run and "--gpus all" in run
+    assert "--api-key" not in script and '--env-file "$envfile"' in run and "--gpus all" in run
     assert "-p 127.0.0.1:8000:8000" in run  # never open to the internet
-    assert "docker pull vllm/vllm-openai:v0.11.0" in script and images.is_pinned("vllm/vllm-openai:v0.11.0")
+    assert "$DOCKER pull vllm/vllm-openai:v0.11.0" in script and images.is_pinned("vllm/vllm-openai:v0.11.0")
     assert "until curl -sf -o /dev/null http://127.0.0.1:8000/health" in script  # waits for health
-    assert server.inputs["delete"] == "docker rm -f dreamseed-general70 || true"  # destroy stops the server
-    # The server goes before the instance on destroy, and is replaced without a name clash.
-    assert any("gpu-host-instance" in dependency for dependency in server.dependencies)
-    assert server.delete_before_replace
+    # No delete: terminating the instance ends the server, and a delete would dial a host the
+    # auto-stop may already have ended (tests/stacks/test_rehearsal.py). A re-run replaces the old container.
+    assert "delete" not in server.inputs
+    assert "--filter label=dreamseed.role=model-server" in script
+    assert any("gpu-host-host-key" in dependency for dependency in server.dependencies)
     assert outputs["url"] == ("http://127.0.0.1:8000", False)
     assert outputs["port"] == (8000, False)
 
@@ -98,6 +98,8 @@ def test_remote_secrets_stay_secret(remote) -> None:
     assert outputs["apiKey"] == (SECRETS["vllmApiKey"], True)
     # The tunnel's restricted key is a secret output; the host key to pin is public.
     assert outputs["tunnelPrivateKey"] == (TUNNEL_KEY, True) and outputs["sshHostKey"] == (HOST_KEY, False)
+    # The key is printed, so its command's output is never streamed to the console.
+    assert remote_command(mocks, "gpu-host-tunnel-access").inputs["logging"] == "none"
     access = remote_command(mocks, "gpu-host-tunnel-access")
     assert "permitopen=\"127.0.0.1:8000\"" in access.inputs["create"] and "restrict," in access.inputs["create"]
 
@@ -118,108 +120,18 @@ def test_every_catalog_backend_on_the_remote_host_is_served(remote) -> None:
 # --- the instance script against a fake Lambda Cloud API ------------------------------------
 
 
-# Lambda's catalog as GET /instance-types answers it (its type names and GPU memory; illustrative prices and
-# capacity), with regions that have capacity and ones that do not. There is no gpu_2x_a100_80gb.
-CATALOG = {
-    "gpu_1x_a100": ("1x A100 (40 GB SXM4)", 129, ["us-east-1"]),
-    "gpu_2x_a100": ("2x A100 (40 GB SXM4)", 258, []),
-    "gpu_8x_a100_80gb_sxm4": ("8x A100 (80 GB SXM4)", 1432, ["us-west-2"]),
-    "gpu_1x_h100_pcie": ("1x H100 (80 GB PCIe)", 249, ["us-west-1", "us-west-2"]),
-    "gpu_2x_h100_sxm5": ("2x H100 (80 GB SXM5)", 598, ["us-east-1", "us-south-1"]),
-    "gpu_8x_h100_sxm5": ("8x H100 (80 GB SXM5)", 2392, []),
-}
-
-
-def instance_types() -> dict[str, Any]:
-    return {name: {"instance_type": {"name": name, "description": description, "price_cents_per_hour": cents,
-                                     "specs": {"gpus": int(description[0])}},
-                   "regions_with_capacity_available": [{"name": r, "description": r} for r in regions]}
-            for name, (description, cents, regions) in CATALOG.items()}
-
-
-class FakeLambda(BaseHTTPRequestHandler):
-    """Just the endpoints the script uses, with Lambda's response shapes and error bodies."""
-
-    state: dict[str, Any]
-
-    def _reply(self, status: int, body: dict[str, Any]) -> None:
-        reply(self, status, json.dumps(body).encode(), "application/json")
-
-    def _authorised(self) -> bool:
-        if self.headers.get("authorization") != "Bearer test-key":
-            self._reply(401, {"error": {"code": "global/invalid-api-key", "message": "API key was invalid"}})
-            return False
-        return True
-
-    def do_GET(self) -> None:
-        if not self._authorised():
-            return
-        instances = self.state["instances"]
-        if self.path == "/api/v1/instances":
-            self._reply(200, {"data": list(instances.values())})
-            return
-        if self.path == "/api/v1/instance-types":
-            self._reply(200, {"data": instance_types()})
-            return
-        if self.path == "/api/v1/file-systems":
-            self._reply(200, {"data": self.state.get("file_systems", [])})
-            return
-        instance = instances.get(self.path.rsplit("/", 1)[-1])
-        if instance is None:
-            self._reply(404, {"error": {"code": "global/object-does-not-exist", "message": "not found"}})
-            return
-        # Booting on the first look, active with an IP on the next, like a real launch.
-        if instance["status"] == "booting" and not self.state.get("stuck"):
-            instance["polls"] = instance.get("polls", 0) + 1
-            if instance["polls"] > 1:
-                instance.update(status="active", ip="203.0.113.50")
-        self._reply(200, {"data": instance})
-
-    def do_POST(self) -> None:
-        if not self._authorised():
-            return
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        self.state["calls"].append((self.path, body))
-        if self.path == "/api/v1/instance-operations/launch":
-            regions = CATALOG.get(body["instance_type_name"], ("", 0, []))[2]
-            if body["instance_type_name"] not in CATALOG:
-                self._reply(404, {"error": {"code": "global/object-does-not-exist",
-                                            "message": "Specified instance type does not exist"}})
-                return
-            if self.state.get("no_capacity") or body["region_name"] not in regions:
-                self._reply(400, {"error": {"code": "instance-operations/launch/insufficient-capacity",
-                                            "message": "Not enough capacity to fulfill launch request."}})
-                return
-            instance_id = f"inst{len(self.state['instances']) + 1}"
-            self.state["instances"][instance_id] = {
-                "id": instance_id, "name": body["name"], "status": "booting", "ip": None,
-                "region": {"name": body["region_name"]}, "instance_type": {"name": body["instance_type_name"]}}
-            self._reply(200, {"data": {"instance_ids": [instance_id]}})
-        elif self.path == "/api/v1/instance-operations/terminate":
-            gone = [self.state["instances"].pop(i) for i in body["instance_ids"] if i in self.state["instances"]]
-            if not gone:
-                self._reply(404, {"error": {"code": "global/object-does-not-exist", "message": "not found"}})
-                return
-            self._reply(200, {"data": {"terminated_instances": gone}})
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def fake_lambda() -> Iterator[tuple[str, dict[str, Any]]]:
-    state: dict[str, Any] = {"instances": {}, "calls": []}
-    handler = type("Handler", (FakeLambda,), {"state": state})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api/v1", state
-    server.shutdown()
+def fake_lambda(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    cloud = FakeCloud(tmp_path / "hosts")
+    yield cloud.url, cloud.state
+    cloud.stop()
 
 
 def run_script(action: str, api_url: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {"LAMBDA_API_URL": api_url, "LAMBDA_API_KEY": "test-key", "LAMBDA_REGION": "us-east-1",
             "LAMBDA_INSTANCE_TYPE": "gpu_2x_h100_sxm5", "LAMBDA_INSTANCE_NAME": "dreamseed-70b",
-            "LAMBDA_SSH_KEY_NAME": "dreamseed", "LAMBDA_POLL_SECONDS": "0.01", "LAMBDA_WAIT_SECONDS": "10"}
+            "LAMBDA_SSH_KEY_NAME": "dreamseed", "LAMBDA_POLL_SECONDS": "0.01", "LAMBDA_WAIT_SECONDS": "10",
+            **FakeCloud.by_url[api_url].script_env()}
     return subprocess.run([sys.executable, str(SCRIPT), action], capture_output=True, text=True, timeout=30,
                           env={**os.environ, **base, **env})
 
@@ -229,7 +141,7 @@ def test_script_launches_waits_for_active_and_terminates(fake_lambda) -> None:
     created = run_script("create", url)
     assert created.returncode == 0, created.stderr
     instance = json.loads(created.stdout)
-    assert instance == {"id": "inst1", "ip": "203.0.113.50", "name": "dreamseed-70b", "region": "us-east-1",
+    assert instance == {"id": "inst1", "ip": "127.0.0.11", "name": "dreamseed-70b", "region": "us-east-1",
                         "instance_type": "gpu_2x_h100_sxm5"}
     assert "launching gpu_2x_h100_sxm5 (2x H100 (80 GB SXM5)), $5.98/hour in us-east-1" in created.stderr
     launch = state["calls"][0]
@@ -265,12 +177,13 @@ def test_a_destroy_from_another_checkout_terminates_the_instance(remote, fake_la
     (instance,) = mocks.of_type("command:local:Command")
     url, state = fake_lambda
     created = run_script("create", url)
-    other = tmp_path / "another-checkout"  # CI's, say: the stored delete command runs in its project directory
+    other = tmp_path / "another-checkout"  # CI's, say: the stored delete command runs in its `main` folder
     (other / "infra" / "scripts").mkdir(parents=True)
     (other / "infra" / "scripts" / SCRIPT.name).write_bytes(SCRIPT.read_bytes())
+    (other / "Pulumi.yaml").write_bytes((SCRIPT.parents[2] / "Pulumi.yaml").read_bytes())
     env = {"LAMBDA_API_URL": url, "LAMBDA_API_KEY": "test-key", "PULUMI_COMMAND_STDOUT": created.stdout}
-    deleted = subprocess.run(["bash", "-c", instance.inputs["delete"]], cwd=other, capture_output=True, text=True,
-                             timeout=30, env={**os.environ, **env})
+    deleted = subprocess.run(["/bin/sh", "-c", instance.inputs["delete"]], cwd=main_folder(other), capture_output=True,
+                             text=True, timeout=30, env={**os.environ, **env})
     assert deleted.returncode == 0, deleted.stderr
     assert state["instances"] == {}
 

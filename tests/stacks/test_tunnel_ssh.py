@@ -1,8 +1,9 @@
 """The tunnel to the 70B host against a real OpenSSH server: the key the remote stack makes can
 forward to vLLM's port and nothing else, and the tunnel accepts only the pinned host key.
 
-The remote side is the stack's own `tunnel_access_script` run against a temporary home; the client
-side is the tunnel container's own `SSH_SCRIPT`. Only sshd's configuration file is the test's."""
+The remote side is the stack's own `host_key_script` (the first contact) and `tunnel_access_script`
+run against a temporary home; the client side is the tunnel container's own `SSH_SCRIPT`. Only sshd's
+configuration file is the test's."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.components.remote_gpu import tunnel_access_script
+from infra.components.remote_gpu import host_key_script, tunnel_access_script
 from infra.components.tunnel import SSH_SCRIPT
 from support import free_port, reply
 
@@ -64,11 +65,6 @@ def remote_host(tmp_path: Path) -> Iterator[dict[str, object]]:
     home.mkdir()
     host_key = tmp_path / "ssh_host_ed25519_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
-    # The stack's script, as the SSH user would run it on the instance.
-    made = subprocess.run(["bash", "-c", tunnel_access_script(vllm_port, str(host_key) + ".pub")],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(home)})
-    assert made.returncode == 0, made.stderr
-    access = json.loads(made.stdout)
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     port = free_port()
     config = tmp_path / "sshd_config"
@@ -85,6 +81,14 @@ PidFile {tmp_path}/sshd.pid
 """)
     sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
     wait_for_port(port)
+    # The stack's scripts, as the SSH user would run them on the instance: the first contact reads the
+    # key sshd presents, then the tunnel's key is made.
+    learned = subprocess.run(["bash", "-c", host_key_script(port)], capture_output=True, text=True, timeout=60)
+    assert learned.returncode == 0, learned.stderr
+    made = subprocess.run(["bash", "-c", tunnel_access_script(vllm_port)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(home)})
+    assert made.returncode == 0, made.stderr
+    access = {**json.loads(made.stdout), "host_key": learned.stdout.strip()}
     yield {"port": port, "vllm_port": vllm_port, "other_port": other_port, "access": access, "home": home,
            "host_key": host_key}
     sshd.terminate()
