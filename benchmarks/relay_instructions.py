@@ -36,10 +36,10 @@ sys.path.insert(0, str(HERE))
 
 from bare_forwarder import forwarder  # noqa: E402
 from conftest import MODEL  # noqa: E402
-from dreamseed.app import create_app  # noqa: E402
-from dreamseed.forwarding import CLIENT_GONE  # noqa: E402
+from dreamseed.asgi import create_app  # noqa: E402
 from dreamseed.logs import AccessLogQueue, set_access_log  # noqa: E402
 from dreamseed.policy import load_policies  # noqa: E402
+from dreamseed.request_path import CLIENT_GONE  # noqa: E402
 from support import App, request_scope, running  # noqa: E402
 from test_overhead import chat_body  # noqa: E402
 from test_relay_in_process import cpu_per_request  # noqa: E402

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from dreamseed.exchange import Exchange
 from dreamseed.logs import AccessLogQueue, set_access_log
-from dreamseed.metrics import Exchange, ProxyMetrics, log_exchange
+from dreamseed.metrics import ProxyMetrics, log_exchange
 
 
 @pytest.fixture

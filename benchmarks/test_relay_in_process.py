@@ -22,7 +22,7 @@ import uvloop
 
 from bare_forwarder import forwarder
 from conftest import MODEL, BenchStack
-from dreamseed.app import create_app
+from dreamseed.asgi import create_app
 from dreamseed.logs import AccessLogQueue, set_access_log
 from dreamseed.policy import load_policies
 from support import App, request_scope, running

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from dreamseed.simulation import detached_running, start_detached, stop_detached
+from dreamseed.standins.simulation import detached_running, start_detached, stop_detached
 
 
 def main() -> int:
@@ -34,7 +34,7 @@ def main() -> int:
     with (args.dir / "calls.log").open("a") as log:
         log.write(f"{args.action} {time.time():.3f} {os.getppid()}\n")
     if args.action == "start":
-        start_detached(pidfile, [sys.executable, "-m", "dreamseed.simulated_vllm", "--port", args.port,
+        start_detached(pidfile, [sys.executable, "-m", "dreamseed.standins.simulated_vllm", "--port", args.port,
                                  "--model", args.model, "--ttft", args.ttft])
     else:
         stop_detached(pidfile)

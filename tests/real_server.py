@@ -14,7 +14,7 @@ import socket
 import threading
 from pathlib import Path
 
-from dreamseed.local_model import LlamaServer, LocalModel, setup
+from dreamseed.standins.local_model import LlamaServer, LocalModel, setup
 from support import ROOT
 
 SMOLLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

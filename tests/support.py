@@ -116,7 +116,7 @@ class Sim(Process):
 
 
 def start_sim(model: str, **knobs: Any) -> Sim:
-    args = ["-m", "dreamseed.simulated_vllm", "--port", "0", "--model", model]
+    args = ["-m", "dreamseed.standins.simulated_vllm", "--port", "0", "--model", model]
     for name, value in knobs.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
     process = _spawn(args)

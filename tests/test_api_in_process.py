@@ -16,10 +16,10 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from dreamseed.app import create_app
+from dreamseed.asgi import create_app
 from dreamseed.errors import ERRORS
-from dreamseed.forwarding import CLIENT_GONE
 from dreamseed.policy import load_policies
+from dreamseed.request_path import CLIENT_GONE
 from support import ROOT, free_port, request_scope, running, start_sim, write_policies
 
 
@@ -49,8 +49,10 @@ def test_every_error_code_the_code_raises_is_catalogued_and_documented() -> None
     for file in (ROOT / "proxy" / "dreamseed").rglob("*.py"):
         tree = ast.parse(file.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("ProxyError", "bad_request"):
-                for literal in ast.walk(node.args[0] if getattr(node.func, "id", None) == "ProxyError" else node):
+            # ProxyError and bad_request take the code; the transport failures' table (Failure) holds its codes.
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("ProxyError", "bad_request", "Failure"):
+                for literal in ast.walk(node.args[0] if getattr(node.func, "id", None) == "ProxyError" and node.args
+                                        else node):
                     if isinstance(literal, ast.Constant) and isinstance(literal.value, str) and \
                             re.fullmatch(r"[a-z_]+", literal.value) and literal.value in ERRORS:
                         raised.add(literal.value)

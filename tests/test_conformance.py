@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from dreamseed.local_model import LlamaServer
+from dreamseed.standins.local_model import LlamaServer
 from real_server import SMOLLM_ID, Wiretap, start_llama
 from support import Process, Sim, start_proxy, start_sim, write_policies
 

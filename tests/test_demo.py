@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from dreamseed.simulation import is_reachable
+from dreamseed.standins.simulation import is_reachable
 from support import ROOT, SEED_POLICIES, free_port, seed_catalog, start_proxy, start_sim, write_policies, write_rag
 
 
@@ -161,7 +161,7 @@ def test_simulated_backends_that_die_are_reaped_and_restarted(tmp_path: Path) ->
                     argv = (entry / "cmdline").read_bytes().split(b"\0")
                 except OSError:
                     continue
-                if b"dreamseed.simulated_vllm" in argv and str(port).encode() in argv:
+                if b"dreamseed.standins.simulated_vllm" in argv and str(port).encode() in argv:
                     return int(entry.name)
             return None
 

@@ -18,7 +18,7 @@ import pytest
 
 import test_on_demand as on_demand
 from dreamseed.policy import load_policies
-from dreamseed.simulation import is_reachable
+from dreamseed.standins.simulation import is_reachable
 from infra.monitoring import PANELS, RATE, alert_rules
 from real_server import SMOLLM_ID, STATE, Wiretap, real_model, start_llama
 from support import Sim, free_port, start_prometheus, start_proxy, start_sim, write_policies, write_rag

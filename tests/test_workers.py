@@ -448,13 +448,13 @@ def test_sharing_a_workers_metrics_never_stalls_its_event_loop(sim: Sim, tmp_pat
     import asyncio
 
     from dreamseed import workers
-    from dreamseed.app import Proxy
     from dreamseed.policy import load_policies
+    from dreamseed.service import Service
 
     shared = tmp_path / "shared"
     shared.mkdir()
     environ = {"DREAMSEED_WORKERS": "2", "DREAMSEED_SHARED_DIR": str(shared)}
-    proxy = Proxy(load_policies(policies_for(sim, tmp_path / "p")), environ, {}, log_prompts=False)
+    proxy = Service(load_policies(policies_for(sim, tmp_path / "p")), environ, {}, log_prompts=False)
     proxy.metrics.requests.inc("default", "general", "200")
     written = workers.write_state
 

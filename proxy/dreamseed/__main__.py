@@ -1,4 +1,4 @@
-"""`python -m proxy` is the `dreamseed` command."""
+"""`python -m dreamseed` is the `dreamseed` command."""
 
 from .cli import main
 

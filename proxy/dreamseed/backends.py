@@ -1,7 +1,7 @@
 """Live connections to the backends in the catalog: per backend, a request pool and a client for probes.
 
 Pools are built once per policy generation and closed when no generation uses them. The request
-pool's size is the backend's ``max_concurrency`` (across the workers, slots.py), so the proxy never
+pool's size is the backend's ``max_concurrency`` (counted across the workers: slots.py), so the proxy never
 sends a backend more requests than it can take; health and readiness probes have connections of
 their own, outside that limit.
 """
@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
-import msgspec
 
 from .health import Circuit
 from .policy import Backend, Catalog
-from .slots import slots_for
-from .transport import PooledTransport, Timeouts
-
-if TYPE_CHECKING:
-    from .scaling import Scaler
+from .transport import PooledTransport, SlotCounter, Timeouts
 
 log = logging.getLogger("dreamseed.backends")
 
@@ -32,6 +26,10 @@ log = logging.getLogger("dreamseed.backends")
 # sooner means we never send a request down a socket the server is about to close.
 KEEPALIVE_EXPIRY_S = 4.0
 PROBE_CONNECTIONS = 2  # a health probe and a scaler readiness check at once
+
+# Who counts a backend's slots: (name, max_concurrency, max_queue) -> its counter. With
+# `serve --workers N` it is the worker's slots.WorkerSlots.counter; None: each pool counts alone.
+SlotSource = Callable[[str, int, int | None], SlotCounter]
 
 
 @dataclass(slots=True)
@@ -73,16 +71,16 @@ class Upstream:
         return b"".join(parts)
 
 
-def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str]) -> Upstream:
+def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str],
+            slot_source: SlotSource | None = None) -> Upstream:
     """A backend's pool, and the httpx client over it."""
     t = backend.timeouts
     headers = {"accept-encoding": "identity"}  # relay bytes as the backend sent them
     if backend.api_key_env and environ.get(backend.api_key_env):
         headers["authorization"] = f"Bearer {environ[backend.api_key_env]}"
-    # With --workers N the limits are counted across the workers (slots.py): they hold for the backend.
+    slots = slot_source(name, backend.max_concurrency, backend.max_queue) if slot_source is not None else None
     transport = PooledTransport(url, max_connections=backend.max_concurrency, max_queue=backend.max_queue,
-                                keepalive_expiry=KEEPALIVE_EXPIRY_S,
-                                shared_slots=slots_for(name, backend.max_concurrency, backend.max_queue))
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S, slots=slots)
     # Health and readiness probes get connections of their own: a backend busy at its limit must
     # not make its probe wait for a slot (and time out, and open the circuit), nor have the probe
     # take a slot or show as a queued request.
@@ -103,13 +101,14 @@ def resolved_url(name: str, backend: Backend, environ: Mapping[str, str], url_ov
     return url_overrides.get(name) or backend.resolve_url(environ)
 
 
-def make_upstream(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str]) -> Upstream:
+def make_upstream(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str],
+                  slot_source: SlotSource | None = None) -> Upstream:
     url = resolved_url(name, backend, environ, url_overrides)
     if url is None:
         why = f"no URL: set {backend.url_env}" if backend.url_env else "no URL configured"
         log.warning("backend %s is unavailable (%s)", name, why)
         return Upstream(name, backend, None, None, why)
-    return connect(name, backend, url, environ)
+    return connect(name, backend, url, environ, slot_source)
 
 
 class Upstreams:
@@ -124,9 +123,10 @@ class Upstreams:
         catalog: Catalog,
         environ: Mapping[str, str] | None = None,
         url_overrides: Mapping[str, str] | None = None,
+        slot_source: SlotSource | None = None,
     ) -> Upstreams:
         environ = os.environ if environ is None else environ
-        return cls({name: make_upstream(name, backend, environ, url_overrides or {})
+        return cls({name: make_upstream(name, backend, environ, url_overrides or {}, slot_source)
                     for name, backend in catalog.backends.items()})
 
     def __getitem__(self, name: str) -> Upstream:
@@ -141,42 +141,3 @@ class Upstreams:
     async def aclose(self) -> None:
         for upstream in self._by_name.values():
             await upstream.aclose()
-
-
-class BackendState(msgspec.Struct, omit_defaults=True):
-    """One backend as the proxy sees it now: the one view /readyz, /admin/backends and the
-    metrics share. `state` follows the circuit, so the health verdict and routing agree: up
-    (circuit closed, last probe or request fine), failing (circuit still closed, but the last
-    probe or request failed: `unhealthy_threshold` failures in a row open it), down (circuit
-    open or half-open: routing skips it), unknown (not probed yet), unavailable (not
-    configured), or an on-demand backend's scaler state while it is not ready."""
-
-    state: str
-    circuit: str | None
-    detail: str | None
-    on_demand: bool
-    in_flight: int
-    queued: int
-    scaler: dict[str, Any] | None = None
-
-
-def backend_states(upstreams: Upstreams, scaler: Scaler | None = None) -> dict[str, BackendState]:
-    states: dict[str, BackendState] = {}
-    for upstream in upstreams:
-        circuit = upstream.circuit
-        if circuit is None:
-            state, detail = "unavailable", upstream.unavailable
-        elif not circuit.probed:
-            state, detail = "unknown", None
-        else:
-            state = "down" if circuit.state != "closed" else ("failing" if circuit.last_error else "up")
-            detail = circuit.last_error
-        view = BackendState(state, circuit.state if circuit else None, detail, upstream.backend.on_demand,
-                            upstream.transport.in_use if upstream.transport else 0,
-                            upstream.transport.waiting if upstream.transport else 0)
-        if scaler is not None and scaler.manages(upstream.name):
-            view.scaler = scaler.status(upstream.name)
-            if scaler.machines[upstream.name].state != "ready":
-                view.state = scaler.machines[upstream.name].state
-        states[upstream.name] = view
-    return states

@@ -65,13 +65,11 @@ class AccessLogQueue:
     dreamseed_access_log_dropped_total, and a warning on stderr at most once per REPEAT_INTERVAL_S):
     nothing is lost silently.
 
-    Measured (benchmarks/README.md, "What each feature costs"): through logging's QueueHandler and
-    QueueListener the access log cost about 69 us of CPU per request at 16 concurrent, a quarter of
-    the proxy's; most of it was logging's record machinery (a LogRecord per line, the caller lookup,
-    the listener's per-record handler call) and one write plus flush per line. The buffer is a
-    deque, not a queue.Queue: its put takes a lock and notifies a condition in Python (1.5 us a line
-    on the development machine, against 0.1 for an append); the event loop is the only producer,
-    and the writer is woken only when it sleeps with nothing to write, once per batch."""
+    Not logging's QueueHandler: its record machinery (a LogRecord per line, the caller lookup, a
+    handler call per record) and a write plus flush per line made the access log a large share of
+    the proxy's CPU (docs/decisions/access-log-queue.md). The buffer is a deque, not a queue.Queue,
+    whose put takes a lock and notifies a condition: the event loop is the only producer, and the
+    writer is woken only when it sleeps with nothing to write, once per batch."""
 
     BATCH = 4096  # lines per write at most: bounded memory while catching up
     # After the first line of a batch the writer waits this long for more, so a busy proxy wakes

@@ -28,78 +28,24 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from .exchange import Exchange
 from .logs import access_log_sink, access_logger
 from .policy import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    from .backends import BackendState
+    from .states import BackendState
 
-# Retrieval has a budget of a few hundred milliseconds; resolve the 20 ms benchmark target too.
+# Retrieval has a budget of a few hundred milliseconds; the low buckets resolve its benchmark target.
 RAG_BUCKETS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-NONE = "none"  # label value when a request ended before a rule or backend was chosen
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _WithUsage(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-def usage_of(body: bytes) -> tuple[int, int] | None:
-    """Token counts from an OpenAI response (or a stream chunk) that carries `usage`."""
-    try:
-        usage = msgspec.json.decode(body, type=_WithUsage).usage
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
-
-
-class Exchange(msgspec.Struct):
-    """What happened to one request, filled in as it goes.
-
-    A msgspec Struct, as routing.Decision is, rather than a slots dataclass: one is made for
-    every request, and the dataclass's generated __init__ cost 6,500 machine instructions against
-    2,800 (callgrind)."""
-
-    request_id: str
-    endpoint: str
-    started: float = msgspec.field(default_factory=time.perf_counter)
-    stream: bool = False
-    rule: str = NONE
-    backend: str = NONE
-    fallbacks: list[str] = msgspec.field(default_factory=list)
-    status: int = 0
-    error: str | None = None  # an error code: the proxy's, or a mid-stream failure
-    first_byte: float | None = None
-    upstream_started: float | None = None
-    upstream_done: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prompt: str | None = None  # only with --log-prompts
-    rag: str | None = None  # retrieval outcome: hits, empty, degraded (None: retrieval off)
-    rag_hits: int | None = None
-    rag_seconds: float | None = None
-    on_finish: Callable[[Exchange], None] | None = None
-
-    def finish(self) -> None:
-        if self.on_finish is not None:
-            callback, self.on_finish = self.on_finish, None
-            callback(self)
-
 
 class CounterVec:
     """A counter family kept as plain floats, one list cell per label set.
 
     Why not prometheus_client's Counter and Histogram on the request path: each of their updates
-    takes a lock, and in multiprocess mode (what `serve --workers` used) also calls os.getpid(), a
-    system call, to notice a fork; six updates a request cost 7 us in one process and 14 us in a
-    worker on the development machine (benchmarks/README.md, item 8), against under 1 us here. The
-    updates happen on the event loop's thread only, so nothing needs a lock; prometheus_client
-    still writes the page (the families below are its custom-collector API)."""
+    takes a lock, and in multiprocess mode also calls os.getpid(), a system call, to notice a fork
+    (docs/decisions/plain-float-metrics.md). The updates happen on the event loop's thread only,
+    so nothing needs a lock; prometheus_client still writes the page (the families below are its
+    custom-collector API)."""
 
     width = 1  # floats in a cell
 
@@ -317,15 +263,14 @@ def access_log_metrics() -> Iterator[Metric]:
 
 def _ms(seconds: float) -> float:
     """Milliseconds to two decimals, half up. round(x, 2) formats the float as a decimal string
-    to round it correctly (0.4 us a call on the development machine, three a line); the lines need
-    no more than the shown digit right."""
+    to round it correctly, more than a log line needs."""
     return int(seconds * 1e5 + 0.5) / 100
 
 
 class AccessLogLine(msgspec.Struct):
     """One access log line, its keys in this order (docs/operations.md). A Struct rather than a
     dict: msgspec writes its keys from the class, where a dict's sixteen are stored and encoded
-    again for every request (20,100 machine instructions a line against 13,600, callgrind)."""
+    again for every request (docs/decisions/structs-on-the-request-path.md)."""
 
     ts: float  # Unix time, milliseconds as decimals
     request_id: str
@@ -354,7 +299,7 @@ def log_exchange(exchange: Exchange) -> None:
         return
     now = time.perf_counter()
     # Positional, in the fields' order: msgspec matches keyword arguments to fields by name, which
-    # cost more than the dict did (21,500 instructions); tests/test_logs.py checks every field.
+    # costs more than the dict did; tests/test_logs_in_process.py checks every field.
     entry = AccessLogLine(
         int(time.time() * 1e3 + 0.5) / 1e3,  # ts
         exchange.request_id,

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from .backends import Upstream, Upstreams, make_upstream, resolved_url
+from .backends import SlotSource, Upstream, Upstreams, make_upstream, resolved_url
 from .health import Circuit, HealthMonitor
 from .policy import Policies, PolicyError, load_policies
 from .routing import Router
@@ -75,11 +75,12 @@ class ReloadOutcome:
 
 class Runtime:
     def __init__(self, policies: Policies, environ: Mapping[str, str], url_overrides: Mapping[str, str],
-                 on_reload: Callable[[bool], None] | None = None) -> None:
+                 on_reload: Callable[[bool], None] | None = None, slot_source: SlotSource | None = None) -> None:
         self.directory = policies.directory
         self.environ = environ
         self.url_overrides = url_overrides
-        upstreams = Upstreams.from_catalog(policies.catalog, environ, url_overrides)
+        self.slot_source = slot_source
+        upstreams = Upstreams.from_catalog(policies.catalog, environ, url_overrides, slot_source)
         self.current = Generation(policies, Router(policies.routing, policies.catalog), upstreams,
                                   policy_hash(self.directory), time.time())
         self.reloads = {"success": 0, "failure": 0}
@@ -133,7 +134,7 @@ class Runtime:
                 if previous is not None and previous.backend == backend and previous.url == url:
                     reused[name] = previous
                 else:
-                    fresh[name] = make_upstream(name, backend, self.environ, self.url_overrides)
+                    fresh[name] = make_upstream(name, backend, self.environ, self.url_overrides, self.slot_source)
             upstreams = Upstreams({name: reused.get(name) or fresh[name] for name in policies.catalog.backends})
             self.current = Generation(policies, Router(policies.routing, policies.catalog), upstreams, new_hash, time.time())
             await self._monitor.stop()

@@ -1,9 +1,9 @@
 """The HTTP server the proxy runs on: uvicorn with its httptools protocol, plus the limits a
 public endpoint needs and uvicorn's httptools protocol does not have.
 
-Without them a client could hold memory and connections at will (measured: a 50 MB header
-accepted; eight 30 MB unfinished headers held 285 MB; slowloris and silent connections kept
-open indefinitely; a body shorter than its Content-Length held for over 70 s). Here:
+Without them a client could hold memory and connections at will (huge headers accepted,
+unfinished headers held, slowloris and silent connections kept open, a body shorter than its
+Content-Length waited for; tests/faults/test_http_limits.py). Here:
 
 * the request head (request line and headers) is capped: more bytes than `max_header_bytes`
   before the head ends gets 431;
@@ -15,7 +15,7 @@ open indefinitely; a body shorter than its Content-Length held for over 70 s). H
 The answers are short plain text that says what limit was hit, nothing about the internals.
 The checks cost a counter and a timer per request, not per byte parsed.
 
-It also offers the app the CLIENT_GONE scope extension (forwarding.py): a callback run when the
+It also offers the app the CLIENT_GONE scope extension (request_path/responses.py): a callback run when the
 client's connection is lost, so a relayed stream stops its backend without a task of its own
 waiting on `receive` for the disconnect.
 """
@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .forwarding import CLIENT_GONE
+from .request_path.responses import CLIENT_GONE
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # The four callbacks below run for every request (httptools calls them as it parses). They
     # call HttpToolsProtocol's own directly, not through super(), which makes a proxy object per
-    # call, and test the timer before calling _disarm. With that, and no pass over the headers in
-    # on_headers_complete, this class costs 6,700 machine instructions a request over uvicorn's
-    # own protocol, where it cost 15,000 (callgrind, the protocol fed one request at a time;
-    # benchmarks/README.md item 11).
+    # call, and test the timer before calling _disarm.
     def data_received(self, data: bytes) -> None:
         if not self._in_body:  # a head's bytes (reset when a head is complete)
             self._head_bytes += len(data)

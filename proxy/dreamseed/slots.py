@@ -16,7 +16,9 @@ first come, first served across the workers, near enough: exactly so within one 
 each worker's oldest waiter across them.
 
 A worker that dies takes its slots with it: the parent clears its column before replacing it
-(``Table.forget``). One process (no ``--workers``) does not use this module: its pool counts alone.
+(``Table.forget``). One process (no ``--workers``) does not use this module: its pools count alone
+(transport.LocalSlots). The parent makes the :class:`Table`; each worker passes its
+:class:`WorkerSlots` down to its backends' pools.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def _drain(fd: int) -> None:
 
 
 class SharedSlots:
-    """One backend's slots as seen from one worker (the pool's counter when the table is shared)."""
+    """One backend's slots as seen from one worker: the pool's SlotCounter when the table is shared."""
 
     def __init__(self, table: Table, worker: int, name: str, limit: int, max_queue: int | None) -> None:
         self.name = name
@@ -237,55 +239,38 @@ class SharedSlots:
         counts[self._me + _OLDEST] = self._waiters[0][1] if self._waiters else 0
 
 
-# --- this process's part ------------------------------------------------------------------------
-
-_table: Table | None = None
-_worker = -1
-_slots: dict[str, SharedSlots] = {}
+# --- one worker's view ----------------------------------------------------------------------------
 
 
-def share_between(workers: int) -> Table:
-    """In the parent, before forking: the table the workers will count in."""
-    global _table
-    _table = Table(workers)
-    return _table
+class WorkerSlots:
+    """A forked worker's counters in the shared table: what it passes to its backends' pools
+    (`counter`), and the wake-up pipe its event loop reads (`listen`)."""
 
+    def __init__(self, table: Table, worker: int) -> None:
+        self._table = table
+        self._worker = worker
+        self._slots: dict[str, SharedSlots] = {}
 
-def attach(worker: int) -> None:
-    """In a forked worker: count as worker `worker` of the table (others' wake-ups are not ours)."""
-    global _worker
-    _worker = worker
-    _slots.clear()
+    def counter(self, name: str, limit: int, max_queue: int | None) -> SharedSlots:
+        """The backend's shared slots in this worker: one object for every policy generation, its
+        limits the latest catalog's."""
+        found = self._slots.get(name)
+        if found is None:
+            found = self._slots[name] = SharedSlots(self._table, self._worker, name, limit, max_queue)
+        else:
+            found.limit, found.max_queue = limit, max_queue
+        return found
 
+    def listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read this worker's wake-up pipe on its event loop."""
+        read_end = self._table.pipes[self._worker][0]
 
-def slots_for(name: str, limit: int, max_queue: int | None) -> SharedSlots | None:
-    """The backend's shared slots in this worker (one object for every policy generation, its limits
-    the latest catalog's), or None when this process counts alone."""
-    if _table is None or _worker < 0:
-        return None
-    found = _slots.get(name)
-    if found is None:
-        found = _slots[name] = SharedSlots(_table, _worker, name, limit, max_queue)
-    else:
-        found.limit, found.max_queue = limit, max_queue
-    return found
+        def woken() -> None:
+            _drain(read_end)
+            for slots in list(self._slots.values()):
+                slots.wake()
 
+        loop.add_reader(read_end, woken)
 
-def listen(loop: asyncio.AbstractEventLoop) -> None:
-    """Read this worker's wake-up pipe on its event loop."""
-    if _table is None or _worker < 0:
-        return
-    read_end = _table.pipes[_worker][0]
-
-    def woken() -> None:
-        _drain(read_end)
-        for slots in list(_slots.values()):
-            slots.wake()
-
-    loop.add_reader(read_end, woken)
-
-
-def stop_listening(loop: asyncio.AbstractEventLoop) -> None:
-    if _table is not None and _worker >= 0:
-        loop.remove_reader(_table.pipes[_worker][0])
-
+    def stop_listening(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self._table.pipes[self._worker][0])

@@ -1,9 +1,9 @@
 """A lean HTTP/1.1 transport for ``httpx.AsyncClient``, for the proxy's backend connections.
 
-httpx's default pool (httpcore) rescans every connection for every request it queues, which
-is quadratic: at 64 concurrent requests it spent most of the proxy's CPU and throughput fell
-below a tenth of direct. This transport keeps httpx's client API, timeouts and exception
-types, and replaces what is underneath with the minimum a reverse proxy needs:
+httpx's default pool (httpcore) rescans every connection for every request it queues, which is
+quadratic in concurrency (docs/decisions/own-connection-pool.md). This transport keeps httpx's
+client API, timeouts and exception types, and replaces what is underneath with the minimum a
+reverse proxy needs:
 
 - one asyncio Protocol per connection, parsed with httptools (the parser uvicorn uses);
 - a LIFO list of idle keep-alive connections (O(1) to take and return) and a FIFO of waiters
@@ -26,14 +26,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
 import httpx
-
-if TYPE_CHECKING:
-    from .slots import SharedSlots
 
 READ_BUFFER_LIMIT = 1024 * 1024  # pause reading a backend that gets this far ahead of its client
 
@@ -282,29 +279,85 @@ class QueueFull(httpx.PoolTimeout):
     """Every connection is busy and the wait queue is at its bound: refused without waiting."""
 
 
+class SlotCounter(Protocol):
+    """A backend's request slots: at most `limit` requests in flight, at most `max_queue` waiting for
+    one (None: no bound). :class:`LocalSlots` counts for one process; with `serve --workers N` the
+    workers count in one shared table (slots.SharedSlots), so the limits hold for the backend."""
+
+    limit: int
+    max_queue: int | None
+
+    async def acquire(self, timeout: float | None) -> None:
+        """Take a slot, waiting up to `timeout` seconds in arrival order: QueueFull when the queue is
+        at its bound, httpx.PoolTimeout when no slot freed up in time."""
+
+    def release(self) -> None:
+        """Give a slot back: to the first waiter, or free."""
+
+
+class LocalSlots:
+    """One process's count of a backend's slots, with a FIFO of waiters."""
+
+    __slots__ = ("limit", "max_queue", "_taken", "_waiting", "_waiters")
+
+    def __init__(self, limit: int, max_queue: int | None = None) -> None:
+        self.limit = limit
+        self.max_queue = max_queue
+        self._taken = 0
+        self._waiting = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, timeout: float | None) -> None:
+        if self._taken < self.limit and not self._waiting:
+            self._taken += 1
+            return
+        if self.max_queue is not None and self._waiting >= self.max_queue:
+            raise QueueFull(f"all {self.limit} connections are busy and {self._waiting} requests already wait")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise httpx.PoolTimeout(f"all {self.limit} connections stayed busy for the pool timeout") from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot reached us just as we gave up: pass it on
+            raise
+        finally:
+            self._waiting -= 1
+        # A released slot was handed over with the wake-up: `_taken` already counts it.
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._taken -= 1
+
+
 class PooledTransport(httpx.AsyncBaseTransport):
-    """Keep-alive HTTP/1.1 connections to one origin (see the module docstring)."""
+    """Keep-alive HTTP/1.1 connections to one origin (see the module docstring). `slots` counts the
+    requests in flight and waiting; by default this pool counts alone (max_connections, max_queue)."""
 
     def __init__(self, origin: str, *, max_connections: int, keepalive_expiry: float,
                  max_queue: int | None = None, ssl_context: ssl.SSLContext | None = None,
-                 shared_slots: SharedSlots | None = None) -> None:
+                 slots: SlotCounter | None = None) -> None:
         parts = urlsplit(origin)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.tls else 80)
         default_port = self.port == (443 if self.tls else 80)
         self.authority = self.host if default_port else f"{self.host}:{self.port}"
-        self._max = max_connections
         self._keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context  # made on the first connection if TLS
         self._idle: list[_Connection] = []  # LIFO: the most recently used is the most likely alive
-        self._max_queue = max_queue
+        self._slots = slots if slots is not None else LocalSlots(max_connections, max_queue)
+        # This pool's own requests, whoever counts the slots: a reload's old pool drains by its own.
         self._in_use = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
         self._waiting = 0
         self._closed = False
-        # With `serve --workers N` the slots are counted with the other workers (slots.py), not here.
-        self._shared = shared_slots
 
     @property
     def in_use(self) -> int:
@@ -359,45 +412,12 @@ class PooledTransport(httpx.AsyncBaseTransport):
     async def _acquire_slot(self, timeout: float | None) -> None:
         if self._closed:
             raise httpx.PoolTimeout("transport is closed")
-        if self._shared is not None:
-            self._waiting += 1  # counted here too: a reload's old pool drains by its own requests
-            try:
-                await self._shared.acquire(timeout)
-            finally:
-                self._waiting -= 1
-            self._in_use += 1
-            return
-        if self._in_use < self._max and not self._waiting:
-            self._in_use += 1
-            return
-        if self._max_queue is not None and self._waiting >= self._max_queue:
-            raise QueueFull(f"all {self._max} connections are busy and {self._waiting} requests already wait")
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
         self._waiting += 1
         try:
-            await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            raise httpx.PoolTimeout(f"all {self._max} connections stayed busy for the pool timeout") from None
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self._hand_over()  # the slot reached us just as we gave up: pass it on
-            raise
+            await self._slots.acquire(timeout)
         finally:
             self._waiting -= 1
-        # A released slot was handed over to us; _in_use already counts it.
-
-    def _hand_over(self) -> None:
-        if self._shared is not None:
-            self._in_use -= 1
-            self._shared.release()
-            return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._in_use -= 1
+        self._in_use += 1
 
     def _release(self, idle: _Connection | None, close: _Connection | None = None) -> None:
         if close is not None:
@@ -406,7 +426,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
             idle.idle_since = time.monotonic()
             idle._reset()
             self._idle.append(idle)
-        self._hand_over()
+        self._in_use -= 1
+        self._slots.release()
 
     async def _connect(self, timeout: float | None) -> _Connection:
         now = time.monotonic()

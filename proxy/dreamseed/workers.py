@@ -210,8 +210,7 @@ def listening_sockets(host: str, port: int, workers: int) -> list[socket.socket]
     Why one each: on a shared socket every idle worker is woken for a new connection, and the first
     to run accepts all that are waiting (uvloop accepts until the queue is empty). Clients open their
     keep-alive connections in a burst (an SDK's pool, a load generator), so one worker often got
-    all of them: 16 connections opened at once split 0/16, 2/14, 4/12, 5/11, 7/9 over two workers on
-    the development machine, and the other core sat idle for their whole life. With SO_REUSEPORT the
+    most of them and the other core sat idle for their whole life. With SO_REUSEPORT the
     kernel picks a socket for each connection by a hash of its addresses: an even split on average.
     (Not on macOS and the BSDs, where the option does not balance: there the workers share one
     socket.) The parent keeps every socket open, so connections that reach a worker that died wait
@@ -259,75 +258,84 @@ def _reap(children: dict[int, int]) -> list[tuple[int, int]]:
     return exited
 
 
-def supervise(workers: int, run_worker: Callable[[int], int], grace_s: float,
-              forget: Callable[[int], None] = lambda index: None) -> int:
-    """Fork `workers` processes running `run_worker(index)`; pass SIGTERM, SIGINT and SIGHUP on;
-    replace a worker that dies while serving (after `forget(index)` has cleared what it held);
-    return once all have exited after a stop."""
-    children: dict[int, int] = {}  # pid -> worker index
-    stopping = False
-    result = 0
+class Supervisor:
+    """The parent of `serve --workers N`: forks the workers, passes SIGTERM, SIGINT and SIGHUP on,
+    replaces a worker that dies while serving (after `forget(index)` has cleared what it held),
+    and returns once all have exited after a stop."""
 
-    def spawn(index: int) -> None:
+    def __init__(self, workers: int, run_worker: Callable[[int], int], grace_s: float,
+                 forget: Callable[[int], None] = lambda index: None) -> None:
+        self.workers = workers
+        self.run_worker = run_worker
+        self.grace_s = grace_s
+        self.forget = forget
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.stopping = False
+        self.result = 0
+        self._restarts: list[float] = []
+
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self._pass_on) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            for index in range(self.workers):
+                self._spawn(index)
+            deadline: float | None = None
+            while self.children:
+                exited = _reap(self.children)
+                if exited:
+                    for pid, code in exited:
+                        self._exited(pid, code)
+                    continue
+                if self.stopping and deadline is None:
+                    deadline = time.monotonic() + self.grace_s + 10
+                if deadline is not None and time.monotonic() > deadline:
+                    for child in self.children:  # past the grace period: no more waiting
+                        os.kill(child, signal.SIGKILL)
+                time.sleep(0.1)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.result
+
+    def _spawn(self, index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = run_worker(index)
+                code = self.run_worker(index)
             except SystemExit as exc:  # uvicorn exits with STARTUP_FAILURE when the app cannot start
                 code = exc.code if isinstance(exc.code, int) else 1
             finally:
                 os._exit(code)
-        children[pid] = index
+        self.children[pid] = index
 
-    def pass_on(signum: int, _frame: object) -> None:
-        nonlocal stopping
+    def _pass_on(self, signum: int, _frame: object) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        for pid in list(children):
+            self.stopping = True
+        for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
             except ProcessLookupError:
                 pass
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        for index in range(workers):
-            spawn(index)
-        restarts: list[float] = []
-        deadline: float | None = None
-        while children:
-            exited = _reap(children)
-            if not exited:
-                if stopping and deadline is None:
-                    deadline = time.monotonic() + grace_s + 10
-                if deadline is not None and time.monotonic() > deadline:
-                    for child in children:  # past the grace period: no more waiting
-                        os.kill(child, signal.SIGKILL)
-                time.sleep(0.1)
-                continue
-            for pid, code in exited:
-                index = children.pop(pid)
-                if stopping:
-                    continue
-                if code == STARTUP_FAILURE:  # would fail again: stop them all, and say so in the exit status
-                    log.error("worker %d could not start; stopping", index)
-                    result = STARTUP_FAILURE
-                    pass_on(signal.SIGTERM, None)
-                    continue
-                # A worker died while serving: replace it, unless they keep dying (then stop all).
-                now = time.monotonic()
-                restarts = [t for t in restarts if now - t < 60] + [now]
-                log.warning("worker %d (pid %d) exited with status %d; starting another", index, pid, code)
-                forget(index)
-                if len(restarts) > 5 * workers:
-                    log.error("workers keep dying: stopping")
-                    pass_on(signal.SIGTERM, None)
-                    continue
-                spawn(index)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return result
+    def _exited(self, pid: int, code: int) -> None:
+        index = self.children.pop(pid)
+        if self.stopping:
+            return
+        if code == STARTUP_FAILURE:  # would fail again: stop them all, and say so in the exit status
+            log.error("worker %d could not start; stopping", index)
+            self.result = STARTUP_FAILURE
+            self._pass_on(signal.SIGTERM, None)
+            return
+        # A worker died while serving: replace it, unless they keep dying (then stop all).
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < 60] + [now]
+        log.warning("worker %d (pid %d) exited with status %d; starting another", index, pid, code)
+        self.forget(index)
+        if len(self._restarts) > 5 * self.workers:
+            log.error("workers keep dying: stopping")
+            self._pass_on(signal.SIGTERM, None)
+            return
+        self._spawn(index)

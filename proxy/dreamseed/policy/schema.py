@@ -216,9 +216,8 @@ class EmbedderPolicy(Strict, frozen=True):
     # English). In `hybrid` mode a query in another language skips the vector leg: all-MiniLM-L6-v2
     # gives Korean text near-random neighbours, which only push the lexical leg's good hits down.
     languages: Annotated[tuple[Literal["en", "ko"], ...], Meta(min_length=1)] = ("en",)
-    # Queries are embedded from at most this many tokens (longer ones: their beginning and end).
-    # A 2,000-character message is 256 tokens for MiniLM, 40 ms to embed on a 2-core machine; the
-    # lexical leg still reads all of it.
+    # Queries are embedded from at most this many tokens (longer ones: their beginning and end):
+    # embedding time grows with the tokens, and the lexical leg still reads all of the message.
     max_query_tokens: Annotated[int, Meta(ge=8, le=32768)] = 32
     url: str | None = None
     url_env: EnvVar | None = None

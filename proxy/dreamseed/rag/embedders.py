@@ -107,8 +107,8 @@ class FastEmbedder:
             raise EmbedderError(f"no ONNX model in {path}: run `dreamseed rag setup-model` or fix embedder.model_path")
         try:
             # No ONNX Runtime memory arena: with one, the process keeps the largest batch's buffers for
-            # good (32 inputs of 512 tokens: 1.3 -> 3.1 GB RSS, never given back); without, memory goes
-            # back to its baseline after a large request, at no measurable cost for MiniLM on CPU.
+            # good; without, memory goes back to its baseline after a large request, at no cost that
+            # shows for MiniLM on CPU (benchmarks/test_embedding_memory.py).
             # With `serve --workers N`, each worker's session gets its share of the cores.
             threads = threads_per_worker(environ)
             if path is not None:
@@ -122,9 +122,8 @@ class FastEmbedder:
             raise EmbedderError(f"cannot load embedding model {policy.model!r} {where}: {exc}") from exc
         self.batch_size = policy.batch_size
         # Text is cut at the model's maximum sequence length before it reaches the model: fastembed's
-        # tokenizer cuts at 512, twice MiniLM's 256, and ONNX Runtime's memory arena grows to the
-        # largest batch x length it has seen (32 inputs of 512 tokens took the proxy from 1.3 to
-        # 3.1 GB, for good). /v1/embeddings refuses longer inputs before this (see app.py).
+        # tokenizer cuts at 512, twice MiniLM's 256, and memory grows with the largest batch x length
+        # run. /v1/embeddings refuses longer inputs before this (see api/embeddings.py).
         tokenizer = getattr(getattr(self._model, "model", None), "tokenizer", None)
         self._counter = None
         if tokenizer is not None:

@@ -20,15 +20,22 @@ Queries are reported together and by language (a query with Hangul in it is Kore
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..policy import Rag, RetrievalMode
 from .language import language
+
+if TYPE_CHECKING:
+    from .retriever import Retriever
 
 
 class EvalSetError(Exception):
@@ -151,3 +158,32 @@ def scores(runs: Mapping[str, Sequence[str]], injected: Mapping[str, Injected], 
 def documents_ranked(sources: Sequence[str]) -> list[str]:
     """Chunk hits -> document ranking: each document at the rank of its best chunk."""
     return list(dict.fromkeys(sources))
+
+
+async def evaluate(retriever: Retriever, eval_dir: Path, modes: list[RetrievalMode], k: int, rag: Rag,
+                   show_progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    """Ingest a BEIR-layout set into its own collection, then run every query in each mode twice:
+    thresholds off and 50 deep (the ranking), and as a request would (rag.yaml's top_k and
+    thresholds: what goes into the prompt, and how long it takes)."""
+    from .ingest import ingest_texts
+
+    eval_set = load_eval_set(eval_dir)
+    collection = f"eval-{eval_set.name}"
+    assert retriever.store is not None and retriever.embedder is not None
+    documents = [(doc_id, f"{title}\n\n{text}" if title else text, {"eval_doc": doc_id})
+                 for doc_id, (title, text) in eval_set.corpus.items()]
+    await ingest_texts(retriever.store, retriever.embedder, collection, documents, rag.chunking)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    base = rag.settings("", "")
+    for mode in modes:
+        settings = dataclasses.replace(base, collection=collection, mode=mode)
+        runs, injected = {}, {}
+        for query_id, text in eval_set.queries.items():
+            if answerable(eval_set, query_id):
+                hits = await retriever.search(settings, text, top_k=50, min_similarity=-1.0, min_term_match=0.0)
+                runs[query_id] = documents_ranked([hit.source for hit in hits])[:k]
+            started = time.perf_counter()
+            hits = await retriever.search(settings, text)
+            injected[query_id] = Injected([hit.source for hit in hits], time.perf_counter() - started)
+        results[mode] = scores(runs, injected, eval_set, k)
+    return results

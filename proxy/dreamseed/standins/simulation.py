@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from ..policy import CommandActuator, Policies, Scale
 from .local_model import LocalModel, free_port
-from .policy import CommandActuator, Policies, Scale
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _LISTENING = re.compile(r"listening on (http://\S+)")
@@ -121,7 +121,7 @@ def is_reachable(url: str, timeout: float = 0.5) -> bool:
 
 
 def simulated_command(model: str, max_model_len: int, port: int, extra: tuple[str, ...] = DEMO_KNOBS) -> list[str]:
-    return [sys.executable, "-m", "dreamseed.simulated_vllm", "--host", "127.0.0.1", "--port", str(port),
+    return [sys.executable, "-m", "dreamseed.standins.simulated_vllm", "--host", "127.0.0.1", "--port", str(port),
             "--model", model, "--max-model-len", str(max_model_len), *extra]
 
 

