@@ -88,7 +88,8 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.skipif(SOCKET_PROXY is None, reason="the socket-proxy binary is not here (DREAMSEED_SOCKET_PROXY)")
+@pytest.mark.skipif(SOCKET_PROXY is None, reason="the socket-proxy binary is not here: build wollomatic/socket-proxy "
+                    "from its Go sources (`go build ./cmd/socket-proxy`) and set DREAMSEED_SOCKET_PROXY to it")
 def test_through_the_real_socket_proxy_the_actuator_works_and_anything_else_is_refused(
         docker_engine, monkeypatch: pytest.MonkeyPatch) -> None:
     path, engine = docker_engine

@@ -27,7 +27,8 @@ from support import free_port, reply
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 pytestmark = pytest.mark.skipif(not Path(SSHD).exists() or os.geteuid() != 0,
-                                reason="needs openssh-server and root (.ci/run installs it; CI runs as root)")
+                                reason="needs sshd (tests/install-system-tools.sh installs openssh-server) and root "
+                                       "(an sshd serving other users runs as root; CI runs as root)")
 
 
 class Named(BaseHTTPRequestHandler):
