@@ -38,7 +38,8 @@ def client(app: Litestar) -> Iterator[TestClient[Litestar]]:
 
 def test_every_registered_route_is_in_the_openapi_document(app: Litestar, client: TestClient[Litestar]) -> None:
     document = client.get("/openapi.json").json()
-    registered = {(route.path.replace("{name:str}", "{name}").replace("{action:str}", "{action}"), method.lower())
+    registered = {(route.path.replace("{name:str}", "{name}").replace("{action:str}", "{action}")
+                   .replace("{model:path}", "{model}"), method.lower())
                   for route in app.routes for method in getattr(route, "methods", ()) if method not in ("HEAD", "OPTIONS")}
     described = {(path, method) for path, item in document["paths"].items() for method in item}
     assert registered and registered <= described, sorted(registered - described)

@@ -193,6 +193,9 @@ def test_over_long_prompt_gets_the_servers_4xx_in_openai_shape(target: Target) -
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert isinstance(error["message"], str) and "context" in error["message"]
+    # OpenAI's shape whichever server answered (llama.cpp: a number code and a type of its own).
+    assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
+    assert error["code"] is None or isinstance(error["code"], str)
     assert response.headers["x-dreamseed-backend"] == target.name
     assert "x-dreamseed-fallback" not in response.headers
     with pytest.raises(openai.BadRequestError):

@@ -99,7 +99,7 @@ def error_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def error_body(message: str, *, type: str, code: str, param: str | None = None) -> bytes:
+def error_body(message: str, *, type: str, code: str | None, param: str | None = None) -> bytes:
     return msgspec.json.encode({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 

@@ -23,16 +23,59 @@ class ChatMessage(Struct):
     content: str | list[Any] | None = None
 
 
-class ChatRequest(Struct):
+# The ranges OpenAI's API reference (openai/openai-openapi 2.3.0) gives the sampling fields, checked
+# before any backend sees the request: a backend may take an out-of-range value differently (llama.cpp
+# reads a negative token limit as "no limit", holding a slot for the whole context). Token limits
+# must be at least 1, as OpenAI and vLLM answer.
+TokenLimit = Annotated[int, Meta(ge=1)]
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+TopP = Annotated[float, Meta(ge=0, le=1)]
+Choices = Annotated[int, Meta(ge=1, le=128)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+LogitBias = dict[str, Annotated[float, Meta(ge=-100, le=100)]]
+Stop = str | Annotated[list[str], Meta(min_length=1, max_length=4)]
+
+
+class Sampling(Struct, kw_only=True):
+    """The bounded fields chat and text completions share (keyword-only, so the subclasses'
+    required fields come first)."""
+
+    max_tokens: TokenLimit | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Choices | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = None
+    stop: Stop | None = None
+    seed: int | None = None
+
+
+class ChatRequest(Sampling):
     model: Annotated[str, Meta(min_length=1)]
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     stream: bool | None = False
+    max_completion_tokens: TokenLimit | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
 
 
-class CompletionRequest(Struct):
+class CompletionRequest(Sampling):
     model: Annotated[str, Meta(min_length=1)]
-    prompt: str | list[Any]
+    # None is OpenAI's default prompt, <|endoftext|>: parse_request puts it in.
+    prompt: str | list[Any] | None = None
     stream: bool | None = False
+    best_of: Annotated[int, Meta(ge=0, le=20)] | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+
+
+ENDOFTEXT = "<|endoftext|>"  # OpenAI's default completions prompt: the start of a new document
+
+# What OpenAI's clients send as embeddings input besides text: token ids of OpenAI's tokenizer
+# (LangChain's OpenAIEmbeddings does by default). They mean nothing to another model's tokenizer.
+TOKEN_IDS_REFUSED = (
+    "`input` holds token ids; this server embeds text with its own model's tokenizer, so ids from "
+    "another tokenizer cannot be embedded here. Send the text instead (LangChain's OpenAIEmbeddings: "
+    "check_embedding_ctx_length=False)")
 
 
 class EmbeddingRequest(Struct):
@@ -43,6 +86,16 @@ class EmbeddingRequest(Struct):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Meta(gt=0)] | None = None
     user: str | None = None
+
+
+def token_ids(value: object) -> bool:
+    """Whether an embeddings `input` is token ids: a list of integers, or of lists of integers."""
+    if not isinstance(value, list) or not value:
+        return False
+    first = value[0]
+    if isinstance(first, list):
+        return bool(first) and all(isinstance(item, int) and not isinstance(item, bool) for item in first)
+    return isinstance(first, int) and not isinstance(first, bool)
 
 
 class IngestDocument(Struct):
@@ -113,6 +166,8 @@ def parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Prom
         completion = msgspec.convert(payload, CompletionRequest)
     except msgspec.ValidationError as exc:
         raise _invalid(exc) from None
+    if completion.prompt is None:
+        payload["prompt"] = ENDOFTEXT  # null or absent: OpenAI's default
     return payload, Prompt(prompt=payload["prompt"]), bool(completion.stream)
 
 

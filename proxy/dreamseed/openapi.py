@@ -20,8 +20,8 @@ from .openai_api import ChatRequest, CompletionRequest, EmbeddingRequest, Ingest
 class ErrorDetail(msgspec.Struct):
     message: str
     type: str
-    code: str | int | None = None  # the proxy's codes are strings; vLLM's passed-through ones are numbers
-    param: str | None = None
+    param: str | None
+    code: str | None  # a backend's numeric codes are not passed on (request_path/backend_errors.py)
 
 
 class ErrorResponse(msgspec.Struct):
@@ -50,7 +50,8 @@ _RAG_ADMIN = (*_ADMIN, "rag_disabled", "rag_unavailable")
 _RELAY_ERRORS = {
     **errors(*_AUTH, *_BODY, "model_not_found", "backend_busy", "backend_unreachable", "backend_error",
              "backend_not_running", "no_healthy_backend", "backend_timeout"),
-    "default": _error("A backend's own error, passed through unchanged (e.g. vLLM's 400 for a prompt over its context)"),
+    "default": _error("A backend's own error (e.g. vLLM's 400 for a prompt over its context), in OpenAI's shape "
+                      "with the backend's status and message"),
 }
 
 
@@ -106,7 +107,14 @@ def openapi_document(models: list[str], embedding_model: str) -> dict[str, Any]:
         "paths": {
             "/v1/chat/completions": _relay("Create a chat completion", "ChatRequest"),
             "/v1/completions": _relay("Create a text completion", "CompletionRequest"),
-            "/v1/models": _json_get("List the models: auto and each backend", errors(*_AUTH)),
+            "/v1/models": _json_get("List the models: auto, the rules' aliases, each backend and the model it serves",
+                                    errors(*_AUTH)),
+            "/v1/models/{model}": {"get": {
+                "summary": "Retrieve one of the models /v1/models lists (model ids may contain slashes)",
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The model",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}},
+                              **errors(*_AUTH, "model_not_found")}}},
             "/v1/embeddings": _post("Create embeddings (OpenAI-compatible), from rag.yaml's embedder", "EmbeddingRequest",
                                     errors(*_AUTH, *_BODY, "invalid_dimensions", "model_not_found", "embeddings_busy",
                                            "embeddings_unavailable")),

@@ -6,10 +6,11 @@ import asyncio
 import base64
 import logging
 
+import msgspec
 from litestar.types import ASGIApp
 
 from ..errors import ProxyError
-from ..openai_api import EmbeddingRequest, decode_struct, storable
+from ..openai_api import TOKEN_IDS_REFUSED, EmbeddingRequest, decode_struct, storable, token_ids
 from ..request_path import read_body
 from ..service import Service
 from .common import AnyRequest, authorization, json_response
@@ -21,7 +22,12 @@ async def create_embeddings(service: Service, request: AnyRequest) -> ASGIApp:
     """POST /v1/embeddings: rag.yaml's embedder, with OpenAI's limits and shapes."""
     service.keys.check(authorization(request), "client")
     body = await read_body(request.receive, -1)
-    wanted = decode_struct(body, EmbeddingRequest)
+    try:
+        wanted = decode_struct(body, EmbeddingRequest)
+    except ProxyError as exc:
+        if (exc.param or "").startswith("input") and token_ids(msgspec.json.decode(body).get("input")):
+            raise ProxyError("invalid_request", TOKEN_IDS_REFUSED, param="input") from None
+        raise
     storable(wanted.input, "input")
     found = service.retriever()
     configured = service.runtime.current.policies.rag.embedder.model if found is None else found.rag.embedder.model

@@ -3,7 +3,10 @@ way, asgi.py), the model list, the API document, and the operator's /metrics and
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 from litestar import get, post
+from litestar.params import FromPath
 from litestar.types import ASGIApp
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -12,6 +15,7 @@ from ..errors import ProxyError
 from ..openai_api import Endpoint
 from ..policy import AUTO_MODEL
 from ..request_path import BufferedResponse
+from ..service import Service
 from .common import AnyRequest, authorization, json_response, service_of
 from .embeddings import create_embeddings
 
@@ -33,21 +37,46 @@ async def completions(request: AnyRequest) -> ASGIApp:
                                                          "/v1/completions")
 
 
+def model_entries(service: Service) -> list[dict[str, object]]:
+    """Every name the proxy accepts as `model`, as OpenAI's Model objects: `auto` and the aliases
+    rules match on (routed by routing.yaml), each backend by its name and by the model id it serves
+    (straight to it). `created` is when the policy generation in force was loaded."""
+    generation = service.runtime.current
+    catalog, router = generation.policies.catalog, generation.router
+    created = int(generation.loaded_at)
+
+    def entry(model_id: str, **extra: object) -> dict[str, object]:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "dreamseed", **extra}
+
+    entries = [entry(AUTO_MODEL, description="routed by policies/routing.yaml")]
+    for name, backend in catalog.backends.items():
+        served = {"root": backend.model, "max_model_len": backend.context_length, "on_demand": backend.on_demand}
+        entries.append(entry(name, **served))
+        if backend.model != name and router.direct.get(backend.model) == name:
+            entries.append(entry(backend.model, parent=name, description=f"served by backend {name!r}", **served))
+    entries += [entry(alias, description="routed by policies/routing.yaml (a rule's model alias)")
+                for alias in sorted(router.aliases)]
+    return entries
+
+
 @get("/v1/models", summary="List the models (backends) and 'auto'")
 async def list_models(request: AnyRequest) -> ASGIApp:
     service = service_of(request)
     service.keys.check(authorization(request), "client")
-    catalog = service.runtime.current.policies.catalog
-    data: list[dict[str, object]] = [
-        {"id": AUTO_MODEL, "object": "model", "created": 0, "owned_by": "dreamseed",
-         "description": "routed by policies/routing.yaml"}
-    ]
-    for name, backend in catalog.backends.items():
-        data.append(
-            {"id": name, "object": "model", "created": 0, "owned_by": "dreamseed", "root": backend.model,
-             "max_model_len": backend.context_length, "on_demand": backend.on_demand}
-        )
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": model_entries(service)})
+
+
+@get("/v1/models/{model:path}", summary="Retrieve one model (OpenAI's retrieveModel)")
+async def retrieve_model(request: AnyRequest, model: FromPath[str]) -> ASGIApp:
+    service = service_of(request)
+    service.keys.check(authorization(request), "client")
+    wanted = unquote(model.removeprefix("/"))  # model ids have slashes (Qwen/Qwen2.5-Coder-7B-Instruct)
+    for found in model_entries(service):
+        if found["id"] == wanted:
+            return json_response(found)
+    available = ", ".join(service.runtime.current.router.available_models())
+    raise ProxyError("model_not_found", f"The model {wanted!r} does not exist. Available models: {available}",
+                     param="model")
 
 
 @post("/v1/embeddings", status_code=200, summary="Create embeddings (OpenAI-compatible)")
@@ -94,4 +123,5 @@ async def readyz(request: AnyRequest) -> ASGIApp:
     return json_response({"ready": ready, "backends": states}, status=status)
 
 
-ROUTES = [chat_completions, completions, embeddings, list_models, openapi_json, metrics_endpoint, healthz, readyz]
+ROUTES = [chat_completions, completions, embeddings, list_models, retrieve_model, openapi_json, metrics_endpoint, healthz,
+          readyz]

@@ -6,7 +6,8 @@ in the order it happens.
 - chain.py: the decision's chain of backends, tried in order;
 - attempt.py: one backend, with its retries before the first byte;
 - failures.py: what each transport exception means (circuit, retry, next backend, or which error);
-- responses.py: the answer relayed to the client, buffered or streamed.
+- responses.py: the answer relayed to the client, buffered or streamed; backend_errors.py: a
+  backend's error answer in OpenAI's shape.
 
 docs/architecture.md walks a request through these and the modules around them.
 """

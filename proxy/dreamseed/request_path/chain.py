@@ -20,6 +20,7 @@ from ..exchange import Exchange, usage_of
 from ..routing import Decision
 from ..transport import UpstreamResponse
 from .attempt import send_with_retries
+from .backend_errors import openai_error
 from .responses import BufferedResponse, RelayedStream, raw_headers
 
 
@@ -106,4 +107,7 @@ async def _buffered(name: str, response: UpstreamResponse, headers: dict[str, st
         counts = usage_of(body)
         if counts is not None:
             exchange.prompt_tokens, exchange.completion_tokens = counts
+    elif response.status >= 400:
+        body = openai_error(response.status, body)
+        out = [(b"content-type", b"application/json"), *out[1:]]
     return BufferedResponse(response.status, out, body, exchange)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import socket
 import sys
@@ -220,7 +221,8 @@ class SimulatedVLLM:
         logprobs = _logprobs(request, tokens, chat)
         if chat:
             body = {"id": f"chatcmpl-{ident}", "object": "chat.completion", "created": created, "model": self.knobs.model,
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                                 "logprobs": logprobs,
                                  "finish_reason": finish} for i in range(n)], "usage": usage}
         else:
             body = {"id": f"cmpl-{ident}", "object": "text_completion", "created": created, "model": self.knobs.model,
@@ -323,7 +325,10 @@ def _invalid(request: dict[str, Any], max_model_len: int) -> str | None:
         return "Stream options can only be defined when `stream=True`."
     n = request.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        return "n: must be a positive integer"
+        return f"n must be at least 1, got {n}."
+    sampling = _sampling_problem(request)
+    if sampling is not None:
+        return sampling
     prompt = _prompt_tokens(request)
     limit = request.get("max_tokens") or request.get("max_completion_tokens") or 0
     if not isinstance(limit, int):
@@ -332,6 +337,41 @@ def _invalid(request: dict[str, Any], max_model_len: int) -> str | None:
         return (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                 f"{prompt + limit} tokens ({prompt} in the messages, {limit} in the completion). "
                 "Please reduce the length of the messages or completion.")
+    return None
+
+
+def _number(request: dict[str, Any], name: str, default: float) -> float:
+    value = request.get(name)
+    return default if value is None or isinstance(value, bool) or not isinstance(value, int | float) else float(value)
+
+
+def _sampling_problem(request: dict[str, Any]) -> str | None:
+    """vLLM's own range checks of the sampling fields (vllm/sampling_params.py, SamplingParams._verify_args),
+    with its messages: a request the proxy lets through gets the answer vLLM would give."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _number(request, name, 0.0)
+        if not -2.0 <= value <= 2.0:
+            return f"{name} must be in [-2, 2], got {value}."
+    temperature = _number(request, "temperature", 1.0)
+    if not math.isfinite(temperature):
+        return f"temperature must be a finite number, got {temperature}."
+    if temperature < 0.0:
+        return f"temperature must be non-negative, got {temperature}."
+    if temperature > 2.0:
+        return f"temperature must be in [0, 2], got {temperature}."
+    top_p = _number(request, "top_p", 1.0)
+    if not 0.0 < top_p <= 1.0:
+        return f"top_p must be in (0, 1], got {top_p}."
+    for name in ("max_tokens", "max_completion_tokens"):
+        limit = request.get(name)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit < 1:
+            return f"max_tokens must be at least 1, got {limit}."
+    logprobs = request.get("logprobs")
+    if isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs != -1 and logprobs < 0:
+        return f"logprobs must be non-negative or -1, got {logprobs}."
+    stops = request.get("stop")
+    if isinstance(stops, list) and any(stop == "" for stop in stops):
+        return "stop cannot contain an empty string."
     return None
 
 
@@ -351,7 +391,8 @@ def _logprobs(request: dict[str, Any], tokens: list[str], chat: bool) -> dict[st
         def item(token: str, logprob: float) -> dict[str, Any]:
             return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
-        return {"content": [{**item(t, -0.5), "top_logprobs": [item(t, -0.5 - k) for k in range(top)]} for t in tokens]}
+        return {"content": [{**item(t, -0.5), "top_logprobs": [item(t, -0.5 - k) for k in range(top)]} for t in tokens],
+                "refusal": None}
     if request.get("logprobs") in (None, False):
         return None
     offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
