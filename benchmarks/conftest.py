@@ -5,43 +5,11 @@ DREAMSEED_BENCH_MODE=short (CI, the default) or full sets how many requests each
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # tests/support.py starts the processes
-sys.path.insert(0, str(HERE))
-
-from support import Process, Sim, start_proxy, start_sim, write_policies  # noqa: E402
-
-MODEL = "bench/model"
-MODE = os.environ.get("DREAMSEED_BENCH_MODE", "short")
-if MODE not in ("short", "full"):
-    raise SystemExit(f"DREAMSEED_BENCH_MODE must be short or full, not {MODE!r}")
-
-
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """A process's resident memory (VmRSS) or its peak (VmHWM), in MiB, from /proc."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-@dataclass
-class BenchStack:
-    sim: Sim
-    proxy: Process
-    mode: str
-
-    def scale(self, short: int, full: int) -> int:
-        return short if self.mode == "short" else full
+from harness import MODE, MODEL, BenchStack, start_proxy, start_sim, write_policies
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Run the benchmark suites and check them against benchmarks/gates.yaml.
 
-    python3 benchmarks/gate.py            short mode (CI): a minute or so, loose thresholds
+    python3 benchmarks/gate.py            short mode (CI): a few minutes, loose thresholds
     python3 benchmarks/gate.py --full     the full suites against the targets themselves
+    python3 benchmarks/gate.py --targets  the targets as a Markdown table (benchmarks/README.md quotes it)
 
 Prints a table (measure, value, threshold, pass/fail), writes every result as JSON (default
 .benchmarks/gate-<mode>.json), and exits 1 if a gate fails, 2 if the suites or the gate file
@@ -132,6 +133,22 @@ def print_table(outcomes: list[Outcome], mode: str) -> None:
         print(f"{o.measure:<{width}}  {value:>10}  {o.threshold:<12}  {o.status}{again}")
 
 
+def bound_text(bound: dict[str, float] | None) -> str:
+    if not bound:
+        return ""
+    return " and ".join(f"{'>=' if key == 'min' else '<='} {value:g}" for key, value in sorted(bound.items(), reverse=True))
+
+
+def targets_table(gates: list[dict[str, Any]]) -> str:
+    """Every gate with a full-mode threshold: the targets, with the looser bound CI checks."""
+    rows = ["| measure | what | target (full) | CI (short) |", "|---|---|---|---|"]
+    for gate in gates:
+        if gate.get("full"):
+            rows.append(f"| `{gate['measure']}` | {gate.get('what', '')} | {bound_text(gate['full'])} | "
+                        f"{bound_text(gate.get('short')) or '-'} |")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="run the full suites against the full thresholds")
@@ -140,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="where to write the results (default .benchmarks/gate-MODE.json)")
     parser.add_argument("--results", type=Path, help="check an existing pytest-benchmark JSON instead of running")
     parser.add_argument("--no-retry", action="store_true", help="no second reading for failed timed gates")
+    parser.add_argument("--targets", action="store_true", help="print the targets as a Markdown table and exit")
     args = parser.parse_args(argv)
     mode = "full" if args.full else "short"
     gates = load_gates(args.gates)
+    if args.targets:
+        print(targets_table(gates), end="")
+        return 0
     suites = args.suites.resolve()
 
     source = args.results

@@ -19,14 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE))
+from harness import KEY, MODEL, Process, Proxied, compare_each, headers_for, shipped_policies, spawn, start_proxy, start_sim
 
-from conftest import MODEL  # noqa: E402
-from support import Process, _spawn, start_proxy, start_sim  # noqa: E402
-from test_overhead import Proxied, compare_each  # noqa: E402
-from test_user_config import KEY, headers_for, shipped_policies  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 COLUMNS = ("added_p95_ms", "added_ttfb_p95_ms", "throughput_ratio", "proxy_cpu_us_per_request")
 
@@ -45,7 +40,7 @@ def spec_problem(spec: str) -> str | None:
 
 def start_variant(spec: str, policies: Path, backend_url: str, log_dir: Path, name: str) -> Process:
     if spec == "floor":
-        return _spawn([str(HERE / "bare_forwarder.py"), backend_url, MODEL])
+        return spawn([str(HERE / "bare_forwarder.py"), backend_url, MODEL])
     workers, _, code = spec.partition("@")
     env = {"DREAMSEED_API_KEYS": KEY}
     if code:

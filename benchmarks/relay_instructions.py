@@ -30,20 +30,14 @@ from typing import Any
 import uvloop
 import yaml
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE))
+from bare_forwarder import forwarder
+from dreamseed.asgi import create_app
+from dreamseed.logs import AccessLogQueue, set_access_log
+from dreamseed.policy import load_policies
+from dreamseed.request_path import CLIENT_GONE
+from harness import KEY, KEY_HEADER, MODEL, App, chat_body, cpu_per_request, request_scope, running, shipped_policies
 
-from bare_forwarder import forwarder  # noqa: E402
-from conftest import MODEL  # noqa: E402
-from dreamseed.asgi import create_app  # noqa: E402
-from dreamseed.logs import AccessLogQueue, set_access_log  # noqa: E402
-from dreamseed.policy import load_policies  # noqa: E402
-from dreamseed.request_path import CLIENT_GONE  # noqa: E402
-from support import App, request_scope, running  # noqa: E402
-from test_overhead import chat_body  # noqa: E402
-from test_relay_in_process import cpu_per_request  # noqa: E402
-from test_user_config import KEY, KEY_HEADER, shipped_policies  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 VARIANTS = ("user", "no_keys", "no_access_log", "one_rule", "floor")
 

@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import yaml
 
-from conftest import BenchStack, rss_mb
-from support import SEED_POLICIES, start_proxy, write_policies, write_rag
+from harness import SEED_POLICIES, BenchStack, rss_mb, start_proxy, write_policies, write_rag
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_SIZE_INPUT = "word " * 250  # 252 tokens with [CLS] and [SEP]

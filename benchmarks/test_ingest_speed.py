@@ -18,14 +18,13 @@ import time
 import pytest
 
 import corpus
-from conftest import MODE
 from dreamseed.policy import Chunking, EmbedderPolicy, VectorStore
 from dreamseed.rag.chunking import chunk_text
 from dreamseed.rag.database import open_database
 from dreamseed.rag.embedders import BatchingEmbedder, FastEmbedder
 from dreamseed.rag.ingest import ingest_texts
 from dreamseed.rag.store import DocumentStore, ensure_schema, open_pool
-from support import rag_model_dir
+from harness import MODE, rag_model_dir
 
 DOCUMENTS = 600 if MODE == "full" else 120
 

@@ -30,13 +30,12 @@ import psycopg
 import pytest
 
 import corpus
-from conftest import MODE
 from dreamseed.policy import EmbedderPolicy, Rag, VectorStore
 from dreamseed.rag.database import open_database
 from dreamseed.rag.embedders import FastEmbedder
 from dreamseed.rag.retriever import Retriever
 from dreamseed.rag.store import analyze, ensure_schema
-from support import rag_model_dir
+from harness import MODE, rag_model_dir
 
 BASE = 2_000 if MODE == "full" else 500
 PER_KIND = 30 if MODE == "full" else 12

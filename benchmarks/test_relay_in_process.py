@@ -14,40 +14,15 @@ save a few microseconds (benchmarks/README.md, item 6).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import uvloop
 
 from bare_forwarder import forwarder
-from conftest import MODEL, BenchStack
 from dreamseed.asgi import create_app
 from dreamseed.logs import AccessLogQueue, set_access_log
 from dreamseed.policy import load_policies
-from support import App, request_scope, running
-from test_overhead import chat_body
-from test_user_config import KEY, KEY_HEADER, shipped_policies
-
-
-async def cpu_per_request(app: App, body: bytes, count: int) -> float:
-    """CPU seconds of this process per request, `count` requests one after another."""
-    scope = request_scope(body, [KEY_HEADER])
-    statuses: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    began = time.process_time()
-    for _ in range(count):
-        await app(dict(scope), receive, send)
-    spent = time.process_time() - began
-    assert statuses == [200] * count, sorted(set(statuses))
-    return spent / count
+from harness import KEY, MODEL, BenchStack, chat_body, cpu_per_request, running, shipped_policies
 
 
 def test_relay_in_process(benchmark, bench_stack: BenchStack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

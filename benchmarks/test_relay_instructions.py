@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from conftest import BenchStack
+from harness import BenchStack
 
 HERE = Path(__file__).resolve().parent
 COUNT = 300  # requests counted per variant: enough for the per-request figure to repeat to 0.2%

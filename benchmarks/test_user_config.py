@@ -29,28 +29,26 @@ import httpx
 import pytest
 import yaml
 
-from conftest import MODEL, BenchStack
-from support import ROOT, SEED_POLICIES, Process, _spawn, rag_model_dir, start_proxy, write_policies
-from test_overhead import Proxied, compare_each
+from harness import (
+    ADMIN,
+    KEY,
+    MODEL,
+    ROOT,
+    SEED_POLICIES,
+    BenchStack,
+    Process,
+    Proxied,
+    catalog,
+    compare_each,
+    headers_for,
+    rag_model_dir,
+    shipped_policies,
+    spawn,
+    start_proxy,
+    write_policies,
+)
 
-KEY = "bench-client-key"
-KEY_HEADER = (b"authorization", f"Bearer {KEY}".encode())  # the client key as an ASGI scope carries it
-ADMIN = "bench-admin-key"
 VARIANTS = ("user", "no_keys", "no_access_log", "access_log_pipe", "one_rule", "rag", "one_worker", "floor")
-
-
-def catalog(url: str) -> dict[str, Any]:
-    """Four backends like the seed's, on the one simulated server (only general gets this traffic)."""
-    limits = {"context_length": 4096, "max_concurrency": 512,
-              "timeouts": {"connect": 5, "read": 30, "write": 10, "pool": 10}}
-    return {name: {"url": url, "model": model, **limits} for name, model in
-            (("general", MODEL), ("code", "bench/code"), ("fast", "bench/fast"), ("general70", "bench/general70"))}
-
-
-def shipped_policies(directory: Path, url: str) -> Path:
-    """Policy files as users run them: the shipped routing rules (policies/routing.yaml) over catalog(url)."""
-    seed_routing = yaml.safe_load((SEED_POLICIES / "routing.yaml").read_text(encoding="utf-8"))
-    return write_policies(directory, catalog(url), seed_routing)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +76,7 @@ def proxies(bench_stack: BenchStack, tmp_path_factory: pytest.TempPathFactory) -
     try:
         for name, (policies, env, extra) in settings.items():
             started[name] = start_proxy(policies, env=env, extra=extra, workers=None)  # None: serve's default
-        started["floor"] = _spawn(["benchmarks/bare_forwarder.py", bench_stack.sim.url, MODEL])
+        started["floor"] = spawn(["benchmarks/bare_forwarder.py", bench_stack.sim.url, MODEL])
         corpus = ROOT / "tests" / "data" / "golden_support" / "corpus.jsonl"
         documents = [{"source": d["_id"], "text": f"{d['title']}\n\n{d['text']}"}
                      for d in map(json.loads, corpus.read_text(encoding="utf-8").splitlines())]
@@ -95,11 +93,6 @@ def load_16(bench_stack: BenchStack) -> tuple[int, int]:
     """Requests per round and rounds of the 16-concurrent measures (the figures are medians over the
     rounds: five in full mode, so that two stalled rounds of one proxy still do not move them)."""
     return bench_stack.scale(short=300, full=1000), bench_stack.scale(short=3, full=5)
-
-
-def headers_for(name: str) -> dict[str, str]:
-    """Every proxy gets the client key (the floor ignores it, but reads the same bytes) but no_keys."""
-    return {} if name == "no_keys" else {"authorization": f"Bearer {KEY}"}
 
 
 def at_16_concurrent(bench_stack: BenchStack, proxies: dict[str, Process], names: tuple[str, ...]) -> dict[str, Any]:

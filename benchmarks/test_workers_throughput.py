@@ -12,10 +12,8 @@ import json
 import statistics
 from typing import Any
 
-from conftest import MODEL, BenchStack
+from harness import MODEL, BenchStack, serving_cpu_seconds, start_proxy, write_policies
 from loadgen import build_request, run
-from support import start_proxy, write_policies
-from test_overhead import serving_cpu_seconds
 
 
 def test_throughput_cpu_bound_1_and_2_workers(benchmark, bench_stack: BenchStack, tmp_path) -> None:  # type: ignore[no-untyped-def]

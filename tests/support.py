@@ -54,7 +54,7 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
-def _spawn(args: list[str], env: dict[str, str] | None = None, timeout: float = 20.0) -> Process:
+def spawn(args: list[str], env: dict[str, str] | None = None, timeout: float = 20.0) -> Process:
     log = Path(tempfile.mkstemp(prefix="dreamseed-test-", suffix=".log")[1])
     popen = subprocess.Popen(
         [sys.executable, *args],
@@ -119,7 +119,7 @@ def start_sim(model: str, **knobs: Any) -> Sim:
     args = ["-m", "dreamseed.standins.simulated_vllm", "--port", "0", "--model", model]
     for name, value in knobs.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
-    process = _spawn(args)
+    process = spawn(args)
     sim = Sim(process.popen, process.url, process.log_path, process.lines, process.reading)
     sim.defaults = {k: v for k, v in sim.configure().items() if k != "model"}
     return sim
@@ -133,7 +133,7 @@ def start_proxy(policies: Path, env: dict[str, str] | None = None, extra: list[s
     extra = list(extra or [])
     if workers is not None and "--workers" not in extra:
         extra += ["--workers", str(workers)]
-    process = _spawn(
+    process = spawn(
         ["-m", "dreamseed.cli", "serve", "--policies", str(policies), "--port", "0", "--log-level", "warning",
          "--shutdown-grace", "2", *extra],
         env=env,

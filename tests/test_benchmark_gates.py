@@ -15,7 +15,6 @@ from support import ROOT
 
 
 def test_every_gate_parses_and_names_an_existing_benchmark() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from gate import load_gates
 
     gates = load_gates(ROOT / "benchmarks" / "gates.yaml")
@@ -114,3 +113,15 @@ def test_no_second_reading_when_asked_not_to(tmp_path: Path) -> None:
     result, report, runs = run_gate(tmp_path, {"stalled": [50, 1]}, [gate("stalled")], "--no-retry")
     assert result.returncode == 1 and runs == {"stalled": [50]}
     assert report["gates"][0]["status"] == "FAIL"
+
+
+def test_the_readmes_targets_are_the_gates_files() -> None:
+    """One list of targets: benchmarks/README.md quotes gates.yaml's, generated, never restated."""
+    from gate import load_gates, targets_table
+
+    readme = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    quoted = readme.split("<!-- targets: generated -->\n", 1)[1].split("<!-- /targets -->", 1)[0]
+    assert quoted == targets_table(load_gates(ROOT / "benchmarks" / "gates.yaml")), \
+        "benchmarks/README.md's targets differ from gates.yaml: paste `python3 benchmarks/gate.py --targets` there"
+    development = (ROOT / "docs" / "development.md").read_text(encoding="utf-8")
+    assert "gates.yaml" in development and not re.search(r"\d+(\.\d+)? ?ms at concurrency", development)
