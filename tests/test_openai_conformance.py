@@ -21,6 +21,7 @@ import pytest
 from dreamseed.request_path.backend_errors import openai_error
 from support import ROOT, Process, Sim, reply, start_proxy, start_sim, write_policies, write_rag
 
+
 def nullable_as_json_schema(schema: Any) -> Any:
     """OpenAI's 3.1 document still marks null-permitted fields with OpenAPI 3.0's `nullable: true`,
     which JSON Schema ignores: read it as JSON Schema's null type, as the document means."""
@@ -43,8 +44,9 @@ SPEC = json.loads((ROOT / "tests" / "data" / "openai-openapi" / "schemas.json").
 SCHEMAS = nullable_as_json_schema(SPEC["schemas"])
 # The document describes a streamed text completion with the completion object itself, whose
 # finish_reason is a string; streams (OpenAI's own too) send null until the last chunk.
-SCHEMAS["CompletionChunk"] = nullable_as_json_schema(json.loads(json.dumps(SCHEMAS["CreateCompletionResponse"])
-                                                                 .replace('"finish_reason": {', '"finish_reason": {"nullable": true, ')))
+_COMPLETION = json.dumps(SCHEMAS["CreateCompletionResponse"])
+SCHEMAS["CompletionChunk"] = nullable_as_json_schema(json.loads(
+    _COMPLETION.replace('"finish_reason": {', '"finish_reason": {"nullable": true, ')))
 CODER = "Qwen/Qwen2.5-Coder-7B-Instruct"  # a model id with a slash, as the catalog's are
 
 
