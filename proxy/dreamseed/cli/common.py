@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import signal
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from ..policy import Policies, PolicyError, load_policies
 
@@ -30,3 +34,38 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def run_until_signalled(main: Coroutine[Any, Any, int], interrupted: Callable[[str], str] = lambda name: "") -> int:
+    """Run a command's coroutine. SIGINT (Ctrl-C) or SIGTERM cancels it, so its `finally` blocks
+    run (an embedded database it started is stopped), then ``interrupted(signal name)`` says how far
+    it got and the exit status is 128 + the signal, as a shell reports a process it stopped."""
+    received: list[int] = []
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def stop(signum: int) -> None:
+            if not received:
+                received.append(signum)
+                task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop, signum)
+        try:
+            return await main
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        name = signal.Signals(received[0]).name
+        said = interrupted(name)
+        print(f"dreamseed: stopped by {name}" + (f": {said}" if said else ""), file=sys.stderr)
+        return 128 + received[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import sys
@@ -16,7 +15,7 @@ from ..rag.database import state_directory
 from ..rag.embedders import EmbedderError, model_folder_name
 from ..rag.retriever import Retriever
 from ..rag.store import StoreMismatchError, hits_as_dicts
-from .common import DEFAULT_POLICIES, load_or_exit
+from .common import DEFAULT_POLICIES, load_or_exit, run_until_signalled
 
 
 def _rag_policy(directory: str) -> Rag:
@@ -64,7 +63,7 @@ def cmd_setup_model(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from ..rag.ingest import IngestError, find_files, ingest_files
+    from ..rag.ingest import IngestError, IngestSummary, find_files, ingest_files
 
     rag = _rag_policy(args.policies)
     try:
@@ -72,18 +71,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     except IngestError as exc:
         print(f"dreamseed: {exc}", file=sys.stderr)
         return 1
+    committed = IngestSummary()  # what is stored so far, for an interruption to report
 
     async def main() -> int:
         async with _opened(rag) as retriever:
             assert retriever.store is not None and retriever.embedder is not None
             summary = await ingest_files(retriever.store, retriever.embedder, args.collection, files, rag.chunking,
-                                         show_progress=not args.quiet)
+                                         show_progress=not args.quiet, summary=committed)
         for error in summary.errors:
             print(f"dreamseed: skipped {error}", file=sys.stderr)
         print(json.dumps(summary.as_dict(), ensure_ascii=False) if args.json else f"{args.collection}: {summary.line()}")
         return 1 if summary.errors else 0
 
-    return asyncio.run(main())
+    return run_until_signalled(main(), lambda name: (
+        f"{committed.added} new chunks of {args.collection} were committed and stay (the same command again skips "
+        "them and adds the rest)"))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -105,7 +107,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                   f"{text[:200]}{'…' if len(text) > 200 else ''}")
         return 0
 
-    return asyncio.run(main())
+    return run_until_signalled(main())
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -121,7 +123,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         print(f"deleted {deleted} chunks")
         return 0
 
-    return asyncio.run(main())
+    return run_until_signalled(main())
 
 
 def cmd_collections(args: argparse.Namespace) -> int:
@@ -135,7 +137,7 @@ def cmd_collections(args: argparse.Namespace) -> int:
             print(f"{name}: {counts['sources']} sources, {counts['chunks']} chunks")
         return 0
 
-    return asyncio.run(main())
+    return run_until_signalled(main())
 
 
 def eval_table(results: dict[str, dict[str, dict[str, float]]], k: int) -> str:
@@ -162,17 +164,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rag = _rag_policy(args.policies)
     modes: list[RetrievalMode] = ["vector", "lexical", "hybrid"] if args.mode == "all" else [args.mode]
 
+    where = ["starting"]
+
     async def main() -> int:
         async with _opened(rag) as retriever:
             try:
-                results = await evaluate(retriever, Path(args.directory), modes, args.k, rag)
+                results = await evaluate(retriever, Path(args.directory), modes, args.k, rag,
+                                         stage=lambda now: where.__setitem__(0, now))
             except EvalSetError as exc:
                 print(f"dreamseed: {exc}", file=sys.stderr)
                 return 1
         print(json.dumps(results, indent=2) if args.json else eval_table(results, args.k))
         return 0
 
-    return asyncio.run(main())
+    return run_until_signalled(main(), lambda name: f"the evaluation stopped while {where[0]}; nothing was scored")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

