@@ -97,13 +97,14 @@ def explain(url: str, store: VectorStore, text: str, **settings: Any) -> list[di
 
 
 def sql_explain(query: psycopg.sql.Composed) -> psycopg.sql.Composed:
-    return psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) {}").format(query)
+    return psycopg.sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}").format(query)
 
 
 def test_each_leg_uses_its_index_and_reads_a_bounded_number_of_rows(database: Database) -> None:
     store = VectorStore(table="plan_check", rows_per_term=50, lexical_rows=400)
     fill(database.url, store)
     long_message = " ".join(random.Random(3).choices(WORDS, k=300)) + " 비밀번호를 재설정하려면 어떻게 하나요"
+    pages: list[float] = []  # index pages read per term looked up
     for text in ("alphaport", "kappawire sigmacard omegahost", long_message):
         nodes = [n for n in explain(database.url, store, text) if n.get("Relation Name") == store.table]
         kinds = {(n["Node Type"], n.get("Index Name")) for n in nodes}
@@ -111,11 +112,19 @@ def test_each_leg_uses_its_index_and_reads_a_bounded_number_of_rows(database: Da
         assert not any(n["Node Type"] == "Seq Scan" for n in nodes), kinds  # nothing reads the whole table
         lexical = [n for n in nodes if n["Node Type"] == "Bitmap Heap Scan"]
         assert lexical, kinds  # the lexical leg: the GIN index on terms, one bitmap scan per term looked up
+        # Not the (collection, source) index with the terms checked row by row: the whole collection
+        # read once per term, which the planner picks when the GIN index's pending list makes it look dear.
+        assert {child["Index Name"] for n in lexical for child in n["Plans"]} == {"plan_check_terms_gin"}, kinds
         assert all(n["Actual Rows"] <= store.rows_per_term for n in lexical), [n["Actual Rows"] for n in lexical]
         assert all(n["Actual Loops"] <= MAX_QUERY_TERMS for n in lexical)
         rows_read = sum(n["Actual Rows"] * n["Actual Loops"] for n in lexical)
         # Terms are taken while their expected rows fit lexical_rows; each is cut at rows_per_term.
         assert rows_read <= store.lexical_rows + store.rows_per_term, (text[:40], rows_read)
+        # Each term's lookup reads the index pages that lead to its postings, not every row written
+        # since the last VACUUM (a GIN pending list: the rows above were loaded with the index in place).
+        lookups = [n for n in explain(database.url, store, text) if n.get("Index Name") == "plan_check_terms_gin"]
+        pages += [(n["Shared Hit Blocks"] + n["Shared Read Blocks"]) / n["Actual Loops"] for n in lookups if n["Actual Loops"]]
+    assert pages and max(pages) <= 8, pages
 
 
 def test_rare_terms_outrank_common_ones_and_a_lexical_hit_needs_most_of_the_query(database: Database) -> None:
@@ -188,6 +197,38 @@ def test_a_table_from_dreamseed_0_1_is_migrated_to_the_terms_column(database: Da
         assert "terms" in columns and "tsv" not in columns
         indexes = {row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'old_docs'")}
         assert "old_docs_content_trgm" not in indexes and "old_docs_terms_gin" in indexes
+
+
+def gin_pending_pages(url: str, index: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        row = conn.execute("SELECT pending_pages FROM pgstatginindex(%s::regclass)", (index,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_rows_written_reach_the_lexical_index_at_once_and_an_old_index_is_switched(database: Database) -> None:
+    """Ingestion writes through the live GIN index; with fastupdate on, those rows would wait in a
+    pending list that every term lookup reads in full. An index made that way is switched on start."""
+    store = VectorStore(table="written_live")
+    fill(database.url, store)  # COPY with the product's indexes in place
+    assert gin_pending_pages(database.url, "written_live_terms_gin") == 0
+    with psycopg.connect(database.url, autocommit=True) as conn:  # the index as earlier versions made it
+        conn.execute("DROP INDEX written_live_terms_gin")
+        conn.execute("CREATE INDEX written_live_terms_gin ON written_live USING gin (terms)")
+        conn.execute("INSERT INTO written_live (collection, source, chunk_index, content, content_sha256, embedding)"
+                     " SELECT 'c', 'late', 0, content || ' late', md5(content || id), embedding FROM written_live")
+    assert gin_pending_pages(database.url, "written_live_terms_gin") > 0
+
+    async def start() -> None:
+        async with await psycopg.AsyncConnection.connect(database.url) as conn:
+            await ensure_schema(conn, store, "sentence-transformers/all-MiniLM-L6-v2", 384)
+
+    asyncio.run(start())
+    assert gin_pending_pages(database.url, "written_live_terms_gin") == 0
+    with psycopg.connect(database.url) as conn:
+        (options,) = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'written_live_terms_gin'").fetchone()  # type: ignore[misc]
+    assert options == ["fastupdate=off"]
 
 
 def test_fusion_adds_weighted_reciprocal_ranks_and_breaks_ties_by_id() -> None:

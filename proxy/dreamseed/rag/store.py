@@ -62,6 +62,12 @@ TERMS_STATISTICS = 1000
 # use (HNSW, GIN, the primary key, (collection, source), (collection, content_sha256)) or no
 # alternative to reading the table (the per-collection counts), so sequential scans are off on them.
 SEARCH_SETTINGS = "SET enable_seqscan = off"
+# GIN's fastupdate (on by default) puts new rows in a pending list that every index scan reads in
+# full until VACUUM merges it: up to gin_pending_list_limit (4 MB) scanned once per term the lexical
+# leg looks up. Right after an ingestion that made the leg ten times slower on real text
+# (benchmarks/README.md#retrieval-at-real-size); with it off, each row goes into the index as it is
+# written, which ingestion (bound by the embedding model) does not notice.
+GIN_WRITES = "fastupdate = off"
 MAX_QUERY_TERMS = 24  # a hard cap on the terms one query looks up, whatever the row budget allows
 SCHEMA_LOCK = 0x445353  # pg_advisory lock key: two processes creating the schema at once
 
@@ -158,7 +164,18 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any], store: VectorStore, 
             "CREATE INDEX IF NOT EXISTS {hnsw} ON {table} USING hnsw (embedding vector_cosine_ops)"
             " WITH (m = {m}, ef_construction = {ef})").format(
                 m=sql.Literal(store.hnsw_m), ef=sql.Literal(store.hnsw_ef_construction), **names))
-        await conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {terms_gin} ON {table} USING gin (terms)").format(**names))
+        await conn.execute(sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {terms_gin} ON {table} USING gin (terms) WITH ({writes})").format(
+                writes=sql.SQL(GIN_WRITES), **names))
+        # An index made with fastupdate on (as earlier versions made it): off from now, and what its pending
+        # list holds merged into the index once. Checked first, because the ALTER locks the index.
+        gin = f"{store.table}_terms_gin"
+        options = await (await conn.execute("SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = %s::regclass",
+                                            (gin,))).fetchone()
+        if options is not None and GIN_WRITES.replace(" ", "") not in options[0]:
+            await conn.execute(sql.SQL("ALTER INDEX {terms_gin} SET ({writes})").format(
+                writes=sql.SQL(GIN_WRITES), **names))
+            await conn.execute("SELECT gin_clean_pending_list(%s::regclass)", (gin,))
         await conn.execute(sql.SQL(
             "CREATE INDEX IF NOT EXISTS {by_source} ON {table} (collection, source)").format(**names))
         if row is None:
