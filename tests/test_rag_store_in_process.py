@@ -283,3 +283,39 @@ def test_term_statistics_are_gathered_at_start_and_taken_up_from_a_later_analyze
             await retriever.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_lexical_leg_waits_for_an_embedding_on_local_cores_and_overlaps_a_remote_one(database: Database) -> None:
+    policy = VectorStore(table="overlap")
+
+    async def scenario(overlap: bool) -> list[str]:
+        async with await psycopg.AsyncConnection.connect(database.url) as conn:
+            await ensure_schema(conn, policy, "m", 3)
+            await conn.execute("INSERT INTO overlap (collection, source, chunk_index, content, content_sha256, embedding)"
+                               " VALUES ('c', 'kb.md', 0, 'the quokka', 'h', '[1,0,0]') ON CONFLICT DO NOTHING")
+            await conn.commit()
+        events: list[str] = []
+
+        class Recording(DocumentStore):
+            async def _ranks(self, query: psycopg.sql.Composed, params: dict[str, Any]) -> list[tuple[int, int]]:
+                events.append("lexical" if query is self.lexical_query else "vector")
+                return await super()._ranks(query, params)
+
+        async def embedding() -> np.ndarray:
+            await asyncio.sleep(0.2)
+            events.append("embedded")
+            return np.array([1, 0, 0], dtype=np.float32)
+
+        pool = open_pool(database.url, policy)
+        await pool.open(wait=True)
+        try:
+            hits = await Recording(pool, policy).search("c", text="quokka", vector=embedding(), mode="hybrid", top_k=3,
+                                                        overlap_embedding=overlap)
+        finally:
+            await pool.close()
+        assert [hit.source for hit in hits] == ["kb.md"]
+        return events
+
+    assert asyncio.run(scenario(True)) == ["lexical", "embedded", "vector"]  # an embedding server: the leg meanwhile
+    in_process = asyncio.run(scenario(False))  # the model on this machine's cores: nothing beside it
+    assert in_process[0] == "embedded" and sorted(in_process[1:]) == ["lexical", "vector"]

@@ -34,6 +34,9 @@ class EmbedderError(Exception):
 class Embedder(Protocol):
     model: str
     dim: int
+    # Whether embedding runs on this machine's cores (a model in process) or waits on another
+    # machine (an embedding server): retrieval overlaps the lexical leg with the embedding only then.
+    uses_local_cores: bool
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length float32 vectors, one row per text (blocking)."""
@@ -82,6 +85,8 @@ def _known_fastembed_dim(model: str) -> int | None:
 
 
 class FastEmbedder:
+    uses_local_cores = True
+
     def __init__(self, policy: EmbedderPolicy, environ: Mapping[str, str] = os.environ) -> None:
         from fastembed import TextEmbedding
         from fastembed.common.model_description import ModelSource, PoolingType
@@ -151,6 +156,8 @@ class FastEmbedder:
 
 class OpenAIEmbedder:
     """Calls an OpenAI-compatible /v1/embeddings (vLLM's embedding server, say)."""
+
+    uses_local_cores = False
 
     def __init__(self, policy: EmbedderPolicy, environ: Mapping[str, str] = os.environ) -> None:
         url = (environ.get(policy.url_env) if policy.url_env else None) or policy.url

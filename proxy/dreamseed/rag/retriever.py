@@ -128,14 +128,14 @@ class Retriever:
         mode = settings.mode
         if mode == "hybrid" and language(query) not in self.rag.embedder.languages:
             mode = "lexical"  # the model cannot read it: its neighbours would be noise (rag.yaml embedder.languages)
-        # Embedding (a worker thread) and the lexical leg (Postgres) run at the same time: the store
-        # starts the lexical leg before it waits for the vector.
+        # The lexical leg (Postgres) runs beside the embedding only when the embedding leaves this
+        # machine's cores free (an embedding server); see DocumentStore.search.
         return await self.store.search(
             settings.collection, text=query, vector=self.embedder.embed_one(query) if mode != "lexical" else None,
             mode=mode, top_k=top_k or settings.top_k,
             min_similarity=settings.min_similarity if min_similarity is None else min_similarity,
             min_term_match=settings.min_term_match if min_term_match is None else min_term_match,
-            lexical_weight=settings.lexical_weight)
+            lexical_weight=settings.lexical_weight, overlap_embedding=not self.embedder.embedder.uses_local_cores)
 
     async def retrieve(self, settings: RagSettings, query: str) -> Retrieval:
         """Hits for a request, never an exception: failures and overruns come back degraded."""

@@ -320,7 +320,7 @@ class DocumentStore:
     @functools.cached_property
     def lexical_query(self) -> sql.Composed:
         """The lexical leg: (id, rank) of the chunks whose terms weigh at least min_match of the
-        query's, best first. A statement of its own, so that it runs while the query is embedded.
+        query's, best first. A statement of its own, so that it runs beside the vector leg.
         Composed once per store: every retrieval runs it."""
         return sql.SQL(
             # Document frequencies, from ANALYZE (see `analyze`): an untracked term is rarer than
@@ -372,14 +372,18 @@ class DocumentStore:
 
     async def search(self, collection: str, *, text: str, vector: np.ndarray | Awaitable[np.ndarray] | None,
                      mode: RetrievalMode, top_k: int, min_similarity: float = -1.0, min_term_match: float = 0.0,
-                     lexical_weight: float = 1.0) -> list[Hit]:
+                     lexical_weight: float = 1.0, overlap_embedding: bool = True) -> list[Hit]:
         """Retrieve in ``mode``. The legs are separate statements on separate connections, so Postgres
-        runs them at once: the lexical leg starts first, while ``vector`` (which may be an awaitable:
-        the query being embedded; pass one only in vector or hybrid mode, which awaits it) is still
-        coming; the vector leg starts when the vector is there. Their ranks are fused here and the
-        winners fetched."""
+        runs them at once. ``vector`` may be an awaitable (the query being embedded; pass one only in
+        vector or hybrid mode, which awaits it). With ``overlap_embedding`` the lexical leg starts
+        while the vector is still coming: right when the embedding waits on another machine. Without,
+        the embedding is awaited first and both legs then run together: when the embedding computes
+        on this machine's cores, a leg beside it only slows it down (hybrid P95 on 2 cores 25 -> 18 ms,
+        benchmarks/README.md). Their ranks are fused here and the winners fetched."""
         use_lexical = mode in ("lexical", "hybrid")
         use_vector = mode in ("vector", "hybrid") and vector is not None
+        if use_vector and not overlap_embedding and vector is not None and not isinstance(vector, np.ndarray):
+            vector = await vector
         lexical = (asyncio.ensure_future(self._ranks(self.lexical_query, self.search_params(
             collection, text=text, top_k=top_k, min_term_match=min_term_match))) if use_lexical else None)
         legs: list[tuple[list[tuple[int, int]], float]] = []
