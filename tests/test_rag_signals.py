@@ -31,7 +31,7 @@ def workspace(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     documents = tmp_path / "docs"
     documents.mkdir()
     rng = random.Random(7)
-    for index in range(24):  # about 400 chunks: the first group (256) commits after a few seconds
+    for index in range(60):  # about 1,000 chunks: the first group (256) commits after 5-15 s, the last long after 16
         paragraphs = [" ".join(rng.choice(WORDS) for _ in range(110)) for _ in range(12)]
         (documents / f"doc{index:02}.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
     env = {**os.environ, "DREAMSEED_STATE_DIR": str(tmp_path / "state")}
@@ -98,16 +98,28 @@ def test_an_interrupted_ingestion_stops_in_two_seconds_keeps_what_it_committed_a
 
 def test_an_interrupted_evaluation_stops_in_two_seconds_and_stops_its_database(
         workspace: tuple[Path, Path, dict[str, str]]) -> None:
-    policies, _, env = workspace
+    policies, documents, env = workspace
     state = Path(env["DREAMSEED_STATE_DIR"])
-    evaluation = rag(["eval", str(ROOT / "tests" / "data" / "golden_support"), "--mode", "all"], policies, env)
+    # A BEIR-layout set big enough to be mid-run after six seconds on any machine: 60 documents of
+    # about 17 chunks each to ingest, then 100 queries in three modes.
+    eval_set = documents.parent / "eval-set"
+    (eval_set / "qrels").mkdir(parents=True)
+    texts = sorted(documents.iterdir())
+    (eval_set / "corpus.jsonl").write_text("\n".join(
+        json.dumps({"_id": path.stem, "text": path.read_text(encoding="utf-8")}) for path in texts), encoding="utf-8")
+    rng = random.Random(11)
+    (eval_set / "queries.jsonl").write_text("\n".join(
+        json.dumps({"_id": f"q{i}", "text": " ".join(rng.sample(WORDS, 4))}) for i in range(100)), encoding="utf-8")
+    (eval_set / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\t{texts[i % len(texts)].stem}\t1\n" for i in range(100)), encoding="utf-8")
+    evaluation = rag(["eval", str(eval_set), "--mode", "all"], policies, env)
     wait_for(lambda: postgres_running(state), 60)
     time.sleep(6)
     took, stderr = stop_and_time(evaluation, signal.SIGINT)
     assert took <= 2.0, (took, stderr)
     assert evaluation.returncode == 130
-    assert re.search(r"stopped by SIGINT: the evaluation stopped while (ingesting|mode \w+: \d+ of 72 queries)", stderr), \
-        stderr
+    assert re.search(r"stopped by SIGINT: the evaluation stopped while (ingesting|mode \w+: \d+ of 100 queries)",
+                     stderr), stderr
     assert not postgres_running(state)
 
 
