@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import html.parser
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -164,6 +165,9 @@ def _unpacked(package: str) -> Path:
     download = CACHE / "downloads"
     download.mkdir(parents=True, exist_ok=True)
     fetched = subprocess.run(["apt-get", "download", package], cwd=download, capture_output=True, text=True)
+    if fetched.returncode != 0 and os.geteuid() == 0:  # a fresh machine or container: no package lists yet
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+        fetched = subprocess.run(["apt-get", "download", package], cwd=download, capture_output=True, text=True)
     debs = sorted(download.glob(f"{package}_*.deb"))
     if fetched.returncode != 0 or not debs:
         raise SystemExit(f"benchmarks/corpora.py: apt-get download {package} failed ({fetched.stderr.strip()[-300:]});"
