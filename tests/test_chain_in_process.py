@@ -78,7 +78,7 @@ def run_chain(catalog: Catalog, scripts: dict[str, list[Exception | int]], chain
     upstreams = Upstreams.from_catalog(catalog, {})
     sent: list[str] = []
     for name in catalog.backends:
-        upstreams[name].transport = FakePool(name, list(scripts.get(name, [])), sent)  # type: ignore[assignment]
+        upstreams[name].replicas[0].transport = FakePool(name, list(scripts.get(name, [])), sent)  # type: ignore[assignment]
     exchange = Exchange("req-1", "chat")
     decision = Decision("default", chain, "test")
     headers = {"x-request-id": "req-1", "x-dreamseed-rule": "default"}
@@ -100,7 +100,8 @@ def test_a_backend_is_retried_before_the_first_byte_then_answers(catalog: Catalo
     answer, sent, exchange, upstreams = run_chain(catalog, {"a": [connect, 503]})
     assert isinstance(answer, BufferedResponse) and answer.status == 200
     assert sent == ["a", "a", "a"] and exchange.fallbacks == [] and exchange.backend == "a"
-    assert upstreams["a"].circuit is not None and upstreams["a"].circuit.failures == 0  # the success reset it
+    circuit = upstreams["a"].replicas[0].circuit
+    assert circuit is not None and circuit.failures == 0  # the success reset it
     assert sorted(RETRYABLE_STATUS) == [502, 503]
 
 
@@ -125,13 +126,13 @@ def test_a_busy_answer_moves_on_only_while_another_backend_remains(catalog: Cata
 def test_open_circuits_are_skipped_without_a_request_and_all_open_is_503_with_retry_after(catalog: Catalog) -> None:
     upstreams = Upstreams.from_catalog(catalog, {})
     for name in "ab":
-        circuit = upstreams[name].circuit
+        circuit = upstreams[name].replicas[0].circuit
         assert circuit is not None
         for _ in range(10):
             circuit.record_failure("down")
     sent: list[str] = []
     for name in "abc":
-        upstreams[name].transport = FakePool(name, [], sent)  # type: ignore[assignment]
+        upstreams[name].replicas[0].transport = FakePool(name, [], sent)  # type: ignore[assignment]
     exchange = Exchange("req-2", "chat")
 
     async def go(chain: tuple[str, ...]) -> BufferedResponse | RelayedStream | ProxyError:
@@ -173,7 +174,7 @@ def test_each_transport_failure_gets_its_error(catalog: Catalog, failure: Except
     assert isinstance(answer, ProxyError)
     assert (answer.status, answer.code, answer.type) == (status, code, ERRORS[code].type)
     assert says in answer.message and sent == ["a"] * tries
-    circuit = upstreams["a"].circuit
+    circuit = upstreams["a"].replicas[0].circuit
     assert circuit is not None and (circuit.failures > 0) is counted
     if code == "backend_busy":
         assert answer.headers["retry-after"] == "1" and answer.headers["x-dreamseed-backend"] == "a"

@@ -276,3 +276,76 @@ def test_docs_command_reports_stale_files(tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, "-m", "dreamseed.cli", "docs", "--root", str(tmp_path)],
                            capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout == ""
+
+
+TWO_HOSTS = """  rtx5090-b:
+    description: a second RTX 5090 box
+    gpu_memory_gb: 31.8
+    gpu_count: 1
+    headroom: 0.05
+    process_overhead_gib: 1.0
+"""
+GENERAL_ONE_SERVER = """    url: http://127.0.0.1:8000
+    url_env: DREAMSEED_GENERAL_URL
+    model: mistralai/Mistral-7B-Instruct-v0.3"""
+GENERAL_TWO_REPLICAS = """    replicas:
+      - {url: http://127.0.0.1:8000, url_env: DREAMSEED_GENERAL_URL, host: rtx5090}
+      - {url: http://10.0.0.2:8000, host: rtx5090-b}
+    balance: prefix_affinity
+    model: mistralai/Mistral-7B-Instruct-v0.3"""
+
+
+def two_replica_policies(policies: Path) -> Path:
+    edit(policies, "backends.yaml", "  lambda-2xa100:\n", TWO_HOSTS + "  lambda-2xa100:\n")
+    edit(policies, "backends.yaml", GENERAL_ONE_SERVER, GENERAL_TWO_REPLICAS)
+    edit(policies, "backends.yaml", "    host: rtx5090\n    gpu_memory_utilization: 0.39", "    gpu_memory_utilization: 0.39")
+    return policies
+
+
+def test_a_backend_of_two_replicas_on_two_hosts_is_planned_on_each(policies: Path) -> None:
+    result = check(two_replica_policies(policies))
+    assert result.returncode == 0, result.stderr
+    catalog = load_policies(policies).catalog
+    assert [r.host for r in catalog.backends["general"].replica_list()] == ["rtx5090", "rtx5090-b"]
+    assert "general#1" in memory_plan(catalog, "rtx5090").backends
+    assert list(memory_plan(catalog, "rtx5090-b").backends) == ["general#2"]
+    plan = subprocess.run([sys.executable, "-m", "dreamseed.cli", "policies", "plan", str(policies)],
+                          capture_output=True, text=True)
+    assert plan.returncode == 0 and "general#2" in plan.stdout and "rtx5090-b:" in plan.stdout, plan.stdout
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle", "expected"),
+    [
+        # url beside replicas
+        ("    balance: prefix_affinity", "    balance: prefix_affinity\n    url: http://127.0.0.1:9", "url: http://127.0.0.1:9",
+         "backends.general.url: give `url` per replica under `replicas`, not for the backend"),
+        # the same server twice
+        ("http://10.0.0.2:8000", "http://127.0.0.1:8000", "- {url: http://127.0.0.1:8000, host: rtx5090-b}",
+         "backends.general.replicas[1].url: the same URL as replica 0"),
+        # a replica on an unknown host
+        ("host: rtx5090-b}", "host: rtx5090-c}", "rtx5090-c",
+         "backends.general.replicas[1].host: unknown host 'rtx5090-c'"),
+        # a replica with no host where the backend has a GPU share
+        ("{url: http://10.0.0.2:8000, host: rtx5090-b}", "{url: http://10.0.0.2:8000}", "- {url: http://10.0.0.2:8000}",
+         "backends.general.replicas[1]: with `gpu_memory_utilization`, every replica needs a `host`"),
+        # an unknown balance
+        ("balance: prefix_affinity", "balance: random", "balance: random",
+         "backends.general.balance: Invalid enum value 'random'"),
+    ],
+)
+def test_replica_mistakes_name_file_line_and_field(policies: Path, old: str, new: str, needle: str,
+                                                   expected: str) -> None:
+    edit(two_replica_policies(policies), "backends.yaml", old, new)
+    result = check(policies)
+    assert result.returncode == 1
+    line = line_of(policies, "backends.yaml", needle)
+    assert f"{policies / 'backends.yaml'}:{line}: {expected}" in result.stderr, result.stderr
+
+
+def test_a_second_replica_on_a_full_host_is_refused(policies: Path) -> None:
+    two_replica_policies(policies)
+    edit(policies, "backends.yaml", "host: rtx5090-b}", "host: rtx5090}")  # both on the one card
+    result = check(policies)
+    assert result.returncode == 1
+    assert "always-on backends need" in result.stderr, result.stderr

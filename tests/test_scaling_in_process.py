@@ -201,7 +201,7 @@ def driver(**overrides: Any) -> tuple[Scaler, FakeActuator, FakeUpstream]:
     scale = Scale(backends={"a": settings(**overrides)})
     backend = {"up": False}
     upstream = FakeUpstream(backend)
-    scaler = Scaler(scale, cat, lambda name: upstream)
+    scaler = Scaler(scale, cat, lambda name: [upstream])  # a backend of one replica
     actuator = FakeActuator(backend)
     scaler.actuators["a"] = actuator  # type: ignore[assignment]
     return scaler, actuator, upstream
@@ -272,7 +272,7 @@ def two_backend_driver(a_priority: int) -> tuple[Scaler, dict[str, FakeActuator]
                             "b": settings(priority=5, cold_start="wait", max_wait=5)})
     states = {"a": {"up": False}, "b": {"up": False}}
     upstreams = {name: FakeUpstream(state) for name, state in states.items()}
-    scaler = Scaler(scale, cat, lambda name: upstreams[name])
+    scaler = Scaler(scale, cat, lambda name: [upstreams[name]])  # a backend of one replica
     actuators = {name: FakeActuator(state) for name, state in states.items()}
     scaler.actuators.update(actuators)  # type: ignore[arg-type]
     return scaler, actuators

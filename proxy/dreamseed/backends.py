@@ -1,9 +1,10 @@
-"""Live connections to the backends in the catalog: per backend, a request pool and a client for probes.
+"""Live connections to the backends in the catalog: per replica of each backend, a request pool, a
+circuit and a client for probes; per backend, its replicas and their balancing (balancing.py).
 
-Pools are built once per policy generation and closed when no generation uses them. The request
-pool's size is the backend's ``max_concurrency`` (counted across the workers: slots.py), so the proxy never
-sends a backend more requests than it can take; health and readiness probes have connections of
-their own, outside that limit.
+Pools are built once per policy generation and closed when no generation uses them. A replica's
+request pool's size is the backend's ``max_concurrency`` (counted across the workers: slots.py), so
+the proxy never sends a server more requests than it can take; health and readiness probes have
+connections of their own, outside that limit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .balancing import ReplicaSet
 from .health import Circuit
 from .policy import Backend, Catalog
 from .transport import PooledTransport, SlotCounter, Timeouts
@@ -34,16 +36,42 @@ SlotSource = Callable[[str, int, int | None], SlotCounter]
 
 @dataclass(slots=True)
 class Upstream:
-    name: str
+    """One server of a backend (its only one, or one of its replicas)."""
+
+    name: str  # the backend's
     backend: Backend
     url: str | None
     client: httpx.AsyncClient | None
-    # Why this backend cannot be used at all (e.g. its URL is not configured); None if usable.
+    # Why this replica cannot be used at all (e.g. its URL is not configured); None if usable.
     unavailable: str | None = None
     transport: PooledTransport | None = None
     timeouts: Timeouts | None = None
     circuit: Circuit | None = None
+    index: int = 0  # which replica, from 0
+    replicas: int = 1  # how many the backend has
+    affinity_hits: int = 0  # requests sent here because their conversation start maps here
+    affinity_spills: int = 0  # requests sent here because the replica their start maps to was full
+    reported_queue: float = 0.0  # requests waiting inside the server, from its /metrics when scraped
+    # Seconds from sending a request to the answer's head, smoothed (least_loaded weighs load by it);
+    # None until the first answer.
+    response_time: float | None = None
     _heads: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The backend's name; `name#1`, `name#2`... for the replicas of a backend that has several."""
+        return replica_label(self.name, self.index, self.replicas)
+
+    def load(self) -> float:
+        """Requests this worker has in flight or waiting here, plus the server's own queue."""
+        transport = self.transport
+        return (transport.in_use + transport.waiting if transport is not None else 0) + self.reported_queue
+
+    def observe(self, seconds: float) -> None:
+        """One answer's time to its head, into the smoothed response time (weight 0.2: about the
+        last ten answers count)."""
+        previous = self.response_time
+        self.response_time = seconds if previous is None else previous + 0.2 * (seconds - previous)
 
     async def aclose(self) -> None:
         """Close the request pool and the probes' connections."""
@@ -72,13 +100,16 @@ class Upstream:
 
 
 def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str],
-            slot_source: SlotSource | None = None) -> Upstream:
-    """A backend's pool, and the httpx client over it."""
+            slot_source: SlotSource | None = None, index: int = 0) -> Upstream:
+    """A replica's pool, and the httpx client over it."""
     t = backend.timeouts
     headers = {"accept-encoding": "identity"}  # relay bytes as the backend sent them
     if backend.api_key_env and environ.get(backend.api_key_env):
         headers["authorization"] = f"Bearer {environ[backend.api_key_env]}"
-    slots = slot_source(name, backend.max_concurrency, backend.max_queue) if slot_source is not None else None
+    replicas = len(backend.replica_list())
+    upstream = Upstream(name, backend, url, None, index=index, replicas=replicas)
+    slots = (slot_source(upstream.label, backend.max_concurrency, backend.max_queue)
+             if slot_source is not None else None)
     transport = PooledTransport(url, max_connections=backend.max_concurrency, max_queue=backend.max_queue,
                                 keepalive_expiry=KEEPALIVE_EXPIRY_S, slots=slots)
     # Health and readiness probes get connections of their own: a backend busy at its limit must
@@ -93,28 +124,45 @@ def connect(name: str, backend: Backend, url: str, environ: Mapping[str, str],
         # Never let HTTP_PROXY or similar settings reroute traffic meant for our own backends.
         trust_env=False,
     )
-    return Upstream(name, backend, url, client, transport=transport,
-                    timeouts=Timeouts(t.connect, t.read, t.write, t.pool, t.first_byte), circuit=Circuit(name, backend.health))
+    upstream.client, upstream.transport = client, transport
+    upstream.timeouts = Timeouts(t.connect, t.read, t.write, t.pool, t.first_byte)
+    upstream.circuit = Circuit(upstream.label, backend.health)
+    return upstream
 
 
-def resolved_url(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str]) -> str | None:
-    return url_overrides.get(name) or backend.resolve_url(environ)
+def replica_label(name: str, index: int, replicas: int) -> str:
+    return name if replicas == 1 else f"{name}#{index + 1}"
 
 
-def make_upstream(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str],
-                  slot_source: SlotSource | None = None) -> Upstream:
-    url = resolved_url(name, backend, environ, url_overrides)
-    if url is None:
-        why = f"no URL: set {backend.url_env}" if backend.url_env else "no URL configured"
-        log.warning("backend %s is unavailable (%s)", name, why)
-        return Upstream(name, backend, None, None, why)
-    return connect(name, backend, url, environ, slot_source)
+def resolved_urls(name: str, backend: Backend, environ: Mapping[str, str],
+                  url_overrides: Mapping[str, str]) -> list[str | None]:
+    """Each replica's URL now; `url_overrides` (stand-ins) are by replica label (the backend's name
+    for a backend of one server)."""
+    replicas = backend.replica_list()
+    return [url_overrides.get(replica_label(name, index, len(replicas))) or replica.resolve_url(environ)
+            for index, replica in enumerate(replicas)]
+
+
+def make_replicas(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str],
+                  slot_source: SlotSource | None = None) -> ReplicaSet:
+    replicas = backend.replica_list()
+    upstreams = []
+    for index, (replica, url) in enumerate(zip(replicas, resolved_urls(name, backend, environ, url_overrides),
+                                               strict=True)):
+        if url is None:
+            why = f"no URL: set {replica.url_env}" if replica.url_env else "no URL configured"
+            log.warning("backend %s is unavailable (%s)", replica_label(name, index, len(replicas)), why)
+            upstreams.append(Upstream(name, backend, None, None, why, index=index, replicas=len(replicas)))
+        else:
+            upstreams.append(connect(name, backend, url, environ, slot_source, index))
+    return ReplicaSet(name, backend, upstreams)
 
 
 class Upstreams:
-    """All backends of one policy generation, by name."""
+    """All backends of one policy generation, by name: each a :class:`ReplicaSet`. Iterating gives
+    every replica of every backend."""
 
-    def __init__(self, upstreams: dict[str, Upstream]) -> None:
+    def __init__(self, upstreams: dict[str, ReplicaSet]) -> None:
         self._by_name = upstreams
 
     @classmethod
@@ -126,18 +174,21 @@ class Upstreams:
         slot_source: SlotSource | None = None,
     ) -> Upstreams:
         environ = os.environ if environ is None else environ
-        return cls({name: make_upstream(name, backend, environ, url_overrides or {}, slot_source)
+        return cls({name: make_replicas(name, backend, environ, url_overrides or {}, slot_source)
                     for name, backend in catalog.backends.items()})
 
-    def __getitem__(self, name: str) -> Upstream:
+    def __getitem__(self, name: str) -> ReplicaSet:
         return self._by_name[name]
 
-    def get(self, name: str) -> Upstream | None:
+    def get(self, name: str) -> ReplicaSet | None:
         return self._by_name.get(name)
 
-    def __iter__(self) -> Iterator[Upstream]:
+    def sets(self) -> Iterator[ReplicaSet]:
         return iter(self._by_name.values())
 
+    def __iter__(self) -> Iterator[Upstream]:
+        return (replica for replicas in self._by_name.values() for replica in replicas)
+
     async def aclose(self) -> None:
-        for upstream in self._by_name.values():
+        for upstream in self:
             await upstream.aclose()

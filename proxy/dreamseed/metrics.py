@@ -234,6 +234,24 @@ def state_metrics(backends: Mapping[str, BackendState], policy_hash: str) -> Ite
         up.add_metric([name, str(view.on_demand).lower()], 1.0 if view.state == "up" else 0.0)
         for state in ("closed", "open", "half_open"):
             circuit.add_metric([name, state], 1.0 if view.circuit == state else 0.0)
+    replica_in_flight = GaugeMetricFamily(
+        "dreamseed_replica_in_flight_requests", "Requests holding a connection to one replica of a backend that has "
+        "several.", labels=["backend", "replica"])
+    replica_queued = GaugeMetricFamily("dreamseed_replica_queued_requests", "Requests waiting for a free slot of "
+                                       "one replica.", labels=["backend", "replica"])
+    replica_up = GaugeMetricFamily("dreamseed_replica_up", "1 if the health checks find the replica up, else 0.",
+                                   labels=["backend", "replica"])
+    affinity = CounterMetricFamily("dreamseed_replica_affinity", "Requests sent to a replica by prefix affinity: "
+                                   "outcome hit (the replica their conversation start maps to) or spill (the next one, "
+                                   "the first being over its load bound).", labels=["backend", "replica", "outcome"])
+    for name, view in backends.items():
+        for replica in view.replicas or ():
+            replica_in_flight.add_metric([name, replica.replica], replica.in_flight)
+            replica_queued.add_metric([name, replica.replica], replica.queued)
+            replica_up.add_metric([name, replica.replica], 1.0 if replica.state == "up" else 0.0)
+            affinity.add_metric([name, replica.replica, "hit"], replica.affinity_hits)
+            affinity.add_metric([name, replica.replica, "spill"], replica.affinity_spills)
+    yield from (replica_in_flight, replica_queued, replica_up, affinity)
     scaler = GaugeMetricFamily("dreamseed_scaler_state", "1 for an on-demand backend's state: stopped, starting, "
                                "ready, draining, failed.", labels=["backend", "state"])
     for name, view in backends.items():

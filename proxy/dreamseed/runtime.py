@@ -25,7 +25,8 @@ from typing import Any
 
 import httpx
 
-from .backends import SlotSource, Upstream, Upstreams, make_upstream, resolved_url
+from .backends import SlotSource, Upstream, Upstreams, make_replicas, resolved_urls
+from .balancing import QueueWatcher, ReplicaSet
 from .health import Circuit, HealthMonitor
 from .policy import Policies, PolicyError, load_policies
 from .routing import Router
@@ -88,12 +89,14 @@ class Runtime:
         self.last_error: str | None = None
         self.last_attempt: float | None = None
         self._monitor = HealthMonitor()
+        self._queues = QueueWatcher()
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._retiring: list[Upstream] = []
 
     async def start(self, *, watch: bool) -> None:
         self._monitor.start(self._probe_targets(self.current.upstreams))
+        self._queues.start(self.current.upstreams)
         if watch:
             self._spawn(self._watch())
         try:
@@ -126,19 +129,21 @@ class Runtime:
             if new_hash == self.current.policy_hash:
                 return ReloadOutcome(True, False, new_hash)
             old = self.current
-            reused: dict[str, Upstream] = {}
-            fresh: dict[str, Upstream] = {}
+            reused: dict[str, ReplicaSet] = {}
+            fresh: dict[str, ReplicaSet] = {}
             for name, backend in policies.catalog.backends.items():
                 previous = old.upstreams.get(name)
-                url = resolved_url(name, backend, self.environ, self.url_overrides)
-                if previous is not None and previous.backend == backend and previous.url == url:
+                urls = resolved_urls(name, backend, self.environ, self.url_overrides)
+                if previous is not None and previous.backend == backend and [r.url for r in previous] == urls:
                     reused[name] = previous
                 else:
-                    fresh[name] = make_upstream(name, backend, self.environ, self.url_overrides, self.slot_source)
+                    fresh[name] = make_replicas(name, backend, self.environ, self.url_overrides, self.slot_source)
             upstreams = Upstreams({name: reused.get(name) or fresh[name] for name in policies.catalog.backends})
             self.current = Generation(policies, Router(policies.routing, policies.catalog), upstreams, new_hash, time.time())
             await self._monitor.stop()
             self._monitor.start(self._probe_targets(upstreams))
+            await self._queues.stop()
+            self._queues.start(upstreams)
             for upstream in old.upstreams:
                 if upstream.name not in reused:
                     self._spawn(self._retire(upstream))
@@ -171,6 +176,7 @@ class Runtime:
 
     async def aclose(self) -> None:
         await self._monitor.stop()
+        await self._queues.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

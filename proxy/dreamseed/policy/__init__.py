@@ -21,6 +21,7 @@ from .schema import (
     Augmentation,
     Backend,
     BackendTimeouts,
+    Balance,
     Catalog,
     Chunking,
     CommandActuator,
@@ -36,6 +37,7 @@ from .schema import (
     PolicyProblem,
     Rag,
     RagSettings,
+    Replica,
     RetrievalMode,
     Routing,
     Rule,
@@ -48,9 +50,9 @@ from .schema import (
 
 __all__ = [
     "AUTO_MODEL", "BACKENDS_FILE", "DEFAULT_TEMPLATE", "DIRECT_RULE", "LATENCY_BUCKETS", "RAG_DEFAULTS", "RAG_FILE",
-    "ROUTING_FILE", "SCALE_FILE", "Augmentation", "Backend", "BackendMemory", "BackendTimeouts", "Catalog",
+    "ROUTING_FILE", "SCALE_FILE", "Augmentation", "Backend", "BackendMemory", "BackendTimeouts", "Balance", "Catalog",
     "Chunking", "CommandActuator", "DockerActuator", "EmbedderPolicy", "GpuHost", "HealthCheck", "Match",
     "MemoryPlan", "ModelMemory", "OnDemand", "Policies", "PolicyError", "PolicyProblem", "Rag", "RagSettings",
-    "RetrievalMode", "Routing", "Rule", "Scale", "Scope", "Triggers", "VectorStore", "VolumeTrigger", "load_catalog",
+    "Replica", "RetrievalMode", "Routing", "Rule", "Scale", "Scope", "Triggers", "VectorStore", "VolumeTrigger", "load_catalog",
     "load_policies", "memory_plan",
 ]

@@ -224,10 +224,16 @@ class MemoryPlan:
 
 
 def memory_plan(catalog: Catalog, host_name: str) -> MemoryPlan:
+    """The plan for one host: one vLLM process per replica placed on it (``name``, or ``name#2``
+    for the second replica of a backend that has several, as the proxy labels them)."""
     host = catalog.hosts[host_name]
-    return MemoryPlan(
-        host_name=host_name,
-        host=host,
-        backends={n: backend_memory(n, b, host) for n, b in catalog.backends.items()
-                  if b.host == host_name and b.gpu_memory_utilization},
-    )
+    backends: dict[str, BackendMemory] = {}
+    for name, backend in catalog.backends.items():
+        if not backend.gpu_memory_utilization:
+            continue
+        replicas = backend.replica_list()
+        for index, replica in enumerate(replicas):
+            if replica.host == host_name:
+                label = name if len(replicas) == 1 else f"{name}#{index + 1}"
+                backends[label] = backend_memory(label, backend, host)
+    return MemoryPlan(host_name=host_name, host=host, backends=backends)

@@ -41,16 +41,35 @@ def check_catalog(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
     model_owner: dict[str, str] = {}
     for name, backend in catalog.backends.items():
         at = ("backends", name)
-        if backend.url is None and backend.url_env is None:
-            problems.append(_problem(source, at, "needs `url` or `url_env`"))
-        if backend.url is not None:
-            parts = urlsplit(backend.url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                problems.append(_problem(source, (*at, "url"), f"not an http(s) URL: {backend.url!r}"))
-            elif parts.path not in ("", "/") or parts.query:
-                problems.append(
-                    _problem(source, (*at, "url"), "give the server's base URL without a path (the proxy adds /v1/...)")
-                )
+        if backend.replicas is not None:
+            for field in ("url", "url_env", "host"):
+                if getattr(backend, field) is not None:
+                    problems.append(_problem(source, (*at, field),
+                                             f"give `{field}` per replica under `replicas`, not for the backend"))
+            places: list[tuple[PathKey, ...]] = [(*at, "replicas", index) for index in range(len(backend.replicas))]
+        else:
+            places = [at]
+        seen_urls: dict[str, int] = {}
+        for index, (where, replica) in enumerate(zip(places, backend.replica_list(), strict=True)):
+            if replica.url is None and replica.url_env is None:
+                problems.append(_problem(source, where, "needs `url` or `url_env`"))
+            if replica.url is not None:
+                parts = urlsplit(replica.url)
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    problems.append(_problem(source, (*where, "url"), f"not an http(s) URL: {replica.url!r}"))
+                elif parts.path not in ("", "/") or parts.query:
+                    problems.append(_problem(source, (*where, "url"),
+                                             "give the server's base URL without a path (the proxy adds /v1/...)"))
+                elif replica.url.rstrip("/") in seen_urls:
+                    problems.append(_problem(source, (*where, "url"), f"the same URL as replica "
+                                             f"{seen_urls[replica.url.rstrip('/')]}: each replica is its own server"))
+                seen_urls.setdefault(replica.url.rstrip("/"), index)
+            if replica.host is not None and replica.host not in catalog.hosts:
+                problems.append(_problem(source, (*where, "host"),
+                                         f"unknown host {replica.host!r} (known: {_known(catalog.hosts)})"))
+            if backend.replicas is not None and (replica.host is None) != (backend.gpu_memory_utilization is None):
+                problems.append(_problem(source, where, "with `gpu_memory_utilization`, every replica needs a `host` "
+                                         "(and a replica's `host` needs the backend's `gpu_memory_utilization`)"))
         if backend.model in model_owner:
             problems.append(
                 _problem(source, (*at, "model"),
@@ -59,15 +78,11 @@ def check_catalog(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
         model_owner.setdefault(backend.model, name)
         if backend.model in catalog.backends and backend.model != name:
             problems.append(_problem(source, (*at, "model"), f"model id {backend.model!r} is also a backend name"))
-        if backend.host is not None and backend.host not in catalog.hosts:
-            problems.append(
-                _problem(source, (*at, "host"), f"unknown host {backend.host!r} (known: {_known(catalog.hosts)})")
-            )
         if backend.latency_target not in LATENCY_BUCKETS:
             buckets = ", ".join(f"{b:g}" for b in LATENCY_BUCKETS)
             problems.append(_problem(source, (*at, "latency_target"),
                                      f"must be one of the latency histogram's buckets: {buckets}"))
-        if (backend.host is None) != (backend.gpu_memory_utilization is None):
+        if backend.replicas is None and (backend.host is None) != (backend.gpu_memory_utilization is None):
             problems.append(_problem(source, at, "`host` and `gpu_memory_utilization` go together"))
     problems += _check_gpu_budget(source, catalog)
     return problems
@@ -80,7 +95,8 @@ def _check_gpu_budget(source: YamlSource, catalog: Catalog) -> list[PolicyProble
     problems: list[PolicyProblem] = []
     for host_name in catalog.hosts:
         for backend, field, message in memory_plan(catalog, host_name).problems():
-            at = ("hosts", host_name) if backend is None else ("backends", backend, field)
+            # A replica is planned as `name#2`, say: the problem is the backend's.
+            at = ("hosts", host_name) if backend is None else ("backends", backend.split("#")[0], field)
             problems.append(_problem(source, at, message))
     return problems
 

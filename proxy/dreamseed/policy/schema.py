@@ -100,11 +100,38 @@ class ModelMemory(Strict, frozen=True):
     activations_gib: Annotated[float, Meta(ge=0)] = 1.0
 
 
+class Replica(Strict, frozen=True):
+    """One server of a backend that runs on several (the same model, the same settings)."""
+
+    url: str | None = None
+    url_env: EnvVar | None = None
+    host: Name | None = None  # which GPU host runs it: its memory plan, and infra's containers
+
+    def resolve_url(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The base URL to use now: ``url_env`` when set in the environment, else ``url``."""
+        if self.url_env and environ.get(self.url_env):
+            return environ[self.url_env].rstrip("/")
+        return self.url.rstrip("/") if self.url else None
+
+
+# How a request picks one of a backend's replicas (balancing.py): in turn, the least loaded, or the
+# replica that served the same conversation start (its prompt cache holds it), within a load bound.
+Balance = Literal["round_robin", "least_loaded", "prefix_affinity"]
+
+
 class Backend(Strict, frozen=True):
     model: Annotated[str, Meta(min_length=1)]
     context_length: PositiveInt
     url: str | None = None
     url_env: EnvVar | None = None
+    # Several servers of this backend instead of `url`/`url_env`/`host`: each with its own slots
+    # (max_concurrency each), circuit and health checks; a request fails over between them before
+    # the rule's fallback chain moves on.
+    replicas: Annotated[list[Replica], Meta(min_length=1)] | None = None
+    balance: Balance = "prefix_affinity"
+    # prefix_affinity's bound: a replica takes a request for its conversation while its requests in
+    # flight stay within this factor of the replicas' mean (consistent hashing with bounded loads).
+    balance_load_factor: Annotated[float, Meta(ge=1.0, le=10.0)] = 1.25
     api_key_env: EnvVar | None = None
     max_concurrency: PositiveInt = 16
     # Requests that may wait for a free slot beyond max_concurrency (for up to timeouts.pool);
@@ -135,6 +162,14 @@ class Backend(Strict, frozen=True):
         if self.url_env and environ.get(self.url_env):
             return environ[self.url_env].rstrip("/")
         return self.url.rstrip("/") if self.url else None
+
+    def replica_list(self) -> list[Replica]:
+        """The backend's servers: its `replicas`, or the one its `url`, `url_env` and `host` name."""
+        return list(self.replicas) if self.replicas else [Replica(url=self.url, url_env=self.url_env, host=self.host)]
+
+    def hosts(self) -> list[str]:
+        """The GPU hosts its replicas run on, each once, in order."""
+        return list(dict.fromkeys(r.host for r in self.replica_list() if r.host is not None))
 
 
 class Catalog(Strict, frozen=True):

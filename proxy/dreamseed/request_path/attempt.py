@@ -1,4 +1,4 @@
-"""One backend of the chain: send the request, retrying while nothing has reached the client.
+"""One server of the chain: send the request, retrying while nothing has reached the client.
 
 Retries happen only before the first byte of an answer, on what failures.py marks retryable and on
 502/503, with full-jitter backoff, up to the backend's `retries`. The outcome is the backend's
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -41,9 +42,10 @@ async def send_with_retries(upstream: Upstream, data: bytes, has_fallback: bool,
     x-dreamseed-* headers, for an error answered from here."""
     transport, timeouts, circuit = upstream.transport, upstream.timeouts, upstream.circuit
     assert transport is not None and timeouts is not None and circuit is not None
-    name = upstream.name
+    name = upstream.label  # the backend's name, or name#2... for its other replicas
     attempts = 1 + upstream.backend.retries
     for attempt in range(attempts):
+        started = time.perf_counter()
         try:
             response = await transport.send(data, timeouts)
         except httpx.HTTPError as exc:
@@ -74,5 +76,6 @@ async def send_with_retries(upstream: Upstream, data: bytes, has_fallback: bool,
             circuit.record_failure(f"answered {response.status}")
         else:
             circuit.record_success()
+            upstream.observe(time.perf_counter() - started)
         return Attempt(response)
     raise AssertionError("every attempt returns or continues")  # pragma: no cover

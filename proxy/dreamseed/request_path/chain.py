@@ -1,9 +1,10 @@
 """The routing decision's chain, tried in order: the first backend that answers is the answer.
 
-A backend is skipped when it is not configured or its circuit is open, and after its attempts
-(attempt.py) when it cannot be reached, hangs before answering, or answers 502/503 with another
-backend still to try. Once a backend has accepted the request otherwise, its answer, or its error,
-goes to the client.
+Each backend's replicas come in the order its balancing gives (balancing.py), so a request fails
+over to another replica of the same backend before the chain moves on. A replica is skipped when
+it is not configured or its circuit is open, and after its attempts (attempt.py) when it cannot be
+reached, hangs before answering, or answers 502/503 with another replica or backend still to try.
+Once a replica has accepted the request otherwise, its answer, or its error, goes to the client.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import httpx
 import msgspec
 
 from ..backends import Upstreams
+from ..balancing import conversation_key
 from ..errors import ProxyError
 from ..exchange import Exchange, usage_of
 from ..routing import Decision
@@ -45,36 +47,38 @@ async def forward(
     retry_after: float | None = None
     outbound = [*passed_on, (b"x-request-id", headers["x-request-id"].encode())]
     chain = decision.chain
-    for position, name in enumerate(chain):
-        upstream = upstreams[name]
-        circuit = upstream.circuit
-        if upstream.transport is None or circuit is None:
-            skipped.append(f"{name}:unavailable")
-            continue
-        if not circuit.allows_requests():
-            skipped.append(f"{name}:circuit_open")
-            retry_after = min(retry_after if retry_after is not None else 1e9, circuit.retry_after())
-            continue
-        payload["model"] = upstream.backend.model
-        data = upstream.request_bytes(path, msgspec.json.encode(payload), outbound)
-        exchange.backend = name
-        exchange.upstream_started = time.perf_counter()
-        attempt = await send_with_retries(upstream, data, position < len(chain) - 1, headers)
-        response = attempt.response
-        if response is None:
-            assert attempt.skipped is not None
-            skipped.append(attempt.skipped)
-            if attempt.timed_out is not None:
-                timed_out = attempt.timed_out
-            continue
-        headers["x-dreamseed-backend"] = name
-        if skipped:
-            headers["x-dreamseed-fallback"] = ", ".join(skipped)
-        media_type = response.header(b"content-type") or b"application/json"
-        out = [(b"content-type", media_type), *raw_headers(headers)]
-        if stream and response.status == 200 and media_type.startswith(b"text/event-stream"):
-            return RelayedStream(response, name, out, exchange)
-        return await _buffered(name, response, headers, out, exchange)
+    key: bytes | None = None
+    steps = [(name, upstreams[name]) for name in chain]
+    for position, (name, replicas) in enumerate(steps):
+        if len(replicas.replicas) > 1 and replicas.backend.balance == "prefix_affinity" and key is None:
+            key = conversation_key(payload)
+        order = replicas.order(key)
+        body: bytes | None = None
+        for turn, upstream in enumerate(order):
+            circuit = upstream.circuit
+            if upstream.transport is None or circuit is None:
+                skipped.append(f"{upstream.label}:unavailable")
+                continue
+            if not circuit.allows_requests():
+                skipped.append(f"{upstream.label}:circuit_open")
+                retry_after = min(retry_after if retry_after is not None else 1e9, circuit.retry_after())
+                continue
+            if body is None:
+                payload["model"] = upstream.backend.model
+                body = msgspec.json.encode(payload)
+            data = upstream.request_bytes(path, body, outbound)
+            exchange.backend = name
+            exchange.upstream_started = time.perf_counter()
+            more = turn < len(order) - 1 or position < len(steps) - 1
+            attempt = await send_with_retries(upstream, data, more, headers)
+            response = attempt.response
+            if response is None:
+                assert attempt.skipped is not None
+                skipped.append(attempt.skipped)
+                if attempt.timed_out is not None:
+                    timed_out = attempt.timed_out
+                continue
+            return await _answer(name, upstream.label, response, stream, headers, skipped, exchange)
 
     if retry_after is not None and all(s.endswith(":circuit_open") for s in skipped):
         raise ProxyError(
@@ -88,6 +92,21 @@ async def forward(
         f"no backend for rule {decision.rule!r} could be reached (tried: {', '.join(skipped)})",
         headers={**headers, "x-dreamseed-fallback": ", ".join(skipped)},
     )
+
+
+async def _answer(name: str, label: str, response: UpstreamResponse, stream: bool, headers: dict[str, str],
+                  skipped: list[str], exchange: Exchange) -> BufferedResponse | RelayedStream:
+    """The response of the replica that answered, relayed or buffered."""
+    headers["x-dreamseed-backend"] = name
+    if label != name:  # one of several replicas
+        headers["x-dreamseed-replica"] = label
+    if skipped:
+        headers["x-dreamseed-fallback"] = ", ".join(skipped)
+    media_type = response.header(b"content-type") or b"application/json"
+    out = [(b"content-type", media_type), *raw_headers(headers)]
+    if stream and response.status == 200 and media_type.startswith(b"text/event-stream"):
+        return RelayedStream(response, name, out, exchange)
+    return await _buffered(name, response, headers, out, exchange)
 
 
 async def _buffered(name: str, response: UpstreamResponse, headers: dict[str, str],

@@ -34,7 +34,7 @@ class Scaler:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.scale = scale
         self.catalog = catalog
-        self.upstream_of = upstream_of  # the current generation's Upstream for a backend name
+        self.upstream_of = upstream_of  # the current generation's ReplicaSet for a backend name
         self.coordinator = coordinator or LocalCoordinator()
         self.on_event = on_event or (lambda backend, event, reason: None)
         self.clock = clock
@@ -84,9 +84,8 @@ class Scaler:
         return Decision(decision.rule, tuple(kept), decision.reason, decision.keyword)
 
     def in_flight(self, name: str) -> int:
-        upstream = self.upstream_of(name)
-        transport = getattr(upstream, "transport", None)
-        return (transport.in_use + transport.waiting) if transport is not None else 0
+        replicas = self.upstream_of(name) or []
+        return sum(r.transport.in_use + r.transport.waiting for r in replicas if r.transport is not None)
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -95,12 +94,25 @@ class Scaler:
         return task
 
     def _set_health(self, name: str, up: bool) -> None:
-        """Health probes of a backend we stopped would only open its circuit: pause them."""
-        circuit = getattr(self.upstream_of(name), "circuit", None)
-        if circuit is not None:
+        """Health probes of a backend we stopped would only open its circuits: pause them."""
+        for circuit in self._circuits(name):
             circuit.paused = not up
             if up:
                 circuit.reset("started by the scaler")
+
+    def _circuits(self, name: str) -> list[Any]:
+        replicas = self.upstream_of(name)
+        return [r.circuit for r in replicas if r.circuit is not None] if replicas is not None else []
+
+    def _clients(self, name: str) -> list[Any] | None:
+        """Each replica's probe client; None when a replica has no URL configured."""
+        replicas = self.upstream_of(name)
+        clients = [r.client for r in replicas] if replicas is not None else [None]
+        return None if any(client is None for client in clients) else clients
+
+    async def _all_ready(self, clients: list[Any]) -> bool:
+        """Every replica answers: an on-demand backend's replicas start and stop together."""
+        return all(await asyncio.gather(*(is_ready(client) for client in clients)))
 
     async def start(self) -> None:
         for name in self.machines:
@@ -121,8 +133,8 @@ class Scaler:
             log.warning("cannot ask %s whether %s runs (%s); probing the backend itself", self.actuators[name].description,
                         name, exc)
             running = None
-        client = getattr(self.upstream_of(name), "client", None)
-        if running is not False and client is not None and await is_ready(client):
+        clients = self._clients(name)
+        if running is not False and clients is not None and await self._all_ready(clients):
             if self.machines[name].state == "stopped":
                 self.machines[name].found_running(self.clock())
                 self._set_health(name, True)
@@ -184,17 +196,17 @@ class Scaler:
                     await self._finish_stop(other, why, force=True)
                 if self.machines[other].state != "stopped":
                     raise ActuatorError(f"could not free GPU memory: {other} did not stop")
-            client = getattr(self.upstream_of(name), "client", None)
-            if client is None:
+            clients = self._clients(name)
+            if clients is None:
                 raise ActuatorError(f"backend {name} has no URL configured")
             async with self.coordinator.lock(name):
-                if not await is_ready(client):
+                if not await self._all_ready(clients):
                     running = await self.actuators[name].running()
                     if not running:
                         log.info("starting %s via %s (%s)", name, self.actuators[name].description, reason)
                         await self.actuators[name].start()
                     deadline = self.clock() + machine.settings.start_timeout
-                    while not await is_ready(client):
+                    while not await self._all_ready(clients):
                         if self.clock() >= deadline:
                             raise ActuatorError(f"not ready within start_timeout ({machine.settings.start_timeout:g} s)")
                         await asyncio.sleep(READY_POLL_S)
@@ -270,8 +282,7 @@ class Scaler:
                     self._busy[name] = self._spawn(self._check_exited(name))
 
     def _circuit_open(self, name: str) -> bool:
-        circuit = getattr(self.upstream_of(name), "circuit", None)
-        return circuit is not None and circuit.state == "open"
+        return any(circuit.state == "open" for circuit in self._circuits(name))
 
     async def _check_exited(self, name: str) -> None:
         """A ready backend whose health checks fail: if its process or container is gone (vLLM
