@@ -144,7 +144,7 @@ def resolved_urls(name: str, backend: Backend, environ: Mapping[str, str],
 
 
 def make_replicas(name: str, backend: Backend, environ: Mapping[str, str], url_overrides: Mapping[str, str],
-                  slot_source: SlotSource | None = None) -> ReplicaSet:
+                  slot_source: SlotSource | None = None) -> ReplicaSet[Upstream]:
     replicas = backend.replica_list()
     upstreams = []
     for index, (replica, url) in enumerate(zip(replicas, resolved_urls(name, backend, environ, url_overrides),
@@ -162,7 +162,7 @@ class Upstreams:
     """All backends of one policy generation, by name: each a :class:`ReplicaSet`. Iterating gives
     every replica of every backend."""
 
-    def __init__(self, upstreams: dict[str, ReplicaSet]) -> None:
+    def __init__(self, upstreams: dict[str, ReplicaSet[Upstream]]) -> None:
         self._by_name = upstreams
 
     @classmethod
@@ -177,13 +177,13 @@ class Upstreams:
         return cls({name: make_replicas(name, backend, environ, url_overrides or {}, slot_source)
                     for name, backend in catalog.backends.items()})
 
-    def __getitem__(self, name: str) -> ReplicaSet:
+    def __getitem__(self, name: str) -> ReplicaSet[Upstream]:
         return self._by_name[name]
 
-    def get(self, name: str) -> ReplicaSet | None:
+    def get(self, name: str) -> ReplicaSet[Upstream] | None:
         return self._by_name.get(name)
 
-    def sets(self) -> Iterator[ReplicaSet]:
+    def sets(self) -> Iterator[ReplicaSet[Upstream]]:
         return iter(self._by_name.values())
 
     def __iter__(self) -> Iterator[Upstream]:

@@ -27,15 +27,12 @@ import itertools
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 import msgspec
 
 from .policy import Backend
-
-if TYPE_CHECKING:
-    from .backends import Upstream
 
 RING_POINTS = 64  # points per replica on the ring: enough that replicas share it within a few percent
 PROMPT_KEY_CHARS = 2048  # a completion prompt's start that names its conversation
@@ -61,14 +58,35 @@ def conversation_key(payload: Mapping[str, Any]) -> bytes | None:
     return None
 
 
+class Server(Protocol):
+    """What balancing needs of a replica (backends.Upstream is one)."""
+
+    backend: Backend
+    index: int
+    replicas: int
+    client: httpx.AsyncClient | None
+    affinity_hits: int
+    affinity_spills: int
+    reported_queue: float
+    response_time: float | None
+
+    @property
+    def label(self) -> str: ...
+
+    def load(self) -> float: ...
+
+
+S = TypeVar("S", bound=Server)
+
+
 def _point(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-class ReplicaSet:
+class ReplicaSet(Generic[S]):
     """A backend's replicas and its balancing state. One per backend and policy generation."""
 
-    def __init__(self, name: str, backend: Backend, replicas: list[Upstream]) -> None:
+    def __init__(self, name: str, backend: Backend, replicas: list[S]) -> None:
         self.name = name
         self.backend = backend
         self.replicas = replicas
@@ -78,10 +96,10 @@ class ReplicaSet:
         self._ring_points = [point for point, _ in points]
         self._ring_owners = [index for _, index in points]
 
-    def __iter__(self) -> Iterator[Upstream]:
+    def __iter__(self) -> Iterator[S]:
         return iter(self.replicas)
 
-    def order(self, key: bytes | None) -> list[Upstream]:
+    def order(self, key: bytes | None) -> list[S]:
         """The replicas in the order this request should try them."""
         replicas = self.replicas
         if len(replicas) == 1:
@@ -98,12 +116,12 @@ class ReplicaSet:
         known = [r.response_time for r in replicas if r.response_time is not None]
         typical = sum(known) / len(known) if known else 1.0  # a replica not heard from yet counts as typical
 
-        def expected_wait(r: Upstream) -> float:
+        def expected_wait(r: S) -> float:
             return (r.load() + 1) * (r.response_time if r.response_time is not None else typical)
 
         return sorted(replicas, key=lambda r: (expected_wait(r), (r.index - start) % count))
 
-    def _by_affinity(self, key: bytes) -> list[Upstream]:
+    def _by_affinity(self, key: bytes) -> list[S]:
         ring: list[int] = []  # replica indexes in ring order from the key's point, each once
         position = bisect.bisect(self._ring_points, _point(key))
         points = len(self._ring_owners)
@@ -149,12 +167,12 @@ class QueueWatcher:
     def __init__(self) -> None:
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self, replicas: Iterable[Upstream]) -> None:
+    def start(self, replicas: Iterable[Server]) -> None:
         for upstream in replicas:
             if upstream.backend.balance == "least_loaded" and upstream.replicas > 1 and upstream.client is not None:
                 self._tasks.append(asyncio.create_task(self._run(upstream), name=f"queue:{upstream.label}"))
 
-    async def _run(self, upstream: Upstream) -> None:
+    async def _run(self, upstream: Server) -> None:
         assert upstream.client is not None
         settings = upstream.backend.health
         while True:

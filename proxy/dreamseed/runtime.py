@@ -129,8 +129,8 @@ class Runtime:
             if new_hash == self.current.policy_hash:
                 return ReloadOutcome(True, False, new_hash)
             old = self.current
-            reused: dict[str, ReplicaSet] = {}
-            fresh: dict[str, ReplicaSet] = {}
+            reused: dict[str, ReplicaSet[Upstream]] = {}
+            fresh: dict[str, ReplicaSet[Upstream]] = {}
             for name, backend in policies.catalog.backends.items():
                 previous = old.upstreams.get(name)
                 urls = resolved_urls(name, backend, self.environ, self.url_overrides)
