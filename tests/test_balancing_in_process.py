@@ -47,15 +47,17 @@ def test_round_robin_takes_each_replica_in_turn_and_offers_the_rest_after(tmp_pa
 
 
 def test_least_loaded_weighs_load_by_response_time(tmp_path: Path) -> None:
-    replicas = replica_set(tmp_path, "least_loaded")
+    replicas = replica_set(tmp_path, "least_loaded", max_concurrency=4)
     set_loads(replicas, 3, 1, 2)
-    assert first_choices(replicas, [None]) == ["general#2"]
+    assert first_choices(replicas, [None]) == ["general#2"]  # nothing heard yet: the least full
     for upstream, seconds in zip(replicas, (0.1, 0.3, 0.1), strict=True):
         upstream.observe(seconds)
-    # general#2 answers three times slower: 2 x 0.3 = 0.6 of expected wait against 3 x 0.1 for #3.
+    # general#2 answers three times slower: 0.3 x (1 + 2/4) against 0.1 x (1 + 3/4) for #3.
     assert first_choices(replicas, [None]) == ["general#3"]
     replicas.replicas[2].reported_queue = 5  # its own /metrics says five wait inside it
     assert first_choices(replicas, [None]) == ["general#1"]
+    set_loads(replicas, 16, 1, 16)  # the fast ones four times past their limit: now the slow one
+    assert first_choices(replicas, [None]) == ["general#2"]
 
 
 def test_a_conversation_maps_to_one_replica_and_conversations_spread_evenly(tmp_path: Path) -> None:

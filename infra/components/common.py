@@ -31,7 +31,14 @@ def container_name(backend_name: str) -> str:
 
 
 def backends_on(policies: Policies, host: str) -> dict[str, Backend]:
-    """The catalog's backends placed on one GPU host."""
+    """The catalog's backends placed on one GPU host. A backend of several replicas is declared by
+    no stack yet: refused at preview with what to do, rather than left out without a word."""
+    for name, backend in policies.catalog.backends.items():
+        if backend.replicas is not None and host in backend.hosts():
+            raise pulumi.RunError(
+                f"backends.yaml: backend {name!r} has replicas (on {', '.join(backend.hosts())}); this stack declares "
+                "one server per backend. Run each replica's vLLM container yourself and give its `url`, or keep one "
+                "server per backend here (docs/infrastructure.md, \"Replicas\")")
     return {name: b for name, b in policies.catalog.backends.items() if b.host == host}
 
 

@@ -1,11 +1,12 @@
 """Which replica of a backend takes a request: the `balance` setting in backends.yaml.
 
   round_robin      in turn.
-  least_loaded     the least expected wait: the requests in flight and waiting as this worker counts
-                   them, plus the queue the replica's own /metrics last reported (vLLM's
-                   `vllm:num_requests_waiting`, llama.cpp's `llamacpp:requests_deferred`), plus this
-                   one, times the replica's smoothed response time. A replica three times slower
-                   takes a request only when the others hold three times as many.
+  least_loaded     the lowest expected response time: the replica's smoothed response time, stretched
+                   by how full it is (the requests in flight and waiting as this worker counts them,
+                   plus the queue its own /metrics last reported: vLLM's `vllm:num_requests_waiting`,
+                   llama.cpp's `llamacpp:requests_deferred`; over its max_concurrency). A model server
+                   batches: a replica half full answers about as fast as an empty one, so a replica
+                   three times slower gets requests only once the fast ones are full.
   prefix_affinity  requests that start the same conversation (the same leading messages up to the
                    first user message, or the same start of a prompt) go to the same replica, whose
                    prompt cache holds that start and, turn after turn, the conversation so far. The
@@ -116,10 +117,12 @@ class ReplicaSet(Generic[S]):
         known = [r.response_time for r in replicas if r.response_time is not None]
         typical = sum(known) / len(known) if known else 1.0  # a replica not heard from yet counts as typical
 
-        def expected_wait(r: S) -> float:
-            return (r.load() + 1) * (r.response_time if r.response_time is not None else typical)
+        capacity = self.backend.max_concurrency
 
-        return sorted(replicas, key=lambda r: (expected_wait(r), (r.index - start) % count))
+        def expected(r: S) -> float:
+            return (r.response_time if r.response_time is not None else typical) * (1 + (r.load() + 1) / capacity)
+
+        return sorted(replicas, key=lambda r: (expected(r), (r.index - start) % count))
 
     def _by_affinity(self, key: bytes) -> list[S]:
         ring: list[int] = []  # replica indexes in ring order from the key's point, each once

@@ -389,3 +389,18 @@ def test_retired_embedding_keys_are_refused_not_ignored(run_stack: Runner) -> No
     message = str(refused.value)
     assert "dreamseed:embeddingsModel is no longer read" in message and "policies/rag.yaml" in message
     assert "pulumi config rm dreamseed:embeddingsModel" in message
+
+
+def test_a_backend_of_replicas_is_refused_by_name_not_left_out(run_stack: Runner, tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    catalog = yaml.safe_load((policies / "backends.yaml").read_text(encoding="utf-8"))
+    catalog["hosts"]["rtx5090-b"] = dict(catalog["hosts"]["rtx5090"])
+    general = catalog["backends"]["general"]
+    general["replicas"] = [{"url": general.pop("url"), "url_env": general.pop("url_env"), "host": general.pop("host")},
+                           {"url": "http://10.0.0.2:8000", "host": "rtx5090-b"}]
+    (policies / "backends.yaml").write_text(yaml.safe_dump(catalog, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    with pytest.raises(pulumi.RunError) as refused:
+        run_stack("local", {"dreamseed:policiesDir": str(policies)})
+    assert "backend 'general' has replicas (on rtx5090, rtx5090-b); this stack declares one server per backend" in str(
+        refused.value)
