@@ -349,3 +349,15 @@ def test_a_second_replica_on_a_full_host_is_refused(policies: Path) -> None:
     result = check(policies)
     assert result.returncode == 1
     assert "always-on backends need" in result.stderr, result.stderr
+
+
+def test_an_on_demand_backend_of_replicas_needs_an_actuator_that_starts_them_all(policies: Path) -> None:
+    edit(policies, "backends.yaml", """    url: http://127.0.0.1:8001
+    url_env: DREAMSEED_CODE_URL""", """    replicas:
+      - {url: http://127.0.0.1:8001, url_env: DREAMSEED_CODE_URL, host: rtx5090}
+      - {url: http://10.0.0.2:8001, host: rtx5090}""")
+    edit(policies, "backends.yaml", "    host: rtx5090\n    gpu_memory_utilization: 0.26", "    gpu_memory_utilization: 0.26")
+    result = check(policies)
+    assert result.returncode == 1
+    assert "backends.code.actuator: backend 'code' has 2 replicas, which start and stop together, but a docker" \
+        in result.stderr, result.stderr

@@ -17,6 +17,7 @@ from .schema import (
     TEMPLATE_FIELDS,
     Augmentation,
     Catalog,
+    DockerActuator,
     PolicyProblem,
     Rag,
     Routing,
@@ -204,6 +205,11 @@ def check_scale(source: YamlSource, scale: Scale, catalog: Catalog | None) -> li
             problems.append(_problem(source, at, f"unknown backend {name!r} (known: {_known(catalog.backends)})"))
         elif not backend.on_demand:
             problems.append(_problem(source, at, f"backend {name!r} is not `on_demand: true` in backends.yaml"))
+        elif backend.replicas is not None and len(backend.replicas) > 1 and isinstance(settings.actuator, DockerActuator):
+            # Replicas of an on-demand backend start and stop together; one container cannot be all of them.
+            problems.append(_problem(source, (*at, "actuator"), (
+                f"backend {name!r} has {len(backend.replicas)} replicas, which start and stop together, but a docker "
+                "actuator starts one container: use a command actuator whose start and stop handle every replica")))
         if settings.cold_start == "wait" and settings.max_wait > settings.start_timeout:
             problems.append(_problem(source, (*at, "max_wait"), "longer than `start_timeout`: a request would outwait the start"))
         if settings.backoff > settings.backoff_max:
