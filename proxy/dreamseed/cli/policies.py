@@ -1,4 +1,4 @@
-"""`dreamseed policies check|plan`, `dreamseed route` and `dreamseed docs`: the policy files, read
+"""`dreamseed policies check|plan|diff`, `dreamseed route` and `dreamseed docs`: the policy files, read
 and explained without running the proxy."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..policy import AUTO_MODEL, BACKENDS_FILE, PolicyError, load_catalog, memory_plan
+from ..policy import AUTO_MODEL, BACKENDS_FILE, PolicyError, load_catalog, load_policies, memory_plan
 from ..policy.checks import field_name
 from ..routing import Prompt, Router, UnknownModelError
 from .common import DEFAULT_POLICIES, load_or_exit
@@ -68,6 +68,46 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 1 if stale and not args.write else 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    """The semantic difference between two policy directories, and with --traffic what it moves.
+    Exit 0 when the head is valid, 1 when it is not (its problems printed, as `policies check`
+    does), 2 when the base itself is invalid or the traffic file cannot be opened."""
+    from ..policy.diff import policy_diff
+    from ..replay import read_traffic, replay
+    from .diff_report import render
+
+    try:
+        base = load_policies(args.base)
+    except PolicyError as exc:
+        print(f"dreamseed: the base {args.base} is invalid ({len(exc.problems)} problem(s)); fix it first:",
+              file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    try:
+        head = load_policies(args.head)
+    except PolicyError as exc:
+        heading = f"{len(exc.problems)} problem(s) in {args.head}: this change cannot be deployed"
+        if args.format == "markdown":
+            print("## DreamSeed policy diff\n\n**Invalid:** " + heading + "\n")
+            print("\n".join(f"- `{problem}`" for problem in exc.problems))
+        else:
+            print(f"dreamseed: {heading}:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+        return 1
+    traffic = replayed = None
+    if args.traffic:
+        try:
+            traffic = read_traffic(Path(args.traffic))
+        except OSError as exc:
+            print(f"dreamseed: cannot read {args.traffic}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        replayed = replay(base, head, traffic)
+    sys.stdout.write(render(policy_diff(base, head), base, head, replayed, traffic, args.format == "markdown"))
+    return 0
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     policies = load_or_exit(args.policies)
     router = Router(policies.routing, policies.catalog)
@@ -99,6 +139,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "plan", help="show each GPU host's memory plan (weights, KV cache, tokens of KV, headroom per backend)")
     plan.add_argument("directory", nargs="?", default=DEFAULT_POLICIES)
     plan.set_defaults(func=cmd_plan)
+    diff = policy_commands.add_parser(
+        "diff", help="what changes from one policy directory to another: rules, backends, retrieval, scaling, the "
+                     "memory plan, and with --traffic which requests move")
+    diff.add_argument("base", help="the policies before (a pull request's base)")
+    diff.add_argument("head", help="the policies after")
+    diff.add_argument("--traffic", help="JSON lines of request bodies, or an access log written with --log-prompts")
+    diff.add_argument("--format", choices=("text", "markdown"), default="text",
+                      help="markdown: a pull-request comment (default: %(default)s)")
+    diff.set_defaults(func=cmd_diff)
     docs = commands.add_parser(
         "docs", help="check (or --write) the generated docs: docs/schema/*.schema.json, docs/policy-reference.md, "
                      "the error table in docs/api.md")
