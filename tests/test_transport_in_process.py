@@ -209,6 +209,27 @@ def test_connect_refused_and_read_timeout() -> None:
     run(main())
 
 
+def test_a_server_that_accepts_and_closes_at_once_is_a_connect_error() -> None:
+    """A load balancer or a Service with nothing behind it accepts and closes. Whether the close
+    lands before the request is written (ConnectError: nothing was sent) or after (ReadError), it is
+    an httpx error the request path knows, never asyncio's RuntimeError from a closed transport."""
+
+    async def main() -> None:
+        async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = PooledTransport(f"http://127.0.0.1:{port}", max_connections=1, keepalive_expiry=1)
+        for _ in range(20):  # wherever the close lands
+            with pytest.raises((httpx.ConnectError, httpx.ReadError)):
+                await transport.send(request(), QUICK)
+        await transport.aclose()
+        server.close()
+
+    run(main())
+
+
 def test_the_read_timeout_is_the_longest_silence_not_the_whole_answer() -> None:
     """A stream whose events come more often than the read timeout runs as long as it needs; one
     that falls silent times out about one read timeout after its last event, also when the

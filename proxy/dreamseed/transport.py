@@ -164,7 +164,15 @@ class _Connection(asyncio.Protocol):
 
     async def write(self, data: bytes, timeout: float | None) -> None:
         assert self.transport is not None
-        self.transport.write(data)
+        # A server that accepts and closes at once (a load balancer or Service with no backend
+        # behind it) leaves a closed transport, whose write raises RuntimeError: nothing was sent,
+        # so it is a failure to connect (retried, then the next server of the chain).
+        if self.closed:
+            raise httpx.ConnectError("the server closed the connection before the request was sent")
+        try:
+            self.transport.write(data)
+        except RuntimeError as exc:
+            raise httpx.ConnectError(f"the server closed the connection before the request was sent ({exc})") from None
         if self._write_paused and not self.closed:
             self._drain_waiter = self.loop.create_future()
             try:

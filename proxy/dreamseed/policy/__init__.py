@@ -29,6 +29,7 @@ from .schema import (
     EmbedderPolicy,
     GpuHost,
     HealthCheck,
+    KubernetesActuator,
     Match,
     ModelMemory,
     OnDemand,
@@ -51,7 +52,7 @@ from .schema import (
 __all__ = [
     "AUTO_MODEL", "BACKENDS_FILE", "DEFAULT_TEMPLATE", "DIRECT_RULE", "LATENCY_BUCKETS", "RAG_DEFAULTS", "RAG_FILE",
     "ROUTING_FILE", "SCALE_FILE", "Augmentation", "Backend", "BackendMemory", "BackendTimeouts", "Balance", "Catalog",
-    "Chunking", "CommandActuator", "DockerActuator", "EmbedderPolicy", "GpuHost", "HealthCheck", "Match",
+    "Chunking", "CommandActuator", "DockerActuator", "EmbedderPolicy", "GpuHost", "HealthCheck", "KubernetesActuator", "Match",
     "MemoryPlan", "ModelMemory", "OnDemand", "Policies", "PolicyError", "PolicyProblem", "Rag", "RagSettings",
     "Replica", "RetrievalMode", "Routing", "Rule", "Scale", "Scope", "Triggers", "VectorStore", "VolumeTrigger", "load_catalog",
     "load_policies", "memory_plan",

@@ -389,6 +389,15 @@ class CommandActuator(Strict, frozen=True, tag_field="kind", tag="command"):
     timeout: Seconds = 60.0
 
 
+class KubernetesActuator(Strict, frozen=True, tag_field="kind", tag="kubernetes"):
+    """Scale a Deployment between 0 and `replicas` through the Kubernetes API's `deployments/scale`
+    subresource, as the proxy's service account (the `k8s` stack gives it a Role for exactly that)."""
+
+    deployment: Annotated[str, Meta(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    namespace: Annotated[str, Meta(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")] | None = None  # default: the proxy's
+    replicas: PositiveInt = 1
+
+
 class VolumeTrigger(Strict, frozen=True):
     """Start once `requests` requests that would have gone to the backend arrive within `window` seconds."""
 
@@ -403,7 +412,7 @@ class Triggers(Strict, frozen=True):
 
 
 class OnDemand(Strict, frozen=True):
-    actuator: DockerActuator | CommandActuator
+    actuator: DockerActuator | CommandActuator | KubernetesActuator
     triggers: Triggers = Triggers()
     idle_stop: LongSeconds = 1800.0  # stop after this long without requests (seed: 30 minutes)
     min_uptime: LongSeconds = 300.0  # never idle-stopped sooner after becoming ready

@@ -9,6 +9,14 @@ socket proxy that allows only these calls on the declared containers), on a cont
     GET  /v{api}/containers/{name}/json           State.Running
 `command`: start/stop/status as argument lists run without a shell (nothing in them is
 interpreted, so no injection path), each bounded by a timeout.
+`kubernetes`: the Deployment's `scale` subresource (autoscaling/v1 Scale), as the proxy's service
+account, from inside the cluster (the API server from KUBERNETES_SERVICE_HOST/PORT, the token, CA
+and namespace from /var/run/secrets/kubernetes.io/serviceaccount, the token read again for every
+call because kubelet rotates it). Calls, as the Kubernetes API documents them:
+    GET   /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale   200 Scale (spec.replicas, resourceVersion)
+    PATCH /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale   application/merge-patch+json with
+          the resourceVersion read: 200, or 409 Conflict when the object changed since (read again, retry)
+A refusal (401, 403 from RBAC, 404) is an ActuatorError carrying the API's own Status message.
 
 Ready means the backend's `/health` and `/v1/models` both answer 200: vLLM answers /health
 while it still loads weights on some versions, /v1/models only once it can serve.
@@ -17,6 +25,7 @@ while it still loads weights on some versions, /v1/models only once it can serve
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -24,7 +33,7 @@ from typing import Protocol
 
 import httpx
 
-from ..policy import CommandActuator, DockerActuator
+from ..policy import CommandActuator, DockerActuator, KubernetesActuator
 
 log = logging.getLogger("dreamseed.scaling")
 
@@ -133,7 +142,101 @@ class Commands:
         pass
 
 
-def make_actuator(spec: DockerActuator | CommandActuator) -> Actuator:
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"  # where kubelet mounts a pod's credentials
+CONFLICT_RETRIES = 5
+
+
+class KubernetesDeployment:
+    def __init__(self, spec: KubernetesActuator, environ: Mapping[str, str] = os.environ,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.spec = spec
+        # DREAMSEED_KUBERNETES_API and _SERVICE_ACCOUNT point elsewhere than in-cluster (tests, kubectl proxy).
+        self._account = environ.get("DREAMSEED_KUBERNETES_SERVICE_ACCOUNT", SERVICE_ACCOUNT)
+        # Where it cannot work (outside a cluster, say) it fails its calls, not the proxy's start.
+        self._problem: str | None = None
+        api = environ.get("DREAMSEED_KUBERNETES_API")
+        if api is None:
+            host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT", "443")
+            if not host:
+                self._problem = "kubernetes actuator: not inside a cluster (no KUBERNETES_SERVICE_HOST)"
+            api = f"https://{host or 'kubernetes.default.svc'}:{port}"
+        namespace = spec.namespace
+        if namespace is None:
+            try:
+                namespace = self._read("namespace").strip()
+            except ActuatorError as exc:
+                self._problem, namespace = self._problem or str(exc), "default"
+        self.path = f"/apis/apps/v1/namespaces/{namespace}/deployments/{spec.deployment}/scale"
+        self.description = f"kubernetes deployment {namespace}/{spec.deployment}"
+        ca = os.path.join(self._account, "ca.crt")
+        verify: str | bool = ca if api.startswith("https:") and os.path.exists(ca) else True
+        self._client = httpx.AsyncClient(base_url=api, transport=transport, verify=verify, timeout=10.0,
+                                         trust_env=False)
+
+    def _read(self, name: str) -> str:
+        try:
+            with open(os.path.join(self._account, name), encoding="utf-8") as file:
+                return file.read()
+        except OSError as exc:
+            raise ActuatorError(f"kubernetes actuator: cannot read the service account's {name}: {exc}") from exc
+
+    async def _call(self, method: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+        if self._problem is not None:
+            raise ActuatorError(self._problem)
+        headers = {"authorization": f"Bearer {self._read('token').strip()}", "accept": "application/json"}
+        if body is not None:
+            headers["content-type"] = "application/merge-patch+json"
+        try:
+            response = await self._client.request(method, self.path, headers=headers,
+                                                  content=None if body is None else json.dumps(body).encode())
+        except httpx.HTTPError as exc:
+            raise ActuatorError(f"Kubernetes API at {self._client.base_url} unreachable: {exc}") from exc
+        try:
+            data = response.json()
+        except ValueError:
+            data = {"message": response.text[:300]}
+        if response.status_code not in (200, 409):
+            raise ActuatorError(f"{method} {self.path}: Kubernetes answered {response.status_code} "
+                                f"{data.get('reason', '')}: {data.get('message', '')}".rstrip(": "))
+        return response.status_code, data
+
+    async def _scale(self) -> tuple[int, str | None]:
+        """The Scale's spec.replicas and resourceVersion."""
+        _, scale = await self._call("GET")
+        spec, metadata = scale.get("spec"), scale.get("metadata")
+        replicas = int(spec.get("replicas", 0) or 0) if isinstance(spec, dict) else 0
+        version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+        return replicas, version if isinstance(version, str) else None
+
+    async def _set(self, replicas: int) -> None:
+        for _ in range(CONFLICT_RETRIES):
+            current, version = await self._scale()
+            if current == replicas:
+                return
+            status, _ = await self._call("PATCH", {"metadata": {"resourceVersion": version},
+                                                   "spec": {"replicas": replicas}})
+            if status == 200:
+                return
+            log.info("%s changed while being scaled (409 Conflict): reading it again", self.description)
+        raise ActuatorError(f"{self.description}: still changing under us after {CONFLICT_RETRIES} tries (409 Conflict)")
+
+    async def start(self) -> None:
+        await self._set(self.spec.replicas)
+
+    async def stop(self) -> None:
+        await self._set(0)
+
+    async def running(self) -> bool | None:
+        replicas, _ = await self._scale()
+        return replicas > 0
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def make_actuator(spec: DockerActuator | CommandActuator | KubernetesActuator) -> Actuator:
+    if isinstance(spec, KubernetesActuator):
+        return KubernetesDeployment(spec)
     return DockerEngine(spec) if isinstance(spec, DockerActuator) else Commands(spec)
 
 
