@@ -135,3 +135,56 @@ class RemoteConfig:
             hf_token=config.require_secret("hfToken"),
             vllm_api_key=config.require_secret("vllmApiKey"),
         )
+
+
+@dataclass(frozen=True)
+class K8sConfig:
+    """Pulumi.k8s.yaml: the `k8s` stack (docs/kubernetes.md)."""
+
+    policies: Policies
+    policies_dir: Path
+    namespace: str
+    # The catalog host whose GPU the cluster's GPU nodes have: its memory plan is the one checked.
+    gpu_host: str
+    proxy_image: str
+    proxy_replicas: int
+    storage_class: str | None
+    model_cache_gib: int
+    database_gib: int
+    runtime_class: str | None
+    monitoring: bool
+    monitoring_namespace: str
+    prometheus_release: str
+    remote_stack: str | None
+    hf_token: pulumi.Output[str]
+    postgres_password: pulumi.Output[str]
+    proxy_api_keys: pulumi.Output[str] | None
+    proxy_admin_key: pulumi.Output[str] | None
+
+    @classmethod
+    def load(cls) -> K8sConfig:
+        config = pulumi.Config()
+        replicas = config.get_int("proxyReplicas") or 2
+        if replicas < 2:
+            raise pulumi.RunError("dreamseed:proxyReplicas must be 2 or more: the PodDisruptionBudget keeps one up "
+                                  "while a node drains, which one replica cannot")
+        return cls(
+            policies=load_catalog_policies(config),
+            policies_dir=ROOT / (config.get("policiesDir") or "policies"),
+            namespace=config.get("namespace") or "dreamseed",
+            gpu_host=config.get("gpuHost") or "rtx5090",
+            proxy_image=config.require("proxyImage"),
+            proxy_replicas=replicas,
+            storage_class=config.get("storageClass"),
+            model_cache_gib=config.get_int("modelCacheGib") or 100,
+            database_gib=config.get_int("databaseGib") or 20,
+            runtime_class=config.get("runtimeClass"),
+            monitoring=config.get_bool("monitoring") is not False,
+            monitoring_namespace=config.get("monitoringNamespace") or "monitoring",
+            prometheus_release=config.get("prometheusRelease") or "kube-prometheus-stack",
+            remote_stack=config.get("remoteStack") or None,
+            hf_token=config.require_secret("hfToken"),
+            postgres_password=config.require_secret("postgresPassword"),
+            proxy_api_keys=config.get_secret("proxyApiKeys"),
+            proxy_admin_key=config.get_secret("proxyAdminKey"),
+        )

@@ -331,7 +331,12 @@ def main() -> None:
         outputs = build_local(LocalConfig.load())
     elif stack == "remote70b":
         outputs = build_remote(RemoteConfig.load())
+    elif stack == "k8s":
+        from .config import K8sConfig
+        from .k8s.program import build_k8s
+
+        outputs = build_k8s(K8sConfig.load())
     else:
-        raise pulumi.RunError(f"unknown stack {stack!r}: DreamSeed's stacks are 'local' and 'remote70b'")
+        raise pulumi.RunError(f"unknown stack {stack!r}: DreamSeed's stacks are 'local', 'remote70b' and 'k8s'")
     for key, value in outputs.items():
         pulumi.export(key, value)

@@ -105,6 +105,11 @@ def stack_config(stack: str) -> dict[str, str]:
                 "dreamseed:remoteStack": "organization/dreamseed/remote70b",
                 # The docker group's number on the host (no Docker socket here to read it from).
                 "dreamseed:dockerSocketGid": "998"}
+    if stack == "k8s":
+        return {**common, "dreamseed:postgresPassword": SECRETS["postgresPassword"],
+                "dreamseed:proxyApiKeys": SECRETS["proxyApiKeys"], "dreamseed:proxyAdminKey": SECRETS["proxyAdminKey"],
+                "dreamseed:proxyImage": "registry.example.com/dreamseed/proxy:0.3.0",
+                "dreamseed:remoteStack": "organization/dreamseed/remote70b"}
     return {**common, "dreamseed:lambdaApiKey": SECRETS["lambdaApiKey"], "dreamseed:vllmApiKey": SECRETS["vllmApiKey"],
             "dreamseed:sshKeyName": "dreamseed"}
 
@@ -135,7 +140,13 @@ def run_stack() -> Iterator[Runner]:
 
         @pulumi.runtime.test
         def program() -> pulumi.Output[Any]:
-            outputs = build_local(LocalConfig.load()) if stack == "local" else build_remote(RemoteConfig.load())
+            if stack == "k8s":
+                from infra.config import K8sConfig
+                from infra.k8s.program import build_k8s
+
+                outputs = build_k8s(K8sConfig.load())
+            else:
+                outputs = build_local(LocalConfig.load()) if stack == "local" else build_remote(RemoteConfig.load())
 
             async def settle(key: str, value: Any) -> None:
                 output = pulumi.Output.from_input(value)
