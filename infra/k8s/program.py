@@ -24,9 +24,9 @@ from .proxy import EdgeProxy, EdgeProxyArgs, policy_files
 from .tunnel import RemoteTunnel, RemoteTunnelArgs
 
 
-def checked_policy_files(config: K8sConfig, scaled: dict[str, str]) -> dict[str, str]:
+def checked_policy_files(config: K8sConfig, scaled: dict[str, str], discovered: list[str]) -> dict[str, str]:
     """The ConfigMap's files, loaded as the proxy will load them (scale.yaml rewritten for the cluster)."""
-    files = policy_files(config.policies_dir, scaled)
+    files = policy_files(config.policies_dir, scaled, discovered)
     with tempfile.TemporaryDirectory() as directory:
         for name, text in files.items():
             (Path(directory) / name).write_text(text, encoding="utf-8")
@@ -91,7 +91,7 @@ def build_k8s(config: K8sConfig) -> dict[str, Any]:
 
     scaled = {name: servers[name] for name in policies.scale.backends if name in servers}
     proxy = EdgeProxy("proxy", EdgeProxyArgs(
-        namespace=ns, image=config.proxy_image, policies=checked_policy_files(config, scaled), env=env,
+        namespace=ns, image=config.proxy_image, policies=checked_policy_files(config, scaled, sorted(servers)), env=env,
         secret_env=secret_env, scaled_deployments=sorted(scaled.values()), replicas=config.proxy_replicas),
         opts=in_namespace)
     NetworkPolicies("network", NetworkPoliciesArgs(namespace=ns, model_servers=sorted(servers.values()),

@@ -19,11 +19,18 @@ NAME = "dreamseed-proxy"
 POLICY_DIR = "/etc/dreamseed/policies"
 
 
-def policy_files(directory: Path, scale_actuators: dict[str, str]) -> dict[str, str]:
+def policy_files(directory: Path, scale_actuators: dict[str, str], discovered: list[str] | None = None) -> dict[str, str]:
     """The policy files for the ConfigMap. scale.yaml's actuators say how to start a backend on a
     Docker host; on the cluster each on-demand backend is its Deployment, scaled by the kubernetes
-    actuator, so those are written in (the rest of the file as it is)."""
+    actuator, so those are written in. The backends the stack runs as Deployments get `discover:
+    dns`: their headless Service's addresses are their replicas. The rest of the files as they are."""
     files = {path.name: path.read_text(encoding="utf-8") for path in sorted(directory.glob("*.yaml"))}
+    if discovered and "backends.yaml" in files:
+        catalog = yaml.safe_load(files["backends.yaml"])
+        for backend in discovered:
+            catalog["backends"][backend]["discover"] = "dns"
+        files["backends.yaml"] = ("# Written by the k8s stack from policies/backends.yaml: the backends it runs are "
+                                  "found by DNS.\n" + yaml.safe_dump(catalog, allow_unicode=True, sort_keys=False))
     if scale_actuators and "scale.yaml" in files:
         scale = yaml.safe_load(files["scale.yaml"]) or {}
         for backend, deployment in scale_actuators.items():

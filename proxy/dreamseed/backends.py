@@ -186,6 +186,10 @@ class Upstreams:
     def sets(self) -> Iterator[ReplicaSet[Upstream]]:
         return iter(self._by_name.values())
 
+    def replace(self, name: str, replicas: ReplicaSet[Upstream]) -> None:
+        """A backend's replicas as discovery found them (discovery.py); requests after this use them."""
+        self._by_name[name] = replicas
+
     def __iter__(self) -> Iterator[Upstream]:
         return (replica for replicas in self._by_name.values() for replica in replicas)
 

@@ -27,6 +27,7 @@ import httpx
 
 from .backends import SlotSource, Upstream, Upstreams, make_replicas, resolved_urls
 from .balancing import QueueWatcher, ReplicaSet
+from .discovery import DnsDiscovery
 from .health import Circuit, HealthMonitor
 from .policy import Policies, PolicyError, load_policies
 from .routing import Router
@@ -90,6 +91,7 @@ class Runtime:
         self.last_attempt: float | None = None
         self._monitor = HealthMonitor()
         self._queues = QueueWatcher()
+        self._discovery = DnsDiscovery(environ, slot_source, on_change=self._replicas_changed)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._retiring: list[Upstream] = []
@@ -97,6 +99,7 @@ class Runtime:
     async def start(self, *, watch: bool) -> None:
         self._monitor.start(self._probe_targets(self.current.upstreams))
         self._queues.start(self.current.upstreams)
+        self._discovery.start(self.current.upstreams)
         if watch:
             self._spawn(self._watch())
         try:
@@ -144,6 +147,8 @@ class Runtime:
             self._monitor.start(self._probe_targets(upstreams))
             await self._queues.stop()
             self._queues.start(upstreams)
+            await self._discovery.stop()
+            self._discovery.start(upstreams)
             for upstream in old.upstreams:
                 if upstream.name not in reused:
                     self._spawn(self._retire(upstream))
@@ -151,6 +156,16 @@ class Runtime:
             self._on_reload(True)
             log.info("policy reloaded (%s): %s -> %s", reason, old.policy_hash[:12], new_hash[:12])
             return ReloadOutcome(True, True, new_hash)
+
+    def _replicas_changed(self, name: str, added: list[Upstream], removed: list[Upstream]) -> None:
+        """Discovery changed a backend's replicas: probe the new ones, retire the gone ones."""
+        self._spawn(self._restart_probes())
+        for upstream in removed:
+            self._spawn(self._retire(upstream))
+
+    async def _restart_probes(self) -> None:
+        await self._monitor.stop()
+        self._monitor.start(self._probe_targets(self.current.upstreams))
 
     async def _reload_quietly(self, reason: str) -> None:
         await self.reload(reason)
@@ -175,6 +190,7 @@ class Runtime:
         self._retiring.remove(upstream)
 
     async def aclose(self) -> None:
+        await self._discovery.stop()
         await self._monitor.stop()
         await self._queues.stop()
         for task in list(self._tasks):

@@ -128,6 +128,9 @@ def test_the_proxy_rolls_on_a_policy_change_and_keeps_one_pod_through_a_drain(
     assert set(shipped) >= {"backends.yaml", "routing.yaml", "rag.yaml", "scale.yaml"}
     assert yaml.safe_load(shipped["scale.yaml"])["backends"]["code"]["actuator"] == {
         "kind": "kubernetes", "deployment": "dreamseed-code"}
+    catalog = yaml.safe_load(shipped["backends.yaml"])["backends"]
+    assert {name: b.get("discover") for name, b in catalog.items()} == {
+        "general": "dns", "code": "dns", "fast": "dns", "general70": None}  # each pod behind a headless Service
     env = {e["name"]: e["value"] for e in proxy["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["DREAMSEED_GENERAL_URL"] == "http://dreamseed-general:8000"
     assert env["DREAMSEED_GENERAL70_URL"] == "http://dreamseed-tunnel-general70:8000"

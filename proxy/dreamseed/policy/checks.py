@@ -50,6 +50,9 @@ def check_catalog(source: YamlSource, catalog: Catalog) -> list[PolicyProblem]:
             places: list[tuple[PathKey, ...]] = [(*at, "replicas", index) for index in range(len(backend.replicas))]
         else:
             places = [at]
+        if backend.discover == "dns" and backend.replicas is not None:
+            problems.append(_problem(source, (*at, "discover"), "`discover: dns` finds the replicas from `url`'s "
+                                     "host name: give `url` (or `url_env`), not `replicas`"))
         seen_urls: dict[str, int] = {}
         for index, (where, replica) in enumerate(zip(places, backend.replica_list(), strict=True)):
             if replica.url is None and replica.url_env is None:

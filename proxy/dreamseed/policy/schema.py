@@ -132,6 +132,10 @@ class Backend(Strict, frozen=True):
     # prefix_affinity's bound: a replica takes a request for its conversation while its requests in
     # flight stay within this factor of the replicas' mean (consistent hashing with bounded loads).
     balance_load_factor: Annotated[float, Meta(ge=1.0, le=10.0)] = 1.25
+    # `dns`: the replicas are the addresses the URL's host name resolves to, looked up again every
+    # `discover_interval` seconds (a Kubernetes headless Service: one address per ready pod).
+    discover: Literal["none", "dns"] = "none"
+    discover_interval: Annotated[float, Meta(ge=1.0, le=3600.0)] = 10.0
     api_key_env: EnvVar | None = None
     max_concurrency: PositiveInt = 16
     # Requests that may wait for a free slot beyond max_concurrency (for up to timeouts.pool);
