@@ -28,6 +28,9 @@ class Load:
     def __init__(self, in_use: int = 0, waiting: int = 0) -> None:
         self.in_use, self.waiting = in_use, waiting
 
+    def occupancy(self) -> int:
+        return self.in_use + self.waiting
+
 
 def set_loads(replicas: ReplicaSet, *loads: int) -> None:
     for upstream, load in zip(replicas, loads, strict=True):

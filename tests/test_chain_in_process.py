@@ -52,7 +52,7 @@ class FakePool:
     authority: str = "fake:1"
     answers: list[FakeResponse] = field(default_factory=list)
 
-    async def send(self, data: bytes, timeouts: Any) -> FakeResponse:
+    async def send(self, data: bytes, timeouts: Any, *, reserved: bool = False) -> FakeResponse:
         self.log.append(self.name)
         outcome = self.script.pop(0) if self.script else 200
         if isinstance(outcome, Exception):

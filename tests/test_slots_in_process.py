@@ -161,3 +161,21 @@ async def test_backends_are_told_apart_by_their_whole_names(table: Table) -> Non
     await second.acquire(1)  # its own slot, not first's
     with pytest.raises(QueueFull):
         await first.acquire(1)
+
+
+@in_loop
+async def test_every_worker_sees_the_backends_occupancy_for_balancing(table: Table) -> None:
+    """Balancing (balancing.py) ranks replicas by occupancy: a worker must see the slots the others
+    hold and wait for, or it sends requests to a replica the other workers have filled."""
+    first, second, third = workers(table, limit=2)
+    await first.acquire(1)
+    await second.acquire(1)
+    waiting = asyncio.ensure_future(third.acquire(5))
+    await asyncio.sleep(0.01)
+    assert [w.occupancy() for w in (first, second, third)] == [3, 3, 3]
+    assert (third.in_use, third.waiting) == (0, 1)  # its own view alone would say one
+    first.release()
+    await waiting
+    third.release()
+    second.release()
+    assert [w.occupancy() for w in (first, second, third)] == [0, 0, 0]

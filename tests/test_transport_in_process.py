@@ -209,6 +209,39 @@ def test_connect_refused_and_read_timeout() -> None:
     run(main())
 
 
+def test_a_kept_alive_connection_the_server_closes_as_it_is_reused_is_retried_on_a_new_one() -> None:
+    """llama-server closes a connection after a streamed answer, and the close can arrive after the
+    next request went down it: the server read none of it, so it goes again on a new connection.
+    A new connection's failure stays the server's answer."""
+
+    async def main() -> None:
+        connections: list[int] = []
+
+        async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(1)
+            first = await read_request(reader)
+            if b"close-now" not in first:
+                await ok(first, writer)
+                await read_request(reader)  # the next request arrives, and the close crosses it
+            writer.close()
+
+        server = await asyncio.start_server(one_answer_per_connection, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = PooledTransport(f"http://127.0.0.1:{port}", max_connections=1, keepalive_expiry=10)
+        for _ in range(3):
+            response = await transport.send(request(), QUICK)
+            assert response.status == 200 and await response.aread() == b"{}"
+            response.close()
+        assert len(connections) == 3  # the second and third went down a closing connection, then a new one
+        with pytest.raises(httpx.ReadError):  # the retry's new connection closed too: not tried again
+            await transport.send(request(body=b"close-now"), QUICK)
+        assert len(connections) == 4
+        await transport.aclose()
+        server.close()
+
+    run(main())
+
+
 def test_a_server_that_accepts_and_closes_at_once_is_a_connect_error() -> None:
     """A load balancer or a Service with nothing behind it accepts and closes. Whether the close
     lands before the request is written (ConnectError: nothing was sent) or after (ReadError), it is

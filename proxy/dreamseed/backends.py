@@ -63,9 +63,10 @@ class Upstream:
         return replica_label(self.name, self.index, self.replicas)
 
     def load(self) -> float:
-        """Requests this worker has in flight or waiting here, plus the server's own queue."""
+        """Requests in flight or waiting here, every worker's (the shared slots count them), plus the
+        server's own queue."""
         transport = self.transport
-        return (transport.in_use + transport.waiting if transport is not None else 0) + self.reported_queue
+        return (transport.occupancy() if transport is not None else 0) + self.reported_queue
 
     def observe(self, seconds: float) -> None:
         """One answer's time to its head, into the smoothed response time (weight 0.2: about the

@@ -189,6 +189,20 @@ class SharedSlots:
         with self._lock:
             self._release()
 
+    def occupancy(self) -> int:
+        """Slots taken and requests waiting, all workers together (read without the lock: a hint)."""
+        return int(self._counts[0] + self._counts[1])
+
+    def try_acquire(self) -> bool:
+        counts = self._counts
+        with self._lock:
+            if counts[0] < self.limit and counts[1] == counts[2]:
+                counts[0] += 1
+                counts[self._me + _HELD] += 1
+                self.in_use += 1
+                return True
+        return False
+
     def wake(self) -> None:
         """The wake-up pipe said another worker granted us slots: hand them to our waiters."""
         with self._lock:

@@ -302,6 +302,12 @@ class SlotCounter(Protocol):
     def release(self) -> None:
         """Give a slot back: to the first waiter, or free."""
 
+    def occupancy(self) -> int:
+        """Slots taken plus requests waiting for one, by everyone who counts here (every worker)."""
+
+    def try_acquire(self) -> bool:
+        """Take a slot only if one is free and nobody waits for one; never waits."""
+
 
 class LocalSlots:
     """One process's count of a backend's slots, with a FIFO of waiters."""
@@ -314,6 +320,15 @@ class LocalSlots:
         self._taken = 0
         self._waiting = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def occupancy(self) -> int:
+        return self._taken + self._waiting
+
+    def try_acquire(self) -> bool:
+        if self._taken < self.limit and not self._waiting:
+            self._taken += 1
+            return True
+        return False
 
     async def acquire(self, timeout: float | None) -> None:
         if self._taken < self.limit and not self._waiting:
@@ -377,33 +392,63 @@ class PooledTransport(httpx.AsyncBaseTransport):
         """This pool's requests queued for a slot now."""
         return self._waiting
 
-    async def send(self, data: bytes, timeouts: Timeouts) -> UpstreamResponse:
-        """Send one complete request (head and body) and return once the response head is in.
+    def occupancy(self) -> int:
+        """The backend's slots taken and waited for by every worker (balancing reads this)."""
+        return self._slots.occupancy()
+
+    def reserve(self) -> bool:
+        """Take a slot now if one is free (for the next `send(..., reserved=True)`); never waits.
+        Balancing across replicas asks each in turn, so a request waits only when all are full."""
+        if self._closed or not self._slots.try_acquire():
+            return False
+        self._in_use += 1
+        return True
+
+    async def send(self, data: bytes, timeouts: Timeouts, *, reserved: bool = False) -> UpstreamResponse:
+        """Send one complete request (head and body) and return once the response head is in;
+        `reserved`: the slot was taken by `reserve()`.
 
         Raises httpx's exceptions: PoolTimeout, ConnectError, ConnectTimeout, WriteTimeout,
         ReadTimeout, ReadError, RemoteProtocolError."""
-        await self._acquire_slot(timeouts.pool)
+        if not reserved:
+            await self._acquire_slot(timeouts.pool)
         connection: _Connection | None = None
         try:
-            connection = await self._connect(timeouts.connect)
-            await connection.write(data, timeouts.write)
             # The head arrives within `first_byte` in all, or else with no gap over `read`.
             deadline = None if timeouts.first_byte is None else time.monotonic() + timeouts.first_byte
-            while not connection.headers_done:
-                if connection.error is not None:
-                    raise connection.error
-                if deadline is None:
-                    await connection.wait(timeouts.read)
-                    continue
-                try:
-                    await connection.wait(max(deadline - time.monotonic(), 0.0))
-                except httpx.ReadTimeout:
-                    raise FirstByteTimeout(f"no response within {timeouts.first_byte:g} s") from None
+            connection, reused = await self._connect(timeouts.connect)
+            try:
+                await self._exchange_head(connection, data, timeouts, deadline)
+            except (httpx.ConnectError, httpx.ReadError):
+                # A server may close a kept-alive connection just as we reuse it (llama-server closes
+                # it after a streamed answer; the close can arrive after our request went out). It
+                # read nothing of ours then, so the request goes once more on a new connection, as
+                # browsers and Go's net/http do; an error on a new connection is the server's answer.
+                if not reused or connection.received_any:
+                    raise
+                connection.close()
+                connection, _ = await self._connect(timeouts.connect, fresh=True)
+                await self._exchange_head(connection, data, timeouts, deadline)
         except BaseException:
             # Slot and connection are given back however the request failed (cancellation included).
             self._release(None, close=connection)
             raise
         return UpstreamResponse(self, connection, timeouts.read)
+
+    @staticmethod
+    async def _exchange_head(connection: _Connection, data: bytes, timeouts: Timeouts, deadline: float | None) -> None:
+        """Write the request and wait for the response head."""
+        await connection.write(data, timeouts.write)
+        while not connection.headers_done:
+            if connection.error is not None:
+                raise connection.error
+            if deadline is None:
+                await connection.wait(timeouts.read)
+                continue
+            try:
+                await connection.wait(max(deadline - time.monotonic(), 0.0))
+            except httpx.ReadTimeout:
+                raise FirstByteTimeout(f"no response within {timeouts.first_byte:g} s") from None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """httpx's transport interface, over the same pool."""
@@ -437,12 +482,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._in_use -= 1
         self._slots.release()
 
-    async def _connect(self, timeout: float | None) -> _Connection:
+    async def _connect(self, timeout: float | None, fresh: bool = False) -> tuple[_Connection, bool]:
+        """An idle connection and True (reused), else a new one and False; `fresh`: always a new one."""
         now = time.monotonic()
-        while self._idle:
+        while self._idle and not fresh:
             connection = self._idle.pop()
             if not connection.closed and now - connection.idle_since < self._keepalive_expiry:
-                return connection
+                return connection, True
             connection.close()
         loop = asyncio.get_running_loop()
         if self.tls and self._ssl_context is None:
@@ -457,7 +503,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectTimeout(f"could not connect to {self.authority} in time") from None
         except OSError as exc:
             raise httpx.ConnectError(f"could not connect to {self.authority}: {exc.strerror or exc}") from None
-        return connection
+        return connection, False
 
     async def aclose(self) -> None:
         self._closed = True

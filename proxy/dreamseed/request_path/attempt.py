@@ -37,9 +37,11 @@ class Attempt:
     timed_out: bool | None = None  # whether that was a timeout (None: a backend's answer, which says neither)
 
 
-async def send_with_retries(upstream: Upstream, data: bytes, has_fallback: bool, headers: dict[str, str]) -> Attempt:
+async def send_with_retries(upstream: Upstream, data: bytes, has_fallback: bool, headers: dict[str, str],
+                            reserved: bool = False) -> Attempt:
     """Send `data` (a complete request) to one backend of the chain. `headers` are the client's
-    x-dreamseed-* headers, for an error answered from here."""
+    x-dreamseed-* headers, for an error answered from here; `reserved`: the first attempt's slot is
+    already taken (a replica chosen for having one free)."""
     transport, timeouts, circuit = upstream.transport, upstream.timeouts, upstream.circuit
     assert transport is not None and timeouts is not None and circuit is not None
     name = upstream.label  # the backend's name, or name#2... for its other replicas
@@ -47,7 +49,7 @@ async def send_with_retries(upstream: Upstream, data: bytes, has_fallback: bool,
     for attempt in range(attempts):
         started = time.perf_counter()
         try:
-            response = await transport.send(data, timeouts)
+            response = await transport.send(data, timeouts, reserved=reserved and attempt == 0)
         except httpx.HTTPError as exc:
             failure = failure_of(exc)
             if failure.circuit is not None:

@@ -53,6 +53,18 @@ async def forward(
         if len(replicas.replicas) > 1 and replicas.backend.balance == "prefix_affinity" and key is None:
             key = conversation_key(payload)
         order = replicas.order(key)
+        reserved = False
+        if len(order) > 1:
+            # The first replica in the balancing's order that has a free slot now goes first, its slot
+            # taken at once: a request waits only when every replica is full (other workers fill
+            # slots between the order and the send).
+            for position_in_order, upstream in enumerate(order):
+                circuit = upstream.circuit
+                if upstream.transport is not None and circuit is not None and circuit.allows_requests() \
+                        and upstream.transport.reserve():
+                    order = [upstream, *order[:position_in_order], *order[position_in_order + 1:]]
+                    reserved = True
+                    break
         body: bytes | None = None
         for turn, upstream in enumerate(order):
             circuit = upstream.circuit
@@ -70,7 +82,7 @@ async def forward(
             exchange.backend = name
             exchange.upstream_started = time.perf_counter()
             more = turn < len(order) - 1 or position < len(steps) - 1
-            attempt = await send_with_retries(upstream, data, more, headers)
+            attempt = await send_with_retries(upstream, data, more, headers, reserved and turn == 0)
             response = attempt.response
             if response is None:
                 assert attempt.skipped is not None
