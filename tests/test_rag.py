@@ -116,6 +116,33 @@ def test_a_client_system_prompt_keeps_its_place_and_gets_the_context_appended(ra
     assert messages[0]["content"].startswith("You are terse.\n\nContext:\n[1] (e11) Cancel a subscription")
 
 
+def test_a_request_can_turn_retrieval_off_or_name_an_evaluation_collection(rag_stack: RagStack) -> None:
+    question = "I forgot my password, how do I reset it?"
+
+    def ask(switch: str) -> httpx.Response:
+        return httpx.post(f"{rag_stack.proxy.url}/v1/chat/completions", timeout=30, headers={"x-dreamseed-rag": switch},
+                          json={"model": "auto", "messages": [{"role": "user", "content": question}]})
+
+    response = ask("off")
+    assert response.status_code == 200 and response.headers["x-dreamseed-rag"] == "off"
+    assert [m["role"] for m in rag_stack.sim.stats()["last_body"]["messages"]] == ["user"]  # sent as it came
+    assert ask("auto").headers["x-dreamseed-rag"].startswith("hits=")
+    assert ask("collection=support").headers["x-dreamseed-rag"].startswith("hits=")  # the rule's own
+    with rag_stack.admin() as admin:
+        stored = admin.post("/admin/rag/ingest", json={"collection": "eval-switch", "documents": [
+            {"source": "only", "text": "Password resets are done by the front desk on floor three."}]})
+        assert stored.status_code == 200, stored.text
+    response = ask("collection=eval-switch")
+    assert response.headers["x-dreamseed-rag"] == "hits=1"
+    assert "(only) Password resets are done by the front desk" in system_message(rag_stack.sim)
+    # Another team's collection is the rules' to give, not the client's to take; nonsense is named.
+    refused = ask("collection=payroll")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "collection_not_allowed"
+    assert refused.json()["error"]["param"] == "x-dreamseed-rag" and "'payroll'" in refused.json()["error"]["message"]
+    wrong = ask("please")
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "x-dreamseed-rag"
+
+
 def test_rules_can_turn_retrieval_off_and_say_so(rag_stack: RagStack) -> None:
     response = rag_stack.chat("quick: how do I reset my password?")
     assert response.headers["x-dreamseed-rule"] == "fast"

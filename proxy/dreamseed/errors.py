@@ -42,6 +42,9 @@ ERRORS: dict[str, ErrorKind] = {
     "wrong_key_kind": ErrorKind(403, "permission_error",
                                 "a valid key of the other kind (client key on `/admin/*` or the reverse)"),
     "admin_disabled": ErrorKind(403, "permission_error", "an admin call while no admin key is configured"),
+    "collection_not_allowed": ErrorKind(403, "permission_error",
+                                        "`x-dreamseed-rag: collection=NAME` names a collection other than the rule's "
+                                        "own or an `eval-` one"),
     "model_not_found": ErrorKind(404, "invalid_request_error",
                                  "unknown `model` (the message lists the available ones); "
                                  "on `/v1/embeddings`, not rag.yaml's embedder"),

@@ -15,6 +15,10 @@ from ..policy import RagSettings
 from ..routing import content_text
 from .store import Hit
 
+# Collections whose names start so hold evaluation sets (`rag eval`, `eval answers`): a request may
+# name one in its x-dreamseed-rag header, where any other collection is the rules' to choose.
+EVAL_COLLECTION_PREFIX = "eval-"
+
 
 def query_of(payload: dict[str, Any], endpoint: str) -> str | None:
     """The text to retrieve for: the last user message, or a completion's single prompt. NUL

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..policy import Rag, RetrievalMode
+from .augment import EVAL_COLLECTION_PREFIX
 from .language import language
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ async def evaluate(retriever: Retriever, eval_dir: Path, modes: list[RetrievalMo
     from .ingest import ingest_texts
 
     eval_set = load_eval_set(eval_dir)
-    collection = f"eval-{eval_set.name}"
+    collection = f"{EVAL_COLLECTION_PREFIX}{eval_set.name}"
     assert retriever.store is not None and retriever.embedder is not None
     documents = [(doc_id, f"{title}\n\n{text}" if title else text, {"eval_doc": doc_id})
                  for doc_id, (title, text) in eval_set.corpus.items()]

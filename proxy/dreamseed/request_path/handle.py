@@ -4,6 +4,7 @@ Every error on the way is answered in OpenAI's shape and counted like any other 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Protocol
 
@@ -14,7 +15,7 @@ from ..errors import ProxyError, error_body
 from ..exchange import Exchange
 from ..openai_api import Endpoint, parse_request, request_id
 from ..policy import RagSettings
-from ..rag.augment import augment, query_of
+from ..rag.augment import EVAL_COLLECTION_PREFIX, augment, query_of
 from ..routing import UnknownModelError
 from .chain import forward
 from .responses import BufferedResponse, raw_headers
@@ -77,6 +78,27 @@ def error_answer(exc: ProxyError, headers: dict[str, str], exchange: Exchange) -
                             error_body(exc.message, type=exc.type, code=exc.code, param=exc.param), exchange)
 
 
+def rag_as_asked(settings: RagSettings, asked: bytes) -> RagSettings:
+    """The request header `x-dreamseed-rag`: `off` turns retrieval off for this request (what
+    `dreamseed eval answers` compares against), `collection=NAME` retrieves from another collection
+    with the rule's settings. Only evaluation collections (`eval-...`) may be named besides the
+    rule's own: a client must not read documents a rule does not give it."""
+    value = asked.decode("latin-1").strip()
+    if value in ("off", "auto"):
+        return dataclasses.replace(settings, enabled=False) if value == "off" else settings
+    if value.startswith("collection="):
+        collection = value.removeprefix("collection=").strip()
+        if collection == settings.collection:
+            return settings
+        if collection.startswith(EVAL_COLLECTION_PREFIX) and len(collection) > len(EVAL_COLLECTION_PREFIX):
+            return dataclasses.replace(settings, collection=collection)
+        raise ProxyError("collection_not_allowed",
+                         f"x-dreamseed-rag may name this rule's collection ({settings.collection!r}) or an evaluation "
+                         f"collection ('{EVAL_COLLECTION_PREFIX}...'), not {collection!r}", param="x-dreamseed-rag")
+    raise ProxyError("invalid_request", f"x-dreamseed-rag must be 'off', 'auto' or 'collection=NAME', not {value!r}",
+                     param="x-dreamseed-rag")
+
+
 class RequestPath:
     """The request path of one running service; `handle` serves one request."""
 
@@ -90,6 +112,7 @@ class RequestPath:
         supplied_id: bytes | None = None
         authorization: bytes | None = None
         declared_length = -1
+        rag_asked: bytes | None = None
         passed_on: list[tuple[bytes, bytes]] = []
         for name, value in scope["headers"]:
             if name == b"x-request-id":
@@ -98,6 +121,8 @@ class RequestPath:
                 authorization = value
             elif name == b"content-length":
                 declared_length = int(value) if value.isdigit() else -1
+            elif name == b"x-dreamseed-rag":
+                rag_asked = value
             elif name in FORWARDED_REQUEST_HEADERS:
                 passed_on.append((name, value))
         headers = {"x-request-id": request_id(supplied_id.decode("latin-1") if supplied_id is not None else None)}
@@ -123,6 +148,8 @@ class RequestPath:
             if scaler is not None:  # no awaits on the hot path for features that are off
                 decision = await scaler.prune_chain(decision, headers, exchange)
             settings = self._settings(generation, decision.rule, decision.backend)
+            if rag_asked is not None:
+                settings = rag_as_asked(settings, rag_asked)
             headers["x-dreamseed-rag"] = await self._retrieve_into(payload, endpoint, settings, exchange) \
                 if settings.enabled else "off"
             return await forward(generation.upstreams, decision, path, payload, stream, headers, passed_on, exchange)
