@@ -1,7 +1,7 @@
 """The ``dreamseed`` command: one module per command group.
 
 serve.py runs the proxy; policies.py checks, plans and explains policies (`policies`, `route`,
-`docs`); rag.py is `rag ...`; local.py the stand-ins (`local-model setup`, `stand-in`).
+`docs`); rag.py is `rag ...`; evaluate.py is `eval answers`; local.py the stand-ins (`local-model setup`, `stand-in`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import local, policies, rag, serve
+from . import evaluate, local, policies, rag, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     policies.add_commands(commands)
     local.add_commands(commands)
     rag.add_commands(commands)
+    evaluate.add_commands(commands)
     return parser
 
 

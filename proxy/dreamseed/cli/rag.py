@@ -30,7 +30,7 @@ def _settings(rag: Rag, args: argparse.Namespace) -> RagSettings:
 
 
 @asynccontextmanager
-async def _opened(rag: Rag) -> AsyncIterator[Retriever]:
+async def opened_store(rag: Rag) -> AsyncIterator[Retriever]:
     """The store and embedder for one command, closed at its end; a failure to open them ends
     the command with one line saying why."""
     retriever = Retriever(rag)
@@ -74,7 +74,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     committed = IngestSummary()  # what is stored so far, for an interruption to report
 
     async def main() -> int:
-        async with _opened(rag) as retriever:
+        async with opened_store(rag) as retriever:
             assert retriever.store is not None and retriever.embedder is not None
             summary = await ingest_files(retriever.store, retriever.embedder, args.collection, files, rag.chunking,
                                          show_progress=not args.quiet, summary=committed)
@@ -93,7 +93,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     settings = _settings(rag, args)
 
     async def main() -> int:
-        async with _opened(rag) as retriever:
+        async with opened_store(rag) as retriever:
             hits = await retriever.search(settings, args.query, top_k=args.k)
         if args.json:
             print(json.dumps(hits_as_dicts(hits), ensure_ascii=False, indent=2))
@@ -117,7 +117,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     rag = _rag_policy(args.policies)
 
     async def main() -> int:
-        async with _opened(rag) as retriever:
+        async with opened_store(rag) as retriever:
             assert retriever.store is not None
             deleted = await retriever.store.delete(args.collection, args.source)
         print(f"deleted {deleted} chunks")
@@ -130,7 +130,7 @@ def cmd_collections(args: argparse.Namespace) -> int:
     rag = _rag_policy(args.policies)
 
     async def main() -> int:
-        async with _opened(rag) as retriever:
+        async with opened_store(rag) as retriever:
             assert retriever.store is not None
             collections = await retriever.store.collections()
         for name, counts in collections.items():
@@ -167,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     where = ["starting"]
 
     async def main() -> int:
-        async with _opened(rag) as retriever:
+        async with opened_store(rag) as retriever:
             try:
                 results = await evaluate(retriever, Path(args.directory), modes, args.k, rag,
                                          stage=lambda now: where.__setitem__(0, now))

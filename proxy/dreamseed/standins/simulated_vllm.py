@@ -12,7 +12,8 @@ either way (uniformly; a real server's does, and clients then drift apart; 0 kee
 timings), ``token_delay`` seconds between tokens, ``tokens`` per answer, ``error_rate`` (0-1)
 of requests answered with ``error_status``, ``hang_rate`` of requests that never answer,
 ``crash_after`` tokens after which a stream's connection is dropped, ``slow_start`` seconds
-during which the server is up but not ready (503).
+during which the server is up but not ready (503), ``answer`` the text of every answer (a token a
+word; by default "Simulated answer from <model>." and numbered tokens).
 ``GET /sim/stats`` reports what it saw (requests, finished and cancelled streams, the last
 request's headers and body); ``POST /sim/reset`` clears that.
 """
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import math
 import random
+import re
 import socket
 import sys
 import time
@@ -49,6 +51,7 @@ class Knobs:
     slow_start: float = 0.0
     max_model_len: int = 8192
     api_key: str | None = None
+    answer: str | None = None  # every answer's text (cut at max_tokens words) instead of "Simulated answer ..."
 
 
 @dataclass
@@ -176,6 +179,8 @@ class SimulatedVLLM:
             watcher.cancel()
 
     def _tokens(self, count: int) -> list[str]:
+        if self.knobs.answer is not None:
+            return re.findall(r"\S+\s*", self.knobs.answer)[:count]  # a token a word, its space kept
         name = self.knobs.model.rsplit("/", 1)[-1]
         words = ["Simulated", "answer", "from", name + "."]
         return [(words[i] if i < len(words) else f"token{i}") + " " for i in range(count)]
@@ -439,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     for knob in fields(Knobs):
         flag = "--" + knob.name.replace("_", "-")
-        kind = {"model": str, "api_key": str, "tokens": int, "error_status": int, "max_model_len": int,
+        kind = {"model": str, "api_key": str, "answer": str, "tokens": int, "error_status": int, "max_model_len": int,
                 "crash_after": int}.get(knob.name, float)
         parser.add_argument(flag, type=kind, default=knob.default)
     args = parser.parse_args(argv)
