@@ -73,6 +73,7 @@ class Document:
 class Question:
     text: str
     document: str  # the id of the paragraph it was written from
+    answers: tuple[str, ...] = ()  # the spans annotators marked in it
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,9 @@ def _squad_layout(name: str, language: str, path: Path) -> QASet:
         for number, paragraph in enumerate(article["paragraphs"]):
             doc_id = f"{name}:{article['title']}:{number}"
             documents.append(Document(doc_id, article["title"].replace("_", " "), paragraph["context"]))
-            questions += [Question(" ".join(qa["question"].split()), doc_id) for qa in paragraph["qas"]
-                          if not qa.get("is_impossible") and qa["question"].strip()]
+            questions += [Question(" ".join(qa["question"].split()), doc_id,
+                                   tuple(dict.fromkeys(a["text"] for a in qa["answers"] if a["text"].strip())))
+                          for qa in paragraph["qas"] if not qa.get("is_impossible") and qa["question"].strip()]
     return QASet(name, language, documents, questions)
 
 

@@ -234,3 +234,33 @@ def test_a_proxy_that_is_down_or_answers_errors_is_named_and_a_partial_run_says_
     assert result.returncode == 0 and json.loads(result.stdout)["scored"] == 3
     refused = eval_cli(str(folder), "--proxy", proxy.url, "--collection", "payroll", state=state, policies=policies)
     assert refused.returncode == 1 and "collection_not_allowed" in refused.stdout
+
+
+# -- a whole run, real model -----------------------------------------------------------------------
+
+def test_a_real_model_answers_both_arms_and_judges_through_the_proxy(tmp_path: Path) -> None:
+    from real_server import SMOLLM_ID, start_llama
+
+    llama = start_llama(context=4096)
+    state = tmp_path / "state"
+    policies = write_rag(write_policies(tmp_path / "policies", {
+        "general": {"url": llama.url, "model": SMOLLM_ID, "context_length": 4096, "max_concurrency": 2}},
+        {"rules": [{"name": "default", "target": "general"}]}),
+        {"defaults": {"enabled": True, "collection": "support", "top_k": 2}})
+    proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(state)})
+    try:
+        folder = answer_set(tmp_path / "real", [QUESTIONS[0], QUESTIONS[3]])
+        result = eval_cli(str(folder), "--proxy", proxy.url, "--json", "--judge", "general", "--max-tokens", "32",
+                          state=state, policies=policies)
+    finally:
+        proxy.stop()
+        llama.stop()
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["scored"] == 2 and scores["failed_requests"] == 0
+    with_rag, without_rag = scores["with_rag"]["all"], scores["without_rag"]["all"]
+    assert with_rag["rag_off"] == 0 and without_rag["rag_off"] == 2
+    assert with_rag["p50_ms"] > 0 and without_rag["p50_ms"] > 0
+    # Every answer got a verdict request; SmolLM2 may or may not reply in the rubric's one word.
+    for row in (with_rag, without_rag):
+        assert row["judge_failed"] == 0 and 0 <= row["judge_unparsed"] <= 2 and 0.0 <= row["judge"] <= 1.0

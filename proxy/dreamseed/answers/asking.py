@@ -34,6 +34,7 @@ class Asking:
     concurrency: int
     timeout: float
     policy_hash: str  # part of every cache key: a changed template or top_k asks again
+    policy_hash_without_rag: str = ""  # the same less rag.yaml, for the arm that does not retrieve
 
     def headers(self, rag: str) -> dict[str, str]:
         return {"x-dreamseed-rag": rag, **({"authorization": f"Bearer {self.key}"} if self.key else {})}
@@ -82,7 +83,9 @@ class AnswerCache:
 
 
 def cache_key(asking: Asking, arm: str, content: str, model: str | None = None) -> str:
-    parts = [arm, content, model or asking.model, str(asking.max_tokens), asking.collection or "", asking.policy_hash]
+    policies = asking.policy_hash_without_rag if arm == "without_rag" and asking.policy_hash_without_rag \
+        else asking.policy_hash
+    parts = [arm, content, model or asking.model, str(asking.max_tokens), asking.collection or "", policies]
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:32]
 
 

@@ -4,8 +4,9 @@ The corpus goes into a throwaway collection (`eval-answers-<set>`, deleted after
 unless --collection names one; each question is asked twice through the proxy, with retrieval
 (`x-dreamseed-rag: collection=...`) and without (`x-dreamseed-rag: off`), and scored
 (answers/scoring.py says how). Answers are cached as they come (keyed by question, arm, model,
-max_tokens, collection and the policies' hash), so an interrupted run resumes and a changed policy
-asks again."""
+max_tokens, collection and the policies' hash, less rag.yaml for the arm without retrieval), so an
+interrupted run resumes, a changed policy asks again, and comparing two templates asks only the
+arm with retrieval again."""
 
 from __future__ import annotations
 
@@ -76,10 +77,10 @@ def cmd_answers(args: argparse.Namespace) -> int:
     collection = args.collection or throwaway_collection(answer_set)
     asking = Asking(proxy=args.proxy.rstrip("/"), key=args.key, model=args.model, max_tokens=args.max_tokens,
                     collection=collection, concurrency=args.concurrency, timeout=args.timeout,
-                    policy_hash=policy_hash(Path(args.policies)))
+                    policy_hash=policy_hash(Path(args.policies)),
+                    policy_hash_without_rag=policy_hash(Path(args.policies), leave_out=("rag.yaml",)))
     cache_path = Path(args.cache) if args.cache else state_directory() / "eval" / (
-        f"answers-{answer_set.name}-" + hashlib.sha256(f"{asking.proxy} {asking.model}".encode()).hexdigest()[:12]
-        + ".jsonl")
+        f"answers-{answer_set.name}-" + hashlib.sha256(asking.model.encode()).hexdigest()[:12] + ".jsonl")
     if args.fresh and cache_path.exists():
         cache_path.unlink()
     cache = AnswerCache(cache_path)
