@@ -264,3 +264,24 @@ def test_a_real_model_answers_both_arms_and_judges_through_the_proxy(tmp_path: P
     # Every answer got a verdict request; SmolLM2 may or may not reply in the rubric's one word.
     for row in (with_rag, without_rag):
         assert row["judge_failed"] == 0 and 0 <= row["judge_unparsed"] <= 2 and 0.0 <= row["judge"] <= 1.0
+
+
+def test_a_corpus_that_does_not_ingest_is_named_and_nothing_is_asked(tmp_path: Path) -> None:
+    folder = answer_set(tmp_path / "unstorable", QUESTIONS[:1])
+    with (folder / "corpus.jsonl").open("a", encoding="utf-8") as lines:  # PostgreSQL text cannot hold NUL
+        lines.write(json.dumps({"_id": "nul", "title": "t", "text": "a passage with a \u0000 in it"}) + "\n")
+    sim = start_sim("m")
+    state = tmp_path / "state"
+    policies = write_rag(write_policies(tmp_path / "p", {"general": {"url": sim.url, "model": "m", "context_length": 4096}},
+                                        {"rules": [{"name": "default", "target": "general"}]}),
+                         {"defaults": {"enabled": True, "collection": "support"}})
+    proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(state)})
+    try:
+        result = eval_cli(str(folder), "--proxy", proxy.url, state=state, policies=policies)
+        asked = sim.stats()["requests"]
+    finally:
+        proxy.stop()
+        sim.stop()
+    assert result.returncode == 1 and asked == 0, result.stdout + result.stderr
+    assert "the corpus of unstorable did not ingest into eval-answers-unstorable" in result.stderr
+    assert "nothing was asked" in result.stderr and "Traceback" not in result.stderr

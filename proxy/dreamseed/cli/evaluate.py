@@ -49,9 +49,14 @@ async def ingest(policies: str, collection: str, answer_set: AnswerSet, quiet: b
 
     async with opened_store(rag) as retriever:
         assert retriever.store is not None and retriever.embedder is not None
-        summary = await ingest_texts(retriever.store, retriever.embedder, collection, documents, rag.chunking,
-                                     progress=bar.update, planned=planned)
-    bar.close()
+        try:
+            summary = await ingest_texts(retriever.store, retriever.embedder, collection, documents, rag.chunking,
+                                         progress=bar.update, planned=planned)
+        except Exception as exc:  # noqa: BLE001 - the store's or the embedder's refusal, said in one line
+            raise SystemExit(f"dreamseed: the corpus of {answer_set.name} did not ingest into {collection}: "
+                             f"{type(exc).__name__}: {exc}; nothing was asked") from None
+        finally:
+            bar.close()
     if summary.errors:
         raise SystemExit(f"dreamseed: the corpus did not ingest into {collection}: " + "; ".join(summary.errors[:5]))
 
