@@ -10,16 +10,18 @@
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pulumi
 import pulumi_docker as docker
 
 from dreamseed.policy import DockerActuator, MemoryPlan, Policies, memory_plan
 
-from .components.common import backends_on, container_name
+from .components.common import backends_on, container_name, replicas_on
 from .components.docker_gate import DockerGate, DockerGateArgs, socket_group
 from .components.embeddings import EmbeddingServer, EmbeddingServerArgs
 from .components.monitoring import Monitoring, MonitoringArgs
@@ -95,6 +97,65 @@ def check_instance_type(instance_type: str, host: str, plan: MemoryPlan) -> None
             "or change the host in backends.yaml (`dreamseed policies plan` shows what then fits)")
 
 
+def place_replicas(config: LocalConfig, network: docker.Network, hf_cache: docker.Volume, provider: docker.Provider,
+                   backend_urls: dict[str, pulumi.Input[str]]) -> dict[str, tuple[str, bool]]:
+    """The vLLM containers of backends with several replicas, each on the host its catalog entry
+    names: on this stack's host beside the other servers (the proxy reaches it by container name,
+    under the replica's `url_env`), on another host through that host's own Docker engine (the
+    host's `docker` in backends.yaml), published on its `url`'s address, where the proxy reaches it.
+    Each host's memory plan is checked. Returns Prometheus's targets, by the proxy's replica label."""
+    policies = config.policies
+    hosts = [h for h in policies.catalog.hosts if replicas_on(policies, h)]
+    targets: dict[str, tuple[str, bool]] = {}
+    for host in hosts:
+        checked_memory_plan(policies, host)
+        here = host == config.gpu_host
+        on_host = pulumi.ResourceOptions(provider=provider)
+        host_network: pulumi.Input[str] = network.name
+        host_cache: pulumi.Input[str] = hf_cache.name
+        if not here:
+            engine = policies.catalog.hosts[host].docker
+            if engine is None:
+                labels = ", ".join(f"{n}#{i}" for n, _, i, _ in replicas_on(policies, host))
+                raise pulumi.RunError(f"backends.yaml: hosts.{host} runs replicas ({labels}) but has no `docker`: say how "
+                                      f"to reach its Docker engine, e.g. docker: ssh://user@{host}")
+            on_host = pulumi.ResourceOptions(provider=docker.Provider(f"docker-{host}", host=engine))
+            host_network = docker.Network(f"network-{host}", name="dreamseed", opts=on_host).name
+            host_cache = docker.Volume(f"hf-cache-{host}", name="dreamseed-hf-cache", opts=pulumi.ResourceOptions.merge(
+                on_host, pulumi.ResourceOptions(protect=config.protect_data))).name
+        previous: docker.Container | None = None
+        for name, backend, number, replica in replicas_on(policies, host):
+            label = f"{name}#{number}"
+            if here and replica.url_env is None:
+                raise pulumi.RunError(f"backends.yaml: replica {label} on {host} needs `url_env`: the containerised proxy "
+                                      "reaches it by container name")
+            address = urlsplit(replica.url or "").hostname
+            if not here and (address is None or not _is_ip(address)):
+                raise pulumi.RunError(f"backends.yaml: replica {label} on {host} needs a `url` with the host's IP address "
+                                      f"(got {replica.url!r}): its container is published there for the proxy")
+            server = VllmBackend(f"vllm-{name}-{number}", VllmBackendArgs(
+                name=name, backend=backend, network=host_network, hf_cache_volume=host_cache, hf_token=config.hf_token,
+                start_after=previous, replica=number, port=urlsplit(replica.url).port if replica.url else None,
+                publish_ip="127.0.0.1" if here else str(address)), opts=on_host)
+            if not backend.on_demand:
+                previous = server.container
+            if here:
+                assert replica.url_env is not None
+                backend_urls[replica.url_env] = server.internal_url
+                targets[label] = (server.internal_url.removeprefix("http://"), backend.on_demand)
+            else:
+                targets[label] = (f"{address}:{server.port}", backend.on_demand)
+    return targets
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def build_local(config: LocalConfig) -> dict[str, Any]:
     policies = config.policies
     plan = checked_memory_plan(policies, config.gpu_host)
@@ -127,6 +188,8 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
             previous = vllm[name].container
             started_before.append(vllm[name].health_url)
         backend_urls[backend.url_env] = vllm[name].internal_url
+
+    replica_targets = place_replicas(config, network, hf_cache, provider, backend_urls)
 
     # scale.yaml's docker actuators must name the containers declared here, or the proxy's scaler
     # would start nothing (caught at preview, not at the first coding request).
@@ -216,8 +279,9 @@ def build_local(config: LocalConfig) -> dict[str, Any]:
         MonitoringArgs(
             network=network.name,
             proxy_target=proxy.target,
-            vllm_targets={name: (component.internal_url.removeprefix("http://"), policies.catalog.backends[name].on_demand)
-                          for name, component in vllm.items()},
+            vllm_targets={**{name: (component.internal_url.removeprefix("http://"),
+                                    policies.catalog.backends[name].on_demand)
+                             for name, component in vllm.items()}, **replica_targets},
             rules=alert_rules(policies, config.gpu_host),
             grafana_port=config.grafana_port,
             grafana_admin_password=config.grafana_admin_password,
@@ -281,6 +345,8 @@ def build_remote(config: RemoteConfig) -> dict[str, Any]:
     policies = config.policies
     plan = checked_memory_plan(policies, config.gpu_host)
     hosted = backends_on(policies, config.gpu_host)
+    if replicas_on(policies, config.gpu_host):
+        raise pulumi.RunError(f"the remote70b stack runs one instance; backends.yaml places replicas on {config.gpu_host!r}")
     if len(hosted) != 1:
         raise pulumi.RunError(
             f"the remote70b stack runs exactly one backend on host {config.gpu_host!r}; the catalog places "

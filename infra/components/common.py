@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 import pulumi
 import pulumi_docker as docker
 
-from dreamseed.policy import Backend, Policies
+from dreamseed.policy import Backend, Policies, Replica
 
 
 def python_healthcheck(url: str, start_period: str = "30s") -> docker.ContainerHealthcheckArgs:
@@ -24,22 +24,23 @@ def secret_env(name: str, value: pulumi.Input[str]) -> pulumi.Output[str]:
     return pulumi.Output.secret(pulumi.Output.concat(name, "=", value))
 
 
-def container_name(backend_name: str) -> str:
+def container_name(backend_name: str, replica: int | None = None) -> str:
     """The Docker container (and network alias) of a backend's server: what scale.yaml's docker
-    actuator names and Prometheus scrapes."""
-    return f"dreamseed-{backend_name}"
+    actuator names and Prometheus scrapes; a backend of several replicas has one per replica,
+    numbered as the proxy labels them (general#2 runs in dreamseed-general-2)."""
+    return f"dreamseed-{backend_name}" if replica is None else f"dreamseed-{backend_name}-{replica}"
 
 
 def backends_on(policies: Policies, host: str) -> dict[str, Backend]:
-    """The catalog's backends placed on one GPU host. A backend of several replicas is declared by
-    no stack yet: refused at preview with what to do, rather than left out without a word."""
-    for name, backend in policies.catalog.backends.items():
-        if backend.replicas is not None and host in backend.hosts():
-            raise pulumi.RunError(
-                f"backends.yaml: backend {name!r} has replicas (on {', '.join(backend.hosts())}); this stack declares "
-                "one server per backend. Run each replica's vLLM container yourself and give its `url`, or keep one "
-                "server per backend here (docs/infrastructure.md, \"Replicas\")")
-    return {name: b for name, b in policies.catalog.backends.items() if b.host == host}
+    """The catalog's backends of one server placed on one GPU host (replicas: `replicas_on`)."""
+    return {name: b for name, b in policies.catalog.backends.items() if b.host == host and b.replicas is None}
+
+
+def replicas_on(policies: Policies, host: str) -> list[tuple[str, Backend, int, Replica]]:
+    """(backend name, backend, replica number from 1, replica) for each replica placed on a host."""
+    return [(name, backend, number, replica) for name, backend in policies.catalog.backends.items()
+            if backend.replicas is not None
+            for number, replica in enumerate(backend.replicas, start=1) if replica.host == host]
 
 
 def backend_port(backend: Backend, default: int = 8000) -> int:

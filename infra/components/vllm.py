@@ -51,9 +51,9 @@ exec vllm serve "$@"
 START_ENTRYPOINT = ["/bin/sh", "-c", START_SCRIPT, "vllm-after"]
 
 
-def server_url(name: str, backend: Backend) -> str:
+def server_url(name: str, backend: Backend, replica: int | None = None, port: int | None = None) -> str:
     """Where a backend's server answers on the stack's Docker network (the proxy's URL for it)."""
-    return f"http://{container_name(name)}:{backend_port(backend)}"
+    return f"http://{container_name(name, replica)}:{port or backend_port(backend)}"
 
 
 def health_url(name: str, backend: Backend) -> str:
@@ -74,6 +74,11 @@ class VllmBackendArgs:
     # Health URLs this server waits for at every start (after a reboot too): the always-on servers
     # before it on the GPU, or all of them for an on-demand one.
     wait_for: list[str] = field(default_factory=list)
+    # One replica of a backend of several: its number (the proxy's name#N), the port of its catalog
+    # URL, and the address its port is published on (its host's own, for a proxy on another host).
+    replica: int | None = None
+    port: int | None = None
+    publish_ip: str = "127.0.0.1"
 
 
 class VllmBackend(pulumi.ComponentResource):
@@ -84,14 +89,15 @@ class VllmBackend(pulumi.ComponentResource):
 
     container_name: pulumi.Output[str]
     internal_url: str
+    port: int
 
     def __init__(self, resource_name: str, args: VllmBackendArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("dreamseed:index:VllmBackend", resource_name, None, opts)
         backend = args.backend
         if backend.image is None:
             raise pulumi.RunError(f"backend {args.name!r} has no `image` in the catalog; infra needs a pinned vLLM image")
-        port = backend_port(backend)
-        name = container_name(args.name)
+        port = self.port = args.port or backend_port(backend)
+        name = container_name(args.name, args.replica)
         image = pulled(f"{resource_name}-image", backend.image, self)
         always_on = not backend.on_demand
         self.container = docker.Container(
@@ -105,8 +111,9 @@ class VllmBackend(pulumi.ComponentResource):
             device_requests=[docker.ContainerDeviceRequestArgs(driver="nvidia", count=-1, capabilities=["gpu"])],
             ipc_mode="host",  # vLLM's workers share memory through /dev/shm
             volumes=[docker.ContainerVolumeArgs(volume_name=args.hf_cache_volume, container_path=HF_CACHE)],
-            ports=[docker.ContainerPortArgs(internal=port, external=port, ip="127.0.0.1")],
-            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=args.network, aliases=[args.name])],
+            ports=[docker.ContainerPortArgs(internal=port, external=port, ip=args.publish_ip)],
+            networks_advanced=[docker.ContainerNetworksAdvancedArgs(
+                name=args.network, aliases=[args.name if args.replica is None else name])],
             healthcheck=python_healthcheck(f"http://127.0.0.1:{port}/health", start_period="900s"),
             restart="unless-stopped" if always_on else "no",
             start=always_on,
@@ -115,10 +122,12 @@ class VllmBackend(pulumi.ComponentResource):
             wait=always_on,
             wait_timeout=HEALTHY_WAIT_S if always_on else None,
             labels=[docker.ContainerLabelArgs(label="dreamseed.backend", value=args.name),
+                    *([docker.ContainerLabelArgs(label="dreamseed.replica", value=str(args.replica))]
+                      if args.replica is not None else []),
                     docker.ContainerLabelArgs(label="dreamseed.on_demand", value=str(backend.on_demand).lower())],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[args.start_after] if args.start_after else None),
         )
         self.container_name = self.container.name
-        self.internal_url = server_url(args.name, backend)
-        self.health_url = health_url(args.name, backend)
+        self.internal_url = server_url(args.name, backend, args.replica, port)
+        self.health_url = f"{self.internal_url}/health"
         self.register_outputs({"container_name": self.container.name, "internal_url": self.internal_url})

@@ -52,14 +52,16 @@ def prometheus_config(proxy_target: str, vllm_targets: dict[str, tuple[str, bool
                       rule_files: tuple[str, ...] = ("rules.yml",), scrape_interval: str = "15s", *,
                       remote_vllm_targets: dict[str, str] | None = None, gpu_exporter: str | None = None,
                       embeddings: str | None = None, alertmanager: str | None = None) -> str:
-    """Scrape the proxy and every local vLLM server, each labelled with its backend name and
-    whether it is on demand (a stopped on-demand server is not an outage); the remote 70B through
-    its tunnel (its own job: a terminated rented host is not a page); the GPU exporter and the
-    embedding server when there are ones; and send alerts to Alertmanager."""
+    """Scrape the proxy and every local vLLM server, each labelled with its backend name (and a
+    replica's with `replica`, its label in the proxy: general#2) and whether it is on demand (a
+    stopped on-demand server is not an outage); the remote 70B through its tunnel (its own job: a
+    terminated rented host is not a page); the GPU exporter and the embedding server when there are
+    ones; and send alerts to Alertmanager."""
     scrape_configs: list[dict[str, Any]] = [
         {"job_name": "dreamseed-proxy", "static_configs": [{"targets": [proxy_target]}]},
         {"job_name": "vllm", "static_configs": [
-            {"targets": [target], "labels": {"backend": name, "on_demand": str(on_demand).lower()}}
+            {"targets": [target], "labels": {"backend": name.split("#")[0], "on_demand": str(on_demand).lower(),
+                                             **({"replica": name} if "#" in name else {})}}
             for name, (target, on_demand) in sorted(vllm_targets.items())
         ]},
     ]

@@ -43,6 +43,7 @@ class Recorded:
     dependencies: tuple[str, ...] = ()
     delete_before_replace: bool = False
     protect: bool = False
+    provider: str = ""  # the provider reference (URN::id), from the monitor: which Docker engine, say
 
 
 class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
@@ -54,7 +55,7 @@ class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
 
     def RegisterResource(self, request: Any) -> Any:  # noqa: N802 (the gRPC method's name)
         self.requests[(request.type, request.name)] = (
-            request.parent, tuple(request.dependencies), request.deleteBeforeReplace, request.protect
+            request.parent, tuple(request.dependencies), request.deleteBeforeReplace, request.protect, request.provider
         )
         return super().RegisterResource(request)
 
@@ -85,9 +86,10 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
     def attach(self, monitor: RecordingMonitor) -> None:
         for record in self.resources:
-            parent, dependencies, dbr, protect = monitor.requests.get((record.type, record.name), ("", (), False, False))
-            record.parent, record.dependencies, record.delete_before_replace, record.protect = (
-                parent, dependencies, dbr, protect)
+            parent, dependencies, dbr, protect, provider = monitor.requests.get(
+                (record.type, record.name), ("", (), False, False, ""))
+            record.parent, record.dependencies, record.delete_before_replace, record.protect, record.provider = (
+                parent, dependencies, dbr, protect, provider)
 
     def of_type(self, typ: str) -> list[Recorded]:
         return [r for r in self.resources if r.type == typ]

@@ -208,7 +208,7 @@ class Engine:
 
             def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
                 # A StackReference is read, not registered: the monitor has not seen it.
-                parent, _, dbr, _ = self.monitor.requests.get((args.typ, args.name), ("", (), False, False))
+                parent, _, dbr, _, _ = self.monitor.requests.get((args.typ, args.name), ("", (), False, False, ""))
                 urn = self.monitor.make_urn(parent, args.typ, args.name)
                 return f"{args.name}-id", engine.register(args.typ, args.name, urn, args.inputs, dbr, set(replace))
 

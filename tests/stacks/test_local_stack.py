@@ -391,16 +391,52 @@ def test_retired_embedding_keys_are_refused_not_ignored(run_stack: Runner) -> No
     assert "pulumi config rm dreamseed:embeddingsModel" in message
 
 
-def test_a_backend_of_replicas_is_refused_by_name_not_left_out(run_stack: Runner, tmp_path: Path) -> None:
+def two_hosts(tmp_path: Path, docker: str | None = "ssh://gpu@10.0.0.2") -> Path:
+    """The seed's policies with general on two replicas: one on the stack's host, one on a second box."""
     policies = tmp_path / "policies"
     shutil.copytree(ROOT / "policies", policies)
     catalog = yaml.safe_load((policies / "backends.yaml").read_text(encoding="utf-8"))
-    catalog["hosts"]["rtx5090-b"] = dict(catalog["hosts"]["rtx5090"])
+    catalog["hosts"]["rtx5090-b"] = {**catalog["hosts"]["rtx5090"], "description": "a second RTX 5090 box",
+                                     **({"docker": docker} if docker else {})}
     general = catalog["backends"]["general"]
     general["replicas"] = [{"url": general.pop("url"), "url_env": general.pop("url_env"), "host": general.pop("host")},
-                           {"url": "http://10.0.0.2:8000", "host": "rtx5090-b"}]
+                           {"url": "http://10.0.0.2:8010", "host": "rtx5090-b"}]
     (policies / "backends.yaml").write_text(yaml.safe_dump(catalog, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return policies
+
+
+def test_replicas_on_two_hosts_get_a_container_each_through_each_hosts_docker_engine(run_stack: Runner,
+                                                                                   tmp_path: Path) -> None:
+    mocks, _ = run_stack("local", {"dreamseed:policiesDir": str(two_hosts(tmp_path))})
+    found = containers(mocks)
+    assert "dreamseed-general" not in found
+    here, there = found["dreamseed-general-1"], found["dreamseed-general-2"]
+    backend = SEED.catalog.backends["general"]
+    for inputs, port in ((here, "8000"), (there, "8010")):  # the catalog's model, limits and share on each
+        assert inputs["command"][:6] == ["--model", backend.checkpoint, "--served-model-name", backend.model, "--port", port]
+        assert inputs["deviceRequests"] == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]
+    # The second box's container goes through its own Docker engine, published on its own address
+    # for the proxy; the first stays on loopback and is reached by container name.
+    engines = {r.name: r.inputs.get("host") for r in mocks.of_type("pulumi:providers:docker")}
+    assert engines["docker-rtx5090-b"] == "ssh://gpu@10.0.0.2"
+    second = mocks.get(CONTAINER, "vllm-general-2")
+    first = mocks.get(CONTAINER, "vllm-general-1")
+    assert "docker-rtx5090-b" in second.provider and "docker-rtx5090-b" not in first.provider
+    assert (there["ports"][0]["ip"], there["ports"][0]["external"]) == ("10.0.0.2", 8010)
+    assert here["ports"][0]["ip"] == "127.0.0.1"
+    networks = [r for r in mocks.of_type("docker:index/network:Network") if r.name == "network-rtx5090-b"]
+    assert networks and "docker-rtx5090-b" in networks[0].provider
+    assert "DREAMSEED_GENERAL_URL=http://dreamseed-general-1:8000" in env_of(found["dreamseed-proxy"])
+    # Prometheus scrapes each replica where the proxy reaches it, labelled as the proxy labels it.
+    uploads = {u["file"]: u["content"] for u in found["dreamseed-prometheus"]["uploads"]}
+    jobs = {job["job_name"]: job["static_configs"] for job in
+            yaml.safe_load(uploads["/etc/prometheus/prometheus.yml"])["scrape_configs"]}
+    replicas = {c["labels"].get("replica"): (c["targets"][0], c["labels"]["backend"]) for c in jobs["vllm"]}
+    assert replicas["general#1"] == ("dreamseed-general-1:8000", "general")
+    assert replicas["general#2"] == ("10.0.0.2:8010", "general")
+
+
+def test_a_replica_host_the_stack_cannot_reach_is_refused_by_name(run_stack: Runner, tmp_path: Path) -> None:
     with pytest.raises(pulumi.RunError) as refused:
-        run_stack("local", {"dreamseed:policiesDir": str(policies)})
-    assert "backend 'general' has replicas (on rtx5090, rtx5090-b); this stack declares one server per backend" in str(
-        refused.value)
+        run_stack("local", {"dreamseed:policiesDir": str(two_hosts(tmp_path, docker=None))})
+    assert "hosts.rtx5090-b runs replicas (general#2) but has no `docker`" in str(refused.value)

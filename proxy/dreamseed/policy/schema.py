@@ -82,6 +82,10 @@ class GpuHost(Strict, frozen=True):
     # and CUDA graphs (vLLM RFC #27951: 0.5-1 GiB).
     process_overhead_gib: Annotated[float, Meta(ge=0)] = 1.0
     description: str = ""
+    # How the `local` stack reaches this host's Docker engine when it is not the stack's own host
+    # (`ssh://user@host` or `tcp://host:2376`, as pulumi-docker's provider takes it): the replicas
+    # placed on it get their vLLM containers there.
+    docker: str | None = None
 
 
 WeightsDtype = Literal["bf16", "fp16", "fp32", "fp8", "int8", "int4"]
