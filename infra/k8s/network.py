@@ -6,11 +6,14 @@ NetworkPolicy support ignores them, docs/kubernetes.md says so.)"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
+
+from infra.components.embeddings import METRICS_PORT as EMBEDDINGS_METRICS_PORT
+from infra.components.embeddings import PORT as EMBEDDINGS_PORT
 
 from .common import METRICS_PORT, MODEL_PORT, PROXY_PORT, labels, metadata
 from .database import NAME as DATABASE
@@ -22,6 +25,7 @@ class NetworkPoliciesArgs:
     namespace: pulumi.Input[str]
     model_servers: list[str]  # their Deployments' names
     monitoring_namespace: str
+    embedding_servers: list[str] = field(default_factory=list)  # the same, for the embedding server if any
 
 
 class NetworkPolicies(pulumi.ComponentResource):
@@ -44,6 +48,9 @@ class NetworkPolicies(pulumi.ComponentResource):
         for server in args.model_servers:
             allow(f"{server.removeprefix('dreamseed-')}-from-proxy", labels(server, "model-server"),
                   [proxy_pods, prometheus], [MODEL_PORT])
+        for server in args.embedding_servers:
+            allow(f"{server.removeprefix('dreamseed-')}-from-proxy", labels(server, "embeddings"),
+                  [proxy_pods, prometheus], [EMBEDDINGS_PORT, EMBEDDINGS_METRICS_PORT])
         allow("postgres-from-proxy", labels(DATABASE, "database"), [proxy_pods], [5432])
         k8s.networking.v1.NetworkPolicy(
             f"{resource_name}-proxy", metadata=metadata("dreamseed-proxy-ingress", args.namespace, "network"),

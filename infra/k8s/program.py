@@ -17,6 +17,8 @@ from infra.config import K8sConfig
 from ..program import checked_memory_plan, plan_summary
 from .common import MODEL_PORT, model_server_name
 from .database import VectorDatabase, VectorDatabaseArgs
+from .embeddings import NAME as EMBEDDINGS_NAME
+from .embeddings import EmbeddingServer, EmbeddingServerArgs
 from .model_server import ModelServer, ModelServerArgs
 from .monitoring import Monitoring, MonitoringArgs
 from .network import NetworkPolicies, NetworkPoliciesArgs
@@ -66,6 +68,16 @@ def build_k8s(config: K8sConfig) -> dict[str, Any]:
         servers[name] = model_server_name(name)
         env[backend.url_env] = server.url
 
+    # As on the local stack: an embedding server only when rag.yaml embeds through one whose URL the
+    # deployment supplies; only the proxy may reach it (NetworkPolicies, below).
+    embedder = policies.rag.embedder
+    embedding_servers: list[str] = []
+    if embedder.kind == "openai" and embedder.url_env is not None:
+        embeddings = EmbeddingServer("embeddings", EmbeddingServerArgs(
+            namespace=ns, model=embedder.model, hf_token_secret=hf_token.metadata["name"]), opts=in_namespace)
+        env[embedder.url_env] = embeddings.url
+        embedding_servers.append(EMBEDDINGS_NAME)
+
     database = VectorDatabase("postgres", VectorDatabaseArgs(namespace=ns, password=config.postgres_password,
                                                              storage_class=config.storage_class,
                                                              size_gib=config.database_gib), opts=in_namespace)
@@ -95,7 +107,8 @@ def build_k8s(config: K8sConfig) -> dict[str, Any]:
         secret_env=secret_env, scaled_deployments=sorted(scaled.values()), replicas=config.proxy_replicas),
         opts=in_namespace)
     NetworkPolicies("network", NetworkPoliciesArgs(namespace=ns, model_servers=sorted(servers.values()),
-                                                   monitoring_namespace=config.monitoring_namespace), opts=in_namespace)
+                                                   monitoring_namespace=config.monitoring_namespace,
+                                                   embedding_servers=embedding_servers), opts=in_namespace)
     if config.monitoring:
         Monitoring("monitoring", MonitoringArgs(namespace=ns, policies=policies, gpu_host=config.gpu_host,
                                                 model_servers=servers, release_label=config.prometheus_release),

@@ -209,3 +209,30 @@ def test_the_scalers_role_allows_exactly_what_the_actuator_sends(k8s: tuple[Reco
     binding = by_kind(mocks, "RoleBinding")["dreamseed-proxy-scaler"]
     assert binding["subjects"][0]["name"] == "dreamseed-proxy" and binding["roleRef"]["name"] == role["metadata"]["name"]
     assert json.dumps(role).count("deployments/scale") == 1
+
+
+def test_the_embedding_server_runs_when_rag_yaml_embeds_through_one_and_only_the_proxy_reaches_it(
+        run_stack: Runner, tmp_path: Path) -> None:
+    import shutil
+
+    mocks, _ = run_stack("k8s")
+    assert "dreamseed-embeddings" not in by_kind(mocks, "Deployment")  # the seed embeds in the proxy's process
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    rag = policies / "rag.yaml"
+    rag.write_text(rag.read_text(encoding="utf-8").replace(
+        "  kind: fastembed\n", "  kind: openai\n  url_env: DREAMSEED_EMBEDDINGS_URL\n  dim: 384\n"), encoding="utf-8")
+    mocks, _ = run_stack("k8s", {"dreamseed:policiesDir": str(policies)})
+    server = by_kind(mocks, "Deployment")["dreamseed-embeddings"]
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["--model-id", "sentence-transformers/all-MiniLM-L6-v2"]  # rag.yaml's model
+    assert "resources" not in container  # on the CPU: the GPUs stay with the catalog's models
+    for obj in kubernetes_objects(mocks):
+        if obj["metadata"]["name"] == "dreamseed-embeddings":
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    proxy = by_kind(mocks, "Deployment")["dreamseed-proxy"]
+    env = {e["name"]: e.get("value") for e in proxy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DREAMSEED_EMBEDDINGS_URL"] == "http://dreamseed-embeddings:8003"
+    allowed = by_kind(mocks, "NetworkPolicy")["dreamseed-embeddings-from-proxy"]["spec"]
+    assert allowed["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "dreamseed-embeddings"
+    assert allowed["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "dreamseed-proxy"
