@@ -74,7 +74,8 @@ def test_answer_accuracy(benchmark, tmp_path: Path) -> None:  # type: ignore[no-
                     for metric in ("accuracy", "f1"):
                         gain, low, high = scores["difference"][lang][metric]
                         result[f"{prefix}{lang}_{metric}_gain"] = gain
-                        result[f"{prefix}{lang}_{metric}_gain_ci"] = [low, high]
+                        result[f"{prefix}{lang}_{metric}_gain_low"] = low  # the 95 % interval's ends
+                        result[f"{prefix}{lang}_{metric}_gain_high"] = high
         finally:
             llama.stop()
         return result

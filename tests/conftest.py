@@ -65,8 +65,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         backends["slow"] = {"url": sims["slow"].url, "model": "slow-model", "context_length": 4096,
                             "timeouts": {"connect": 2, "read": 0.5, "write": 2, "pool": 2}}
         # Circuits never open here (tests/faults/ covers them): other tests need predictable routing.
+        # The stack lives for the whole session and `dead` fails a probe every 0.5 s, so the threshold
+        # must outlast any suite (a thousand probes were eight minutes: a longer suite opened it).
         for backend in backends.values():
-            backend["health"] = {"interval": 0.5, "timeout": 1, "unhealthy_threshold": 1000}
+            backend["health"] = {"interval": 0.5, "timeout": 1, "unhealthy_threshold": 10**9}
         policies = write_policies(tmp_path_factory.mktemp("policies"), backends, stack_routing(),
                                   hosts=catalog["hosts"])
         env = {"DREAMSEED_GENERAL70_URL": sims["general70"].url, "DREAMSEED_GENERAL70_API_KEY": REMOTE_KEY,

@@ -244,7 +244,9 @@ def test_a_real_model_answers_both_arms_and_judges_through_the_proxy(tmp_path: P
     llama = start_llama(context=4096)
     state = tmp_path / "state"
     policies = write_rag(write_policies(tmp_path / "policies", {
-        "general": {"url": llama.url, "model": SMOLLM_ID, "context_length": 4096, "max_concurrency": 2}},
+        "general": {"url": llama.url, "model": SMOLLM_ID, "context_length": 4096, "max_concurrency": 2,
+                    # A real model on a shared 2-core machine: slow, and its slowness is not under test.
+                    "timeouts": {"connect": 5, "read": 300, "write": 30, "pool": 300}}},
         {"rules": [{"name": "default", "target": "general"}]}),
         {"defaults": {"enabled": True, "collection": "support", "top_k": 2}})
     proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(state)})
@@ -255,7 +257,7 @@ def test_a_real_model_answers_both_arms_and_judges_through_the_proxy(tmp_path: P
     finally:
         proxy.stop()
         llama.stop()
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     scores = json.loads(result.stdout)
     assert scores["scored"] == 2 and scores["failed_requests"] == 0
     with_rag, without_rag = scores["with_rag"]["all"], scores["without_rag"]["all"]

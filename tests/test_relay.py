@@ -299,7 +299,7 @@ def test_health_and_readiness(fresh: Stack, tmp_path) -> None:  # type: ignore[n
     assert ready.status_code == 200 and ready.json()["ready"] is True
     backends = ready.json()["backends"]
     assert backends["general"]["state"] == "up" and backends["general"]["circuit"] == "closed"
-    # `dead` fails every probe, but this stack's circuits never open (threshold 1000): failing, not down.
+    # `dead` fails every probe, but this stack's circuits never open (tests/conftest.py): failing, not down.
     assert backends["dead"]["state"] == "failing" and backends["unset"]["state"] == "unavailable"
     # /readyz needs no key, so it shows no details (they name internal addresses): the admin API does.
     assert set(backends["dead"]) == {"state", "circuit", "on_demand"} and "127.0.0.1" not in ready.text
