@@ -1,6 +1,7 @@
 """Answer accuracy with and without retrieval, end to end: `dreamseed eval answers` (the product's
 command, as a process) through a proxy to llama.cpp's `llama-server` with SmolLM2-135M-Instruct
-(two slots, 4,096 tokens each), on an English set (SQuAD 2.0 dev) and a Korean one (KorQuAD 1.0
+(two slots of 8,192 tokens, its own context: 4,000 characters of Korean passages come to over 4,096
+tokens in its tokenizer), on an English set (SQuAD 2.0 dev) and a Korean one (KorQuAD 1.0
 dev) built by `answer_sets.py`: 300 questions each in full mode, 15 in short mode, each set's
 corpus the paragraphs of the articles its questions come from.
 
@@ -41,7 +42,7 @@ def test_answer_accuracy(benchmark, tmp_path: Path) -> None:  # type: ignore[no-
 
     def measure() -> dict[str, Any]:
         result: dict[str, Any] = {"questions_per_language": questions}
-        llama = LlamaServer.start(real_model(), SMOLLM_ID, context=4096, parallel=2)
+        llama = LlamaServer.start(real_model(), SMOLLM_ID, context=8192, parallel=2)
         try:
             for name, template in templates.items():
                 rag = yaml.safe_load((ROOT / "policies" / "rag.yaml").read_text(encoding="utf-8"))
@@ -49,7 +50,7 @@ def test_answer_accuracy(benchmark, tmp_path: Path) -> None:  # type: ignore[no-
                 rag["rules"] = {"default": {"enabled": True}}
                 rag["defaults"]["template"] = template
                 policies = write_rag(write_policies(tmp_path / f"policies-{name}", {"general": {
-                    "url": llama.url, "model": SMOLLM_ID, "context_length": 4096, "max_concurrency": 2,
+                    "url": llama.url, "model": SMOLLM_ID, "context_length": 8192, "max_concurrency": 2,
                     "timeouts": {"connect": 5, "read": 300, "write": 30, "pool": 600}}},
                     {"rules": [{"name": "default", "target": "general"}]}), rag)
                 proxy = start_proxy(policies, env={"DREAMSEED_STATE_DIR": str(state)})

@@ -4,6 +4,7 @@ time, through an answer cache that makes an interrupted run resume where it stop
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -114,7 +115,7 @@ async def chat(client: httpx.AsyncClient, asking: Asking, question_id: str, arm:
     if response.status_code != 200:
         try:
             error = response.json()["error"]
-            why = f"{error.get('code')}: {error.get('message')}"
+            why = f"{error['code']}: {error.get('message')}" if error.get("code") else str(error.get("message"))
         except (ValueError, KeyError, TypeError):
             why = response.text[:200]
         return Answer(question_id, arm, "", seconds, header, f"HTTP {response.status_code} {why}")
@@ -137,7 +138,10 @@ async def ask_all(questions: Sequence[Question], asking: Asking, cache: AnswerCa
         async def one(question: Question, arm: str) -> Answer:
             key = cache_key(asking, arm, question.text)
             found = cache.get(key)
-            if found is None:
+            if found is not None:
+                # Keyed by the text: two questions of a set that read the same share one answer.
+                found = dataclasses.replace(found, question=question.id)
+            else:
                 async with semaphore:
                     found = await chat(client, asking, question.id, arm, question.text,
                                        with_rag if arm == "with_rag" else "off")
