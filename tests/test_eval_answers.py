@@ -287,3 +287,12 @@ def test_a_corpus_that_does_not_ingest_is_named_and_nothing_is_asked(tmp_path: P
     assert result.returncode == 1 and asked == 0, result.stdout + result.stderr
     assert "the corpus of unstorable did not ingest into eval-answers-unstorable" in result.stderr
     assert "nothing was asked" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_questions_that_read_the_same_are_both_scored_from_the_cache(tmp_path: Path, stack: Stack) -> None:
+    twins = [QUESTIONS[0], {**QUESTIONS[0], "_id": "q-e01-again"}]
+    folder = answer_set(tmp_path / "twins", twins)
+    for _ in range(2):  # asked, then answered from the cache
+        result = eval_cli(str(folder), "--proxy", stack.proxy.url, "--json", state=stack.state, policies=stack.policies)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["scored"] == 2
