@@ -94,6 +94,21 @@ def test_judge_verdicts_are_read_strictly() -> None:
         assert parse_verdict(unclear) is None
 
 
+def test_the_table_says_when_retrieval_was_off_for_requests_meant_to_retrieve() -> None:
+    from dreamseed.answers.asking import Answer
+    from dreamseed.answers.dataset import Question
+    from dreamseed.answers.report import summarize, table
+
+    questions = [Question("a", "Where?", ("Paris",), "en"), Question("b", "어디?", ("서울",), "ko")]
+    answers = [Answer("a", "with_rag", "In Paris.", 0.5, "off"), Answer("a", "without_rag", "No idea", 0.4, "off"),
+               Answer("b", "with_rag", "서울입니다", 0.6, "hits=2"), Answer("b", "without_rag", "", 0.3, "off")]
+    result = summarize(questions, answers)
+    assert result["with_rag"]["all"]["rag_off"] == 1 and result["with_rag"]["ko"]["accuracy"] == 1.0
+    text = table(result)
+    assert "note: 1 requests meant to retrieve were answered without retrieval" in text
+    assert "scored 2 of 2 questions" in text
+
+
 # -- the question set ------------------------------------------------------------------------------
 
 def test_a_bad_question_set_is_refused_naming_each_file_and_line(tmp_path: Path) -> None:

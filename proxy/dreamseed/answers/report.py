@@ -79,7 +79,7 @@ def table(result: Mapping[str, Any]) -> str:
     for lang, row in result["difference"].items():
         lines.append(f"  {lang:4} " + "   ".join(f"{name} {d:+.3f} [{low:+.3f}, {high:+.3f}]"
                                               for name, (d, low, high) in ((k, row[k]) for k in SCORES)))
-    off = sum(row["rag_off"] for lang, row in result["with_rag"].items() if lang == "all")
+    off = result["with_rag"].get("all", {}).get("rag_off", 0)
     if off:
         lines.append(f"note: {off} requests meant to retrieve were answered without retrieval (x-dreamseed-rag: off): "
                      "rag.yaml does not enable it for the rule they matched")
