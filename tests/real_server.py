@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from dreamseed.standins.local_model import LlamaServer, LocalModel, setup
-from support import ROOT
+from support import ROOT, pipe
 
 SMOLLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 STATE = ROOT / ".dreamseed"
@@ -74,23 +74,5 @@ class Wiretap:
             record = bytearray()
             with self._lock:
                 self._sent.append(record)
-            threading.Thread(target=self._pipe, args=(client, server, record), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket, record: bytearray | None) -> None:
-        try:
-            while data := source.recv(65536):
-                if record is not None:
-                    with self._lock:
-                        record.extend(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            # One side ended: end both, so a client's disconnect reaches the server as a disconnect.
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+            threading.Thread(target=pipe, args=(client, server, record, self._lock), daemon=True).start()
+            threading.Thread(target=pipe, args=(server, client), daemon=True).start()

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -186,10 +187,38 @@ def seed_catalog() -> dict[str, Any]:
     return yaml.safe_load((SEED_POLICIES / "backends.yaml").read_text(encoding="utf-8"))
 
 
+def edit(directory: Path, file: str, old: str, new: str) -> None:
+    """Replace the first `old` in a policy file (which must hold it) with `new`."""
+    path = directory / file
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"{old!r} not in {file}"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def pipe(source: socket.socket, sink: socket.socket, record: bytearray | None = None,
+         lock: threading.Lock | None = None) -> None:
+    """Copy one direction of a relayed TCP connection (keeping what passes in `record`, under
+    `lock`); when it ends, end both sockets, so a client's disconnect reaches the server as one."""
+    try:
+        while data := source.recv(65536):
+            if record is not None:
+                assert lock is not None
+                with lock:
+                    record.extend(data)
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+
+
 def free_port() -> int:
     """A port nothing listens on (for 'connection refused' cases)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

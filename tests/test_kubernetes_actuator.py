@@ -18,7 +18,7 @@ from dreamseed.policy import KubernetesActuator
 from dreamseed.scaling import ActuatorError
 from dreamseed.scaling.actuators import KubernetesDeployment
 from fake_kubernetes import FakeKubernetes
-from support import start_proxy, start_sim, write_policies
+from support import pipe, start_proxy, start_sim, write_policies
 
 TOKEN = "service-account-token"
 
@@ -127,21 +127,7 @@ class ServiceWhileScaledUp:
                 continue
             server = socket.create_connection(("127.0.0.1", self._target))
             for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                try:
-                    end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                threading.Thread(target=pipe, args=(source, sink), daemon=True).start()
 
 
 def test_the_proxy_starts_the_coder_by_scaling_it_and_stops_it_when_idle(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dreamseed.policy import PolicyError, load_policies, memory_plan
-from support import ROOT, SEED_POLICIES
+from support import ROOT, SEED_POLICIES, edit
 
 
 def check(directory: Path) -> subprocess.CompletedProcess[str]:
@@ -23,13 +23,6 @@ def policies(tmp_path: Path) -> Path:
     target = tmp_path / "policies"
     shutil.copytree(SEED_POLICIES, target)
     return target
-
-
-def edit(directory: Path, file: str, old: str, new: str) -> None:
-    path = directory / file
-    text = path.read_text(encoding="utf-8")
-    assert old in text, f"{old!r} not in {file}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
 
 
 def line_of(directory: Path, file: str, needle: str) -> int:

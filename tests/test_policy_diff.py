@@ -13,7 +13,7 @@ import pytest
 from dreamseed.policy import load_policies
 from dreamseed.replay import read_traffic, replay
 from dreamseed.routing import Prompt
-from support import ROOT, SEED_POLICIES
+from support import ROOT, SEED_POLICIES, edit
 
 TRAFFIC = ROOT / "docs" / "examples" / "traffic.jsonl"
 
@@ -28,13 +28,6 @@ def head(tmp_path: Path) -> Path:
     target = tmp_path / "head"
     shutil.copytree(SEED_POLICIES, target)
     return target
-
-
-def edit(directory: Path, file: str, old: str, new: str) -> None:
-    path = directory / file
-    text = path.read_text(encoding="utf-8")
-    assert old in text, f"{old!r} not in {file}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
 
 
 def test_the_sample_traffic_is_varied_and_the_seed_rules_tell_it_apart() -> None:

@@ -72,6 +72,14 @@ def _text(row: dict[str, object], field: str, where: str, problems: list[str]) -
     return ""
 
 
+def _repeated(ident: str, seen: dict[str, int], where: str, problems: list[str]) -> bool:
+    """Whether `ident` was seen before in its file (a problem, naming the line it was first on)."""
+    if ident in seen:
+        problems.append(f"{where}: `_id` {ident!r} repeats line {seen[ident]}")
+        return True
+    return False
+
+
 def load_answer_set(directory: str | Path) -> AnswerSet:
     folder = Path(directory)
     problems: list[str] = []
@@ -83,9 +91,7 @@ def load_answer_set(directory: str | Path) -> AnswerSet:
         ident = _text(row, "_id", where, problems)
         text = _text(row, "text", where, problems)
         title = row.get("title") if isinstance(row.get("title"), str) else ""
-        if ident in seen:
-            problems.append(f"{where}: `_id` {ident!r} repeats line {seen[ident]}")
-        elif ident and text:
+        if not _repeated(ident, seen, where, problems) and ident and text:
             seen[ident] = number
             corpus.append(Passage(ident, str(title).strip(), text))
     questions: list[Question] = []
@@ -103,9 +109,7 @@ def load_answer_set(directory: str | Path) -> AnswerSet:
         if lang is not None and not (isinstance(lang, str) and lang.strip()):
             problems.append(f"{where}: `lang` must be a language code such as \"en\" or \"ko\"")
             continue
-        if ident in asked:
-            problems.append(f"{where}: `_id` {ident!r} repeats line {asked[ident]}")
-        elif ident and text:
+        if not _repeated(ident, asked, where, problems) and ident and text:
             asked[ident] = number
             questions.append(Question(ident, text, tuple(a.strip() for a in answers),
                                       lang.strip().lower() if isinstance(lang, str) else language(text)))
